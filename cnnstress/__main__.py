@@ -1,0 +1,85 @@
+"""Command line: python -m cnnstress {train,run} ...
+
+User errors (bad data, config, device, checkpoint) print one line to stderr
+and exit with status 2; nothing already saved is overwritten.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .augment import PRESETS
+from .config import PRECISIONS, PROFILES, get_config
+from .errors import CnnstressError
+from . import pipeline
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default=None,
+                   help=f"one of {', '.join(PROFILES)} (default: $CNNSTRESS_PROFILE, else full on a GPU, quick on a CPU)")
+    p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $CNNSTRESS_DATA_DIR or data)")
+    p.add_argument("--out-dir", default=None, help="output folder (default: $CNNSTRESS_OUT_DIR or outputs)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epoch count")
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast precision (default: auto)")
+    p.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cnnstress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train one model and report its validation and test accuracy")
+    _common(train)
+    train.add_argument("--aug", choices=sorted(PRESETS), default="baseline", help="augmentation preset")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    return parser
+
+
+def _config(args: argparse.Namespace, **extra):
+    return get_config(pipeline.default_profile(args.profile), device=args.device, epochs=args.epochs,
+                      precision=args.precision, **extra)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config = _config(args, augment=args.aug)
+    out_dir = args.out_dir or pipeline.default_out_dir()
+    splits = pipeline.load_data(config, args.data_dir)
+    print(f"profile {config.profile}: {len(splits.train)} train / {len(splits.val)} val / "
+          f"{len(splits.test)} test images, {config.epochs} epochs, augment {config.augment}")
+    trained = pipeline.train_model(config, splits, out_dir, force=args.force, resume=args.resume,
+                                   progress=False if args.no_progress else None)
+    test = pipeline.evaluate_split(trained, splits.test)
+    last = trained.result.history[-1]
+    print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
+          f"({len(test)} images), training {trained.result.train_seconds:.0f}s; checkpoint {trained.checkpoint}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except CnnstressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch's checkpoint is kept (rerun with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Checkpoints and small JSON results, written atomically.
+
+A checkpoint is one ``torch.save`` dict: format version, architecture, class
+count, epochs done, config, model/optimizer/scheduler states, RNG states and
+the history so far. It is written to a temporary file beside the target and
+renamed over it, so an interrupted write never leaves a half checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .config import Config
+from .errors import CheckpointError, CnnstressError
+from .model import ARCH
+
+FORMAT_VERSION = 1
+
+
+def ensure_writable_dir(path: str | Path) -> Path:
+    """Create `path` if needed and prove a file can be written there."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CnnstressError(f"cannot write to output folder {path} ({exc.strerror or exc}); "
+                             "choose another --out-dir") from None
+    return path
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call write(tmp) on a temporary file beside `path`, then rename it over
+    `path`; on any failure the old `path` is untouched and tmp removed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_json(path: str | Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT_VERSION, "arch": ARCH, **state}, tmp))
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict, checking it is one of ours for this architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; train first (python -m cnnstress train)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
+                              "it is truncated or not a cnnstress checkpoint: delete it or retrain with --force") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is not a cnnstress checkpoint; delete it or retrain with --force")
+    if ckpt.get("arch") != ARCH:
+        raise CheckpointError(f"checkpoint {path} holds architecture {ckpt.get('arch')!r}, expected {ARCH!r}; "
+                              "retrain with --force or use another --out-dir")
+    classes = ckpt["model"].get("linear.weight", torch.empty(0, 0)).shape[0]
+    if classes != ckpt.get("num_classes", classes) or classes != 10:
+        raise CheckpointError(f"checkpoint {path} has {classes} output classes, expected 10 (CIFAR-10); "
+                              "retrain with --force or use another --out-dir")
+    return ckpt
+
+
+def check_config_matches(ckpt: dict[str, Any], config: Config, path: str | Path) -> None:
+    """Raise CheckpointError when the checkpoint was trained with other
+    training hyperparameters than `config` (runtime fields may differ)."""
+    saved = Config.from_dict(ckpt["config"]).training_key()
+    wanted = config.training_key()
+    diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise CheckpointError(f"checkpoint {path} was trained with a different config ({shown}); "
+                              "use --force to retrain or another --out-dir")

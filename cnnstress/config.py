@@ -1,0 +1,123 @@
+"""One frozen configuration for a whole run, and the named profiles.
+
+Every hyperparameter lives here, with its unit, so a result saved with its
+config can be reproduced. Fields marked ``train=False`` in their metadata do not
+change what is learned (device, speed switches, analysis settings): a
+checkpoint is reusable when all the *other* fields match.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+AUGMENT_PRESETS = ("baseline", "enhanced")
+PRECISIONS = ("auto", "bf16", "fp32")
+SCHEDULES = ("cosine", "constant")
+
+
+def _runtime(default: Any) -> Any:
+    """A field that does not change the trained weights' meaning."""
+    return field(default=default, metadata={"train": False})
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- what is learned -------------------------------------------------
+    seed: int = 42
+    epochs: int = 30
+    batch_size: int = 128            # images per optimiser step
+    lr: float = 1e-3                 # Adam learning rate at epoch 0
+    weight_decay: float = 1e-4       # Adam (L2) weight decay
+    schedule: str = "cosine"         # cosine annealing to 0 over `epochs`, stepped per epoch
+    augment: str = "baseline"        # augmentation preset, see cnnstress.augment
+    val_size: int = 5000             # images held out of the official train set, stratified
+    train_subset: int | None = None  # cap on training images (stratified); None = all
+    precision: str = "auto"          # autocast dtype: auto = bf16 where the hardware has it
+    # --- runtime: does not change what a checkpoint means ----------------
+    device: str = _runtime("auto")               # auto | cpu | cuda | cuda:N
+    channels_last: bool = _runtime(True)          # NHWC memory layout for conv speed
+    compile: bool = _runtime(False)               # torch.compile the training step
+    eval_batch_size: int = _runtime(512)          # images per inference batch
+    test_subset: int | None = _runtime(None)      # cap on test images (smoke only); None = all
+    failure_threshold: float = _runtime(0.8)      # confidence above which a wrong prediction is a failure
+    top_failures: int = _runtime(3)               # failure cases drawn with Grad-CAM
+    profile: str = _runtime("custom")             # the profile this config came from
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be >= 1 (got {self.epochs})")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
+        if not self.lr > 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        if self.augment not in AUGMENT_PRESETS:
+            problems.append(f"unknown augmentation preset {self.augment!r}; choose one of {', '.join(AUGMENT_PRESETS)}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.val_size < 1:
+            problems.append(f"val_size must be >= 1 (got {self.val_size})")
+        for name in ("train_subset", "test_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be >= 1 or None (got {value})")
+        if not 0.0 <= self.failure_threshold < 1.0:
+            problems.append(f"failure_threshold must be in [0, 1) (got {self.failure_threshold})")
+        if self.top_failures < 0:
+            problems.append(f"top_failures must be >= 0 (got {self.top_failures})")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def replace(self, **changes: Any) -> "Config":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def training_key(self) -> dict[str, Any]:
+        """The fields that decide what a checkpoint holds."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("train", True)}
+
+    def diff(self, other: "Config") -> dict[str, tuple[Any, Any]]:
+        """Fields whose values differ: {name: (self's, other's)}."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+# Named profiles. `quick` is sized so baseline + improved train in ~15 min on a
+# 2-core AVX-512 BF16 CPU; `full` is the seed's setting for a GPU.
+PROFILES: dict[str, dict[str, Any]] = {
+    "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64),
+    "quick": dict(epochs=8, train_subset=10000, val_size=2000),
+    "full": dict(epochs=30),
+}
+
+
+def get_config(profile: str = "quick", **overrides: Any) -> Config:
+    """The config of a named profile, with `overrides` (None values ignored)."""
+    if profile not in PROFILES:
+        raise ConfigError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    values = {**PROFILES[profile], "profile": profile}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return Config(**values)
+    except TypeError as exc:  # an unknown keyword
+        raise ConfigError(f"bad config override: {exc}") from None

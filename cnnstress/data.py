@@ -1,0 +1,181 @@
+"""CIFAR-10: find or download, read and validate, split.
+
+Images are held as uint8 tensors in NCHW layout (N, 3, 32, 32), values 0..255;
+labels as int64 (N,). Normalisation happens on the training device, batch by
+batch (see cnnstress.augment), so the same uint8 tensors serve every model.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+           "dog", "frog", "horse", "ship", "truck")
+NUM_CLASSES = len(CLASSES)
+IMAGE_SHAPE = (3, 32, 32)
+# Per-channel statistics of the CIFAR-10 training set (RGB, on [0, 1]).
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+BATCHES_DIR = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+# The official archive and the MD5 of the archive itself (not of the files in
+# it: a local copy of the batches may legitimately differ).
+ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: images uint8 (N,3,32,32), labels int64 (N,), and their
+    positions in the official file order (for tracing an image back)."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class CifarSplits:
+    train: Split
+    val: Split
+    test: Split
+
+
+def _batches_dir(data_dir: str | Path) -> Path:
+    return Path(data_dir) / BATCHES_DIR
+
+
+def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
+    """Return the folder holding the python-format batches, downloading the
+    official archive into `data_dir` when they are missing."""
+    folder = _batches_dir(data_dir)
+    missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not (folder / f).is_file()]
+    if not missing:
+        return folder
+    where = f"put the python-version batches in {folder}/ (data_batch_1..5, test_batch)"
+    if not download:
+        raise DataError(f"CIFAR-10 not found: {folder / missing[0]} is missing; {where}")
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+        download_and_extract_archive(ARCHIVE_URL, download_root=str(data_dir), md5=ARCHIVE_MD5)
+    except Exception as exc:  # any network or checksum failure ends the same way
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"CIFAR-10 not found in {folder} and the download failed ({reason}); {where}") from None
+    still = [f for f in TRAIN_FILES + (TEST_FILE,) if not (folder / f).is_file()]
+    if still:
+        raise DataError(f"downloaded archive lacks {still[0]}; {where}")
+    return folder
+
+
+def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Read one python-format batch: images uint8 (N,3,32,32), labels int64 (N,).
+
+    Raises DataError naming the file for anything that is not a CIFAR-10 batch.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; put the CIFAR-10 python batches there")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except Exception as exc:
+        raise DataError(f"{path}: cannot be unpickled ({type(exc).__name__}); the file is truncated "
+                        "or not a CIFAR-10 batch: replace it with a fresh copy") from None
+    if not isinstance(entry, dict):
+        raise DataError(f"{path}: not a CIFAR-10 batch (holds {type(entry).__name__}, expected a dict)")
+    data = entry.get(b"data", entry.get("data"))
+    labels = entry.get(b"labels", entry.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path}: not a CIFAR-10 batch (no 'data'/'labels' entries); replace it")
+    data = np.asarray(data)
+    if data.dtype != np.uint8:
+        raise DataError(f"{path}: image data has dtype {data.dtype}, expected uint8")
+    if data.ndim != 2 or data.shape[1] != int(np.prod(IMAGE_SHAPE)):
+        raise DataError(f"{path}: image data has shape {data.shape}, expected (N, 3072)")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
+    bad = (labels < 0) | (labels >= NUM_CLASSES)
+    if bad.any():
+        raise DataError(f"{path}: label {int(labels[bad][0])} out of range 0..{NUM_CLASSES - 1} "
+                        f"({int(bad.sum())} bad labels); the file is not CIFAR-10")
+    return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def load_cifar10(data_dir: str | Path, download: bool = True
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """((train_images, train_labels), (test_images, test_labels)) as tensors,
+    the official split, in file order."""
+    folder = ensure_cifar10(data_dir, download=download)
+    parts = [read_batch(folder / name) for name in TRAIN_FILES]
+    train_x = np.concatenate([p[0] for p in parts])
+    train_y = np.concatenate([p[1] for p in parts])
+    test_x, test_y = read_batch(folder / TEST_FILE)
+    return ((torch.from_numpy(train_x), torch.from_numpy(train_y)),
+            (torch.from_numpy(test_x), torch.from_numpy(test_y)))
+
+
+def stratified_split(labels: torch.Tensor, first_size: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split positions 0..N-1 into (first, rest) with `first_size` items in
+    `first`, each class in proportion to its share (largest remainders), drawn
+    with a generator seeded by `seed`. Both index tensors are sorted."""
+    n = int(labels.shape[0])
+    if not 0 < first_size < n:
+        raise DataError(f"cannot take {first_size} of {n} images (need 0 < size < {n}); "
+                        "lower val_size/train_subset or use more data")
+    gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = counts.double() * first_size / n
+    take = exact.floor().long()
+    # Hand out the remaining slots to the largest fractional parts (ties: lower class).
+    short = first_size - int(take.sum())
+    order = torch.argsort(exact - take.double(), descending=True, stable=True)
+    take[order[:short]] += 1
+    first, rest = [], []
+    for cls, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(members.numel(), generator=gen)]
+        first.append(members[:k])
+        rest.append(members[k:])
+    return torch.cat(first).sort().values, torch.cat(rest).sort().values
+
+
+def make_splits(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
+                *, val_size: int, seed: int, train_subset: int | None = None,
+                test_subset: int | None = None) -> CifarSplits:
+    """Validation = a stratified, seeded `val_size` out of the official training
+    set; training = the rest (optionally a stratified `train_subset` of it);
+    test = the official test set (optionally its first `test_subset` images,
+    a stratified draw)."""
+    train_x, train_y = train
+    test_x, test_y = test
+    val_idx, train_idx = stratified_split(train_y, val_size, seed)
+    if train_subset is not None and train_subset < train_idx.numel():
+        keep, _ = stratified_split(train_y[train_idx], train_subset, seed + 1)
+        train_idx = train_idx[keep]
+    test_idx = torch.arange(test_y.numel())
+    if test_subset is not None and test_subset < test_idx.numel():
+        test_idx, _ = stratified_split(test_y, test_subset, seed + 2)
+    return CifarSplits(
+        train=Split(train_x[train_idx], train_y[train_idx], train_idx),
+        val=Split(train_x[val_idx], train_y[val_idx], val_idx),
+        test=Split(test_x[test_idx], test_y[test_idx], test_idx),
+    )
+
+
+def load_splits(data_dir: str | Path, config, download: bool = True) -> CifarSplits:
+    """Read CIFAR-10 from `data_dir` and split it as `config` says."""
+    train, test = load_cifar10(data_dir, download=download)
+    return make_splits(train, test, val_size=config.val_size, seed=config.seed,
+                       train_subset=config.train_subset, test_subset=config.test_subset)

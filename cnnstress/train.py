@@ -1,0 +1,260 @@
+"""The training loop: fit a CIFAR ResNet-18, checkpointing every epoch.
+
+Reproducibility: the seed fixes the initial weights (global RNG, seeded right
+before the model is built), the validation split (cnnstress.data) and, per
+epoch, the batch order and the augmentation draws (generators seeded from
+(seed, epoch)). Because each epoch's randomness is derived rather than carried
+over, a run resumed from a checkpoint continues exactly as an uninterrupted
+one would (bit-identical on the CPU).
+
+Metrics are accumulated on the device and read back only every
+`SYNC_EVERY` steps (progress bar, NaN check) and at the end of an epoch, so a
+GPU run is not stalled by host synchronisation on every step.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import PRESETS, Augmenter
+from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint, save_json
+from .config import Config
+from .data import NUM_CLASSES, CifarSplits
+from .errors import CheckpointError, TrainingDiverged
+from .evaluate import predict
+from .model import resnet18
+from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+
+SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
+
+
+@dataclass
+class FitResult:
+    model: nn.Module
+    history: list[dict[str, float]]
+    config: Config
+    resumed_from_epoch: int = 0
+    reused: bool = False            # True when a finished checkpoint was loaded, no training done
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def train_seconds(self) -> float:
+        return float(sum(h["seconds"] for h in self.history))
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, stream)."""
+    return (seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1)
+
+
+def in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Show bars in a terminal or notebook; stay quiet in logs and CI."""
+    if progress is not None:
+        return progress
+    return in_notebook() or sys.stderr.isatty()
+
+
+def build_model(config: Config, device: torch.device) -> nn.Module:
+    """A freshly initialised ResNet-18, the init fixed by config.seed."""
+    seed_everything(config.seed)
+    model = resnet18(NUM_CLASSES).to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_optimizer(model: nn.Module, config: Config):
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if config.schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, scheduler
+
+
+def _rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _check_finite(value: float, epoch: int, step: int, checkpoint_path: Path | None) -> None:
+    if math.isfinite(value):
+        return
+    kept = (f"the last good checkpoint {checkpoint_path} is kept" if checkpoint_path and checkpoint_path.exists()
+            else "no checkpoint was written")
+    raise TrainingDiverged(f"training loss became {value} in epoch {epoch + 1} (by step {step}); {kept}; "
+                           "lower the learning rate or use precision fp32")
+
+
+def load_model(path: str | Path, config: Config | None = None,
+               device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """A trained model from a checkpoint (eval mode) and the checkpoint dict.
+    With `config`, the checkpoint must have been trained with it."""
+    ckpt = read_checkpoint(path)
+    if config is not None:
+        check_config_matches(ckpt, config, path)
+    saved = Config.from_dict(ckpt["config"])
+    model = resnet18(NUM_CLASSES)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path} does not fit a CIFAR ResNet-18 "
+                              f"({str(exc).splitlines()[0]}); retrain with --force") from None
+    model = model.to(device)
+    if (config or saved).channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval(), ckpt
+
+
+def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | None = None,
+        resume: bool = False, progress: bool | None = None,
+        log: Callable[[str], None] | None = print,
+        stop_after_epoch: int | None = None) -> FitResult:
+    """Train a fresh ResNet-18 on splits.train, validating on splits.val after
+    every epoch; returns the model (eval mode) and the per-epoch history
+    [{epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}].
+
+    checkpoint_path: written atomically after every epoch. With resume=True an
+    existing checkpoint there (same training config) is continued from its
+    last epoch; a finished one is returned without training.
+    stop_after_epoch: end after that many epochs as if interrupted (tests).
+    """
+    device = resolve_device(config.device)
+    amp_dtype = resolve_precision(config.precision, device)
+    ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
+    model = build_model(config, device)
+    optimizer, scheduler = build_optimizer(model, config)
+    history: list[dict[str, float]] = []
+    start = 0
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ckpt = read_checkpoint(ckpt_path, map_location=device)
+        check_config_matches(ckpt, config, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        _restore_rng(ckpt["rng"])
+        history = list(ckpt["history"])
+        start = int(ckpt["epoch"])
+        if log and start < config.epochs:
+            log(f"resuming from {ckpt_path} after epoch {start}/{config.epochs}")
+    result = FitResult(model=model, history=history, config=config, resumed_from_epoch=start,
+                       reused=start >= config.epochs)
+    if result.reused:
+        return _finish(result)
+
+    step_fn = _make_step(model, optimizer, device, amp_dtype, config.compile)
+    train_x = splits.train.images.to(device)
+    train_y = splits.train.labels.to(device)
+    n = train_x.shape[0]
+    spec = PRESETS[config.augment]
+    show = progress_enabled(progress)
+    last = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+    for epoch in range(start, last):
+        t0 = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, 0)))
+        # A last batch of one image would break BatchNorm; fold it into the previous one.
+        bounds = list(range(0, n, config.batch_size))
+        if len(bounds) > 1 and n - bounds[-1] < 2:
+            bounds.pop()
+        augmenter = Augmenter(spec, device, epoch_seed(config.seed, epoch, 1))
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        lr = optimizer.param_groups[0]["lr"]
+        bar = _progress_bar(len(bounds), f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
+        for step, lo in enumerate(bounds):
+            hi = bounds[step + 1] if step + 1 < len(bounds) else n
+            idx = order[lo:hi].to(device, non_blocking=True)
+            x = augmenter(train_x[idx])
+            if config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = train_y[idx]
+            loss, batch_correct = step_fn(x, y)
+            loss_sum += loss.detach() * y.shape[0]
+            correct += batch_correct
+            seen += y.shape[0]
+            if (step + 1) % SYNC_EVERY == 0 or step + 1 == len(bounds):
+                running = float(loss_sum) / seen
+                _check_finite(running, epoch, step + 1, ckpt_path)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{running:.3f}", acc=f"{int(correct) / seen:.3f}", refresh=False)
+                    bar.update(step + 1 - bar.n)
+        if bar is not None:
+            bar.close()
+        scheduler.step()
+        val = predict(model, splits.val.images, splits.val.labels, device=device,
+                      batch_size=config.eval_batch_size, amp_dtype=amp_dtype,
+                      channels_last=config.channels_last)
+        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
+                  "val_loss": val.loss, "val_acc": val.accuracy, "lr": lr,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if log:
+            log(f"[{config.augment}] epoch {epoch + 1:>2}/{config.epochs}  "
+                f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}  "
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  "
+                f"lr {lr:.2e}  {record['seconds']:.1f}s")
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "num_classes": NUM_CLASSES, "config": config.to_dict(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_states(), "history": history,
+                "finished": epoch + 1 == config.epochs,
+            })
+            save_json(ckpt_path.with_name("history.json"), {"config": config.to_dict(), "history": history})
+    return _finish(result)
+
+
+def _finish(result: FitResult) -> FitResult:
+    result.model.eval()
+    return result
+
+
+def _make_step(model: nn.Module, optimizer, device: torch.device, amp_dtype, compile_model: bool):
+    """One optimiser step on a prepared batch -> (loss, correct count), both on device."""
+    forward = torch.compile(model) if compile_model else model
+
+    def step(x: torch.Tensor, y: torch.Tensor):
+        with autocast(device, amp_dtype):
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss, (logits.argmax(1) == y).sum()
+
+    return step
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
