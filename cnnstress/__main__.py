@@ -31,17 +31,24 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", default=None, help="output folder (default: $CNNSTRESS_OUT_DIR or outputs)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epoch count")
-    p.add_argument("--precision", choices=PRECISIONS, default=None, help="autocast precision (default: auto)")
+    p.add_argument("--precision", default=None, help=f"autocast precision: {', '.join(PRECISIONS)} (default: auto)")
     p.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad argument on one line (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cnnstress", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m cnnstress", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train one model and report its validation and test accuracy")
     _common(train)
-    train.add_argument("--aug", choices=sorted(PRESETS), default="baseline", help="augmentation preset")
+    train.add_argument("--aug", default="baseline", help=f"augmentation preset: {', '.join(PRESETS)} (default: baseline)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
     return parser
 

@@ -60,8 +60,10 @@ def _per_sample(values: torch.Tensor) -> torch.Tensor:
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N,3,H,W) 0..255 -> float32 on [0, 1]."""
-    return x.float().div_(255.0)
+    """uint8 (N,3,H,W) 0..255 -> float32 on [0, 1]. Never writes to `x`
+    (``x.float()`` returns `x` itself when it is already float32, so an
+    in-place divide there would scale the caller's tensor)."""
+    return x.to(torch.float32).div(255.0)
 
 
 def normalize(x: torch.Tensor, mean=CIFAR_MEAN, std=CIFAR_STD) -> torch.Tensor:
@@ -207,10 +209,12 @@ def sample_erase_boxes(n: int, h: int, w: int, spec: AugmentSpec, gen: torch.Gen
     first = fits.float().argmax(1, keepdim=True)  # first fitting try (0 if none)
     bh, bw = bh.gather(1, first).squeeze(1), bw.gather(1, first).squeeze(1)
     use = fits.any(1) & (torch.rand(n, generator=gen, device=device) < spec.erase_p)
-    top = (torch.rand(n, generator=gen, device=device) * (h - bh + 1)).long()
-    left = (torch.rand(n, generator=gen, device=device) * (w - bw + 1)).long()
-    bh = torch.where(use, bh, torch.zeros_like(bh))
-    return torch.stack((top, left, bh, bw * use), 1)
+    # For an image with no fitting try, bh/bw are an oversized try: keep the
+    # offset draw well defined (non-negative span) and return an all-zero box.
+    top = (torch.rand(n, generator=gen, device=device) * (h - bh + 1).clamp(min=1)).long()
+    left = (torch.rand(n, generator=gen, device=device) * (w - bw + 1).clamp(min=1)).long()
+    zero = torch.zeros_like(bh)
+    return torch.stack([torch.where(use, v, zero) for v in (top, left, bh, bw)], 1)
 
 
 # --- the preset pipeline ---------------------------------------------------
@@ -244,8 +248,13 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | Non
     jitter = [(adjust_brightness, spec.brightness, 1.0), (adjust_contrast, spec.contrast, 1.0),
               (adjust_saturation, spec.saturation, 1.0), (adjust_hue, spec.hue, 0.0)]
     if any(spread for _, spread, _ in jitter):
-        order_gen = host_gen if host_gen is not None else gen
-        for k in torch.randperm(4, generator=order_gen).tolist():
+        if host_gen is not None:
+            order = torch.randperm(4, generator=host_gen)
+        elif gen.device.type == "cpu":
+            order = torch.randperm(4, generator=gen)
+        else:  # a device generator can only draw on its device (costs one sync)
+            order = torch.randperm(4, generator=gen, device=gen.device)
+        for k in order.tolist():
             fn, spread, centre = jitter[k]
             if spread:
                 out = fn(out, _factor(n, spread, gen, dev, centre))

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny CIFAR-10 folders in the official python-pickle layout.
+
+The tests never need the real dataset: each class gets its own colour and
+stripe position plus noise, so a ResNet can learn something in one epoch.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnnstress.data import BATCHES_DIR, CLASSES, TEST_FILE, TRAIN_FILES
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (N, 3072) images whose content depends on the label."""
+    n = labels.shape[0]
+    img = rng.integers(0, 60, size=(n, 3, 32, 32)).astype(np.int16)
+    for i, c in enumerate(labels):
+        img[i, c % 3] += 120 + 10 * (c // 3)                 # dominant channel per class
+        img[i, :, 3 * c:3 * c + 3, :] += 70                   # a horizontal stripe per class
+    return np.clip(img, 0, 255).astype(np.uint8).reshape(n, -1)
+
+
+def write_batch(path: Path, data: np.ndarray, labels, **extra) -> None:
+    entry = {b"batch_label": b"fixture", b"labels": list(labels), b"data": data,
+             b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))], **extra}
+    with open(path, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+
+
+def write_cifar(root: Path, per_batch: int = 60, n_test: int = 100, seed: int = 0) -> Path:
+    """Write data_batch_1..5, test_batch and batches.meta under root/cifar-10-batches-py.
+    Returns root (the --data-dir to pass)."""
+    rng = np.random.default_rng(seed)
+    folder = Path(root) / BATCHES_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TRAIN_FILES:
+        labels = np.arange(per_batch) % len(CLASSES)
+        rng.shuffle(labels)
+        write_batch(folder / name, synthetic_images(labels, rng), labels.tolist())
+    labels = np.arange(n_test) % len(CLASSES)
+    rng.shuffle(labels)
+    write_batch(folder / TEST_FILE, synthetic_images(labels, rng), labels.tolist())
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [c.encode() for c in CLASSES], b"num_cases_per_batch": per_batch}, f)
+    return Path(root)
+
+
+@pytest.fixture
+def cifar_dir(tmp_path: Path) -> Path:
+    """A fresh tiny CIFAR-10 folder (300 train, 100 test images)."""
+    return write_cifar(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def shared_cifar_dir(tmp_path_factory) -> Path:
+    """A tiny CIFAR-10 folder shared by tests that only read it."""
+    return write_cifar(tmp_path_factory.mktemp("cifar") / "data")

@@ -1,0 +1,145 @@
+"""The command line: each bad input is one line on stderr, exit status 2,
+and nothing already saved is touched."""
+import json
+
+import pytest
+
+from cnnstress.__main__ import main
+from cnnstress.data import BATCHES_DIR
+
+SMOKE = ["--profile", "smoke", "--device", "cpu", "--no-progress"]
+
+
+def _run(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line_error(err, *needles):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained_out(shared_cifar_dir, tmp_path_factory):
+    """A finished smoke run: out dir with baseline/checkpoint.pt."""
+    out = tmp_path_factory.mktemp("out")
+    code = main(["train", *SMOKE, "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
+    assert code == 0
+    return out
+
+
+def test_train_writes_checkpoint_and_history(trained_out, capsys):
+    hist = json.loads((trained_out / "baseline" / "history.json").read_text())
+    assert hist["config"]["profile"] == "smoke" and len(hist["history"]) == 1
+    assert (trained_out / "baseline" / "checkpoint.pt").is_file()
+    assert not list((trained_out / "baseline").glob(".*tmp"))  # no temp files left behind
+
+
+def test_rerun_reuses_finished_checkpoint(trained_out, shared_cifar_dir, capsys):
+    path = trained_out / "baseline" / "checkpoint.pt"
+    before = path.read_bytes()
+    code, out, _ = _run(capsys, "train", *SMOKE, "--data-dir", str(shared_cifar_dir), "--out-dir", str(trained_out))
+    assert code == 0 and "reusing finished checkpoint" in out and "test accuracy" in out
+    assert path.read_bytes() == before
+
+
+def test_checkpoint_from_other_config_is_refused_and_kept(trained_out, shared_cifar_dir, capsys):
+    path = trained_out / "baseline" / "checkpoint.pt"
+    before = path.read_bytes()
+    code, _, err = _run(capsys, "train", *SMOKE, "--epochs", "2", "--data-dir", str(shared_cifar_dir),
+                        "--out-dir", str(trained_out))
+    assert code == 2
+    _one_line_error(err, "different config", "epochs: checkpoint 1 vs now 2", "--force")
+    assert path.read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(trained_out, shared_cifar_dir, capsys, tmp_path):
+    out = tmp_path / "out"
+    (out / "baseline").mkdir(parents=True)
+    (out / "baseline" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(shared_cifar_dir), "--out-dir", str(out))
+    assert code == 2
+    _one_line_error(err, "cannot be read", "--force")
+    assert (out / "baseline" / "checkpoint.pt").read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--profile", "fast"], ["unknown profile 'fast'"]),
+    (["--aug", "fancy"], ["unknown augmentation preset 'fancy'"]),
+    (["--epochs", "0"], ["--epochs", "must be >= 1"]),
+    (["--epochs", "-3"], ["--epochs"]),
+    (["--precision", "fp8"], ["unknown precision 'fp8'"]),
+])
+def test_bad_arguments(capsys, shared_cifar_dir, tmp_path, argv, needles):
+    args = ["train", "--profile", "smoke", "--device", "cpu", "--data-dir", str(shared_cifar_dir),
+            "--out-dir", str(tmp_path / "o")]
+    # later flags win in argparse, so appending overrides the defaults above
+    code, _, err = _run(capsys, *args, *argv)
+    assert code == 2
+    _one_line_error(err, *needles)
+    assert not (tmp_path / "o" / "baseline" / "checkpoint.pt").exists()
+
+
+def test_cuda_without_cuda(capsys, shared_cifar_dir, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = _run(capsys, "train", *SMOKE, "--device", "cuda", "--data-dir", str(shared_cifar_dir),
+                        "--out-dir", str(tmp_path))
+    assert code == 2
+    _one_line_error(err, "no CUDA GPU", "--device cpu")
+
+
+def test_missing_data_without_network(capsys, tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"))
+    assert code == 2
+    _one_line_error(err, "download failed", str(tmp_path / "d" / BATCHES_DIR))
+
+
+def test_truncated_batch(capsys, cifar_dir, tmp_path):
+    batch = cifar_dir / BATCHES_DIR / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(cifar_dir), "--out-dir", str(tmp_path / "o"))
+    assert code == 2
+    _one_line_error(err, "test_batch", "truncated")
+
+
+def test_unwritable_output_folder(capsys, shared_cifar_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(shared_cifar_dir),
+                        "--out-dir", str(blocker / "out"))
+    assert code == 2
+    _one_line_error(err, "cannot write to output folder", "--out-dir")
+    assert blocker.read_text() == "a file where a folder should be"
+
+
+def test_unfinished_checkpoint_needs_resume(capsys, shared_cifar_dir, tmp_path):
+    from cnnstress.config import get_config
+    from cnnstress.data import load_splits
+    from cnnstress.train import fit
+    cfg = get_config("smoke", device="cpu", epochs=2)  # what the CLI builds from the arguments below
+    path = tmp_path / "baseline" / "checkpoint.pt"
+    path.parent.mkdir()
+    fit(cfg, load_splits(shared_cifar_dir, cfg, download=False), checkpoint_path=path, log=None, stop_after_epoch=1)
+    before = path.read_bytes()
+    argv = ["train", *SMOKE, "--epochs", "2", "--data-dir", str(shared_cifar_dir), "--out-dir", str(tmp_path)]
+    code, _, err = _run(capsys, *argv)
+    assert code == 2
+    _one_line_error(err, "unfinished run (1/2 epochs)", "--resume", "--force")
+    assert path.read_bytes() == before
+    code, out, _ = _run(capsys, *argv, "--resume")
+    assert code == 0 and "resuming" in out and "epoch  2/2" in out

@@ -1,0 +1,85 @@
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from cnnstress.config import get_config
+from cnnstress.data import (BATCHES_DIR, load_cifar10, load_splits, read_batch, stratified_split)
+from cnnstress.errors import DataError
+
+from conftest import write_batch
+
+
+def test_reads_fixture_in_official_layout(shared_cifar_dir):
+    (train_x, train_y), (test_x, test_y) = load_cifar10(shared_cifar_dir, download=False)
+    assert train_x.shape == (300, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert train_y.dtype == torch.int64 and int(train_y.max()) <= 9
+    assert test_x.shape == (100, 3, 32, 32)
+
+
+def test_stratified_split_is_proportional_seeded_and_disjoint():
+    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    first, rest = stratified_split(labels, 20, seed=42)
+    assert sorted(torch.bincount(labels[first]).tolist()) == [2, 6, 12]
+    assert set(first.tolist()).isdisjoint(rest.tolist())
+    assert len(first) + len(rest) == 100
+    again, _ = stratified_split(labels, 20, seed=42)
+    other, _ = stratified_split(labels, 20, seed=7)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_splits_follow_config(shared_cifar_dir):
+    cfg = get_config("smoke", val_size=50, train_subset=100, test_subset=40)
+    s = load_splits(shared_cifar_dir, cfg, download=False)
+    assert (len(s.train), len(s.val), len(s.test)) == (100, 50, 40)
+    assert set(s.train.indices.tolist()).isdisjoint(s.val.indices.tolist())
+    # every class in validation, in proportion (300 images, 30 per class -> 5 each)
+    assert torch.bincount(s.val.labels, minlength=10).tolist() == [5] * 10
+
+
+def test_val_larger_than_training_set_is_a_clear_error(shared_cifar_dir):
+    with pytest.raises(DataError, match="val_size"):
+        load_splits(shared_cifar_dir, get_config("smoke", val_size=5000), download=False)
+
+
+def test_missing_data_without_network_names_the_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(DataError) as err:
+        load_cifar10(tmp_path / "nowhere")
+    msg = str(err.value)
+    assert "download failed" in msg and str(tmp_path / "nowhere" / BATCHES_DIR) in msg
+    assert "\n" not in msg
+
+
+def test_truncated_batch_names_the_file(cifar_dir):
+    path = cifar_dir / BATCHES_DIR / "data_batch_3"
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(DataError, match="data_batch_3.*truncated"):
+        load_cifar10(cifar_dir, download=False)
+
+
+def test_non_cifar_pickle_is_rejected(tmp_path):
+    path = tmp_path / "data_batch_1"
+    with open(path, "wb") as f:
+        pickle.dump({"weights": [1, 2, 3]}, f)
+    with pytest.raises(DataError, match="data_batch_1.*not a CIFAR-10 batch"):
+        read_batch(path)
+
+
+@pytest.mark.parametrize("data, labels, match", [
+    (np.zeros((4, 3072), np.uint8), [0, 1, 2, 10], "label 10 out of range"),
+    (np.zeros((4, 3072), np.uint8), [0, 1, -1, 2], "label -1 out of range"),
+    (np.zeros((4, 1000), np.uint8), [0, 1, 2, 3], r"shape \(4, 1000\)"),
+    (np.zeros((4, 3072), np.float32), [0, 1, 2, 3], "dtype float32"),
+    (np.zeros((4, 3072), np.uint8), [0, 1, 2], "3 labels for 4 images"),
+])
+def test_bad_batch_contents(tmp_path, data, labels, match):
+    path = tmp_path / "test_batch"
+    write_batch(path, data, labels)
+    with pytest.raises(DataError, match=match):
+        read_batch(path)

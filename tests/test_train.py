@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from cnnstress.checkpoint import read_checkpoint
+from cnnstress.config import get_config
+from cnnstress.data import load_splits
+from cnnstress.errors import TrainingDiverged
+from cnnstress.evaluate import predict
+from cnnstress.train import fit
+
+
+def _config(**kw):
+    # 128 training images keep each epoch to a second or two on a 2-core CPU
+    base = dict(val_size=50, train_subset=128, device="cpu", batch_size=32, epochs=2, precision="fp32")
+    base.update(kw)
+    return get_config("smoke", **base)
+
+
+def _weights_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _strip_time(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.fixture(scope="module")
+def splits(shared_cifar_dir):
+    return load_splits(shared_cifar_dir, _config(), download=False)
+
+
+def test_same_seed_same_history_and_weights(splits):
+    cfg = _config(epochs=1, augment="enhanced")
+    a = fit(cfg, splits, log=None)
+    b = fit(cfg, splits, log=None)
+    assert _strip_time(a.history) == _strip_time(b.history)
+    assert _weights_equal(a.model, b.model)
+    c = fit(cfg.replace(seed=7), splits, log=None)
+    assert not _weights_equal(a.model, c.model)
+
+
+def test_resume_equals_uninterrupted_run(splits, tmp_path):
+    cfg = _config(epochs=2, augment="enhanced")
+    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
+    part = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
+    assert len(part.history) == 1
+    ckpt = read_checkpoint(tmp_path / "b.pt")
+    assert ckpt["epoch"] == 1 and not ckpt["finished"]
+    assert {"model", "optimizer", "scheduler", "rng", "history", "config"} <= set(ckpt)
+    resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    assert resumed.resumed_from_epoch == 1
+    assert _weights_equal(whole.model, resumed.model)
+    assert _strip_time(whole.history) == _strip_time(resumed.history)
+    # a finished checkpoint is reused, not retrained
+    again = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    assert again.reused and _weights_equal(whole.model, again.model)
+
+
+def test_training_lowers_the_loss_and_learns(shared_cifar_dir):
+    cfg = _config(epochs=3, lr=2e-3, train_subset=250)
+    splits = load_splits(shared_cifar_dir, cfg, download=False)
+    result = fit(cfg, splits, log=None)
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    # cosine schedule: lr falls each epoch
+    assert result.history[0]["lr"] > result.history[1]["lr"] > result.history[2]["lr"]
+    test = predict(result.model, splits.test.images, splits.test.labels, device=torch.device("cpu"))
+    assert test.accuracy > 0.3  # chance is 0.1; the fixture classes are easy
+    assert not result.model.training
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(splits, tmp_path, monkeypatch):
+    cfg = _config(epochs=2)
+    path = tmp_path / "ckpt.pt"
+    real = torch.nn.functional.cross_entropy
+    calls = {"n": 0}
+    steps_per_epoch = math.ceil(len(splits.train) / cfg.batch_size)
+
+    def poisoned(logits, target, *args, **kwargs):
+        loss = real(logits, target, *args, **kwargs)
+        if logits.requires_grad:  # training steps only, not validation
+            calls["n"] += 1
+            if calls["n"] > steps_per_epoch:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"nan in epoch 2.*last good checkpoint"):
+        fit(cfg, splits, checkpoint_path=path, log=None)
+    ckpt = read_checkpoint(path)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
