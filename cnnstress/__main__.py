@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     train.add_argument("--aug", default="baseline", help=f"augmentation preset: {', '.join(PRESETS)} (default: baseline)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    run = sub.add_parser("run", help="the whole study: both models, failures, Grad-CAM, comparison, report")
+    _common(run)
+    run.add_argument("--threshold", type=float, default=None,
+                     help="confidence above which a wrong prediction counts as a failure (default 0.8)")
     return parser
 
 
@@ -73,7 +77,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_run(args: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")  # headless: files only
+    config = _config(args, failure_threshold=args.threshold)
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force,
+                                   progress=False if args.no_progress else None)
+    for name in ("baseline", "improved"):
+        s = result.summaries[name]
+        print(f"{name}: test accuracy {100 * s['test_accuracy']:.2f}%, "
+              f"{s['high_confidence_failures']} high-confidence failures, "
+              f"training {result.trained[name].result.train_seconds:.0f}s")
+    print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

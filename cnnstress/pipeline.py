@@ -10,15 +10,21 @@ matches the config, so any stage can be rerun on its own without retraining.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checkpoint import check_config_matches, ensure_writable_dir, read_checkpoint
+import numpy as np
+import torch
+
+from .augment import normalize, to_float
+from .checkpoint import atomic_write, check_config_matches, ensure_writable_dir, read_checkpoint
+from .compare import bootstrap_accuracy_diff, compare_failures, mcnemar
 from .config import Config
-from .data import CifarSplits, load_splits
+from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError
-from .evaluate import Predictions, predict
+from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -119,3 +125,221 @@ def evaluate_split(trained: Trained, split) -> Predictions:
                    batch_size=config.eval_batch_size,
                    amp_dtype=resolve_precision(config.precision, device),
                    channels_last=config.channels_last)
+
+
+# --- analysis stages ---------------------------------------------------------
+
+def _checkpoint_stamp(path: Path) -> str:
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def predictions_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"predictions_{name}.npz"
+
+
+def evaluate_model(trained: Trained, split, out_dir: str | Path | None = None, *,
+                   force: bool = False) -> Predictions:
+    """Stage 7: test-set predictions, cached as predictions_<name>.npz (probs
+    (N,10) float32, labels, preds, logits, dataset indices). The cache is used
+    when it was made from this very checkpoint file and these test images."""
+    out_dir = Path(out_dir or default_out_dir())
+    path = predictions_path(out_dir, trained.name)
+    stamp = _checkpoint_stamp(trained.checkpoint) if trained.checkpoint.exists() else ""
+    indices = split.indices.numpy()
+    if path.exists() and not force and stamp:
+        with np.load(path) as cached:
+            if (str(cached.get("checkpoint_stamp", "")) == stamp
+                    and np.array_equal(cached["dataset_indices"], indices)):
+                logits = torch.from_numpy(cached["logits"])
+                return Predictions(logits=logits, probs=torch.from_numpy(cached["probs"]),
+                                   preds=torch.from_numpy(cached["preds"]),
+                                   labels=torch.from_numpy(cached["labels"]))
+    preds = evaluate_split(trained, split)
+    ensure_writable_dir(out_dir)
+    arrays = dict(probs=preds.probs.numpy(), labels=preds.labels.numpy(), preds=preds.preds.numpy(),
+                  logits=preds.logits.numpy(), dataset_indices=indices,
+                  checkpoint_stamp=np.array(stamp), classes=np.array(CLASSES))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+            np.savez_compressed(f, **arrays)
+    atomic_write(path, write)
+    return preds
+
+
+def find_failures(preds: Predictions, split, config: Config, name: str,
+                  out_dir: str | Path | None = None, threshold: float | None = None,
+                  save: bool = True) -> FailureTable:
+    """Stage 7: wrong predictions above the confidence threshold, ranked, saved
+    as failures_<name>.csv."""
+    threshold = config.failure_threshold if threshold is None else threshold
+    table = mine_failures(preds.probs, preds.labels, threshold, dataset_indices=split.indices)
+    if save:
+        table.to_csv(Path(out_dir or default_out_dir()) / f"failures_{name}.csv")
+    return table
+
+
+@dataclass
+class FailureCase:
+    """One explained failure: which image, and where each class's Grad-CAM lies."""
+    rank: int
+    failure: Failure
+    image: np.ndarray            # HWC uint8 RGB
+    cam_pred: np.ndarray         # (H,W) in [0,1], Grad-CAM for the predicted class
+    cam_true: np.ndarray         # (H,W) in [0,1], Grad-CAM for the true class
+    where_pred: dict
+    where_true: dict
+    figure: Path | None = None
+
+
+def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: str | Path | None = None, *,
+                     k: int | None = None, layer: str = "layer4", save: bool = True,
+                     show: bool = False) -> list[FailureCase]:
+    """Stage 8: Grad-CAM for the predicted and the true class of the top-k
+    failures; writes failure_case_<i>.png (or a 'no failures' figure)."""
+    import matplotlib.pyplot as plt
+
+    from .gradcam import GradCAM, describe_cam
+    from .plots import plot_failure_case, plot_no_failures, save_figure
+
+    out = Path(out_dir or default_out_dir())
+    k = trained.config.top_failures if k is None else k
+    rows = failures.rows[:k]
+    if save:
+        for stale in out.glob("failure_case_*.png"):
+            stale.unlink()
+    if not rows:
+        fig = plot_no_failures(failures.threshold if failures.threshold is not None
+                               else trained.config.failure_threshold, trained.name)
+        if save:
+            save_figure(fig, out / "failure_case_1.png")
+        if not show:
+            plt.close(fig)
+        return []
+    device = resolve_device(trained.config.device)
+    positions = torch.tensor([f.position for f in rows])
+    images = split.images[positions]
+    x = normalize(to_float(images)).to(device)
+    model = trained.model
+    cam = GradCAM(model, getattr(model, layer) if isinstance(layer, str) else layer)
+    pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
+    true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
+    cases = []
+    for i, f in enumerate(rows):
+        image = images[i].permute(1, 2, 0).numpy()
+        case = FailureCase(rank=i + 1, failure=f, image=image, cam_pred=pred_maps[i], cam_true=true_maps[i],
+                           where_pred=describe_cam(pred_maps[i]), where_true=describe_cam(true_maps[i]))
+        fig = plot_failure_case(
+            image, pred_maps[i], true_maps[i], true_name=CLASSES[f.true], pred_name=CLASSES[f.pred],
+            confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
+            title=f"{trained.name} failure #{i + 1}: test image {f.dataset_index}")
+        if save:
+            case.figure = save_figure(fig, out / f"failure_case_{i + 1}.png")
+        if not show:
+            plt.close(fig)
+        cases.append(case)
+    return cases
+
+
+def save_training_curves(histories: dict, out_dir: str | Path | None = None, show: bool = False):
+    """Stage 6: training_curves.png for every model trained so far."""
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_training_curves, save_figure
+    fig = plot_training_curves(histories)
+    path = save_figure(fig, Path(out_dir or default_out_dir()) / "training_curves.png")
+    if not show:
+        plt.close(fig)
+    return path
+
+
+def compare_models(preds: dict[str, Predictions], failures: dict[str, FailureTable],
+                   config: Config, n_boot: int = 2000) -> dict:
+    """Stages 10-11: paired comparison of baseline and improved on the same
+    test images: accuracy difference with a bootstrap CI, McNemar's test, and
+    which baseline failures were fixed, persist or are new."""
+    a, b = preds["baseline"], preds["improved"]
+    if not torch.equal(a.labels, b.labels):
+        raise ValueError("the two models were evaluated on different test images")
+    correct_a = (a.preds == a.labels).numpy()
+    correct_b = (b.preds == b.labels).numpy()
+    return {
+        "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=n_boot, seed=config.seed),
+        "mcnemar": mcnemar(correct_a, correct_b),
+        "failures": compare_failures(failures["baseline"], failures["improved"], b.preds, b.labels),
+        "threshold": failures["baseline"].threshold,
+    }
+
+
+def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | None = None,
+                            show: bool = False) -> list[Path]:
+    """model_comparison.png and confusion_matrix.png (a panel per model)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import plot_confusion_matrix, plot_model_comparison, save_figure
+    out = Path(out_dir or default_out_dir())
+    paths = []
+    fig = plot_model_comparison(summaries)
+    paths.append(save_figure(fig, out / "model_comparison.png"))
+    if not show:
+        plt.close(fig)
+    fig, axes = plt.subplots(1, len(summaries), figsize=(7.5 * len(summaries), 6.5), squeeze=False,
+                             constrained_layout=True)
+    for ax, (name, s) in zip(axes[0], summaries.items()):
+        plot_confusion_matrix(np.array(s["confusion_matrix"]), title=f"{name}: confusion matrix "
+                              f"(test accuracy {100 * s['test_accuracy']:.2f}%)", ax=ax)
+    paths.append(save_figure(fig, out / "confusion_matrix.png"))
+    if not show:
+        plt.close(fig)
+    return paths
+
+
+@dataclass
+class RunResult:
+    config: Config
+    trained: dict[str, Trained]
+    predictions: dict[str, Predictions]
+    failures: dict[str, FailureTable]
+    summaries: dict[str, dict]
+    cases: list[FailureCase]
+    comparison: dict
+    outputs: Path
+    seconds: float
+
+
+def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
+                 force: bool = False, progress: bool | None = None,
+                 log: Callable[[str], None] | None = print) -> RunResult:
+    """The whole study in one call: baseline, curves, evaluation, failures,
+    Grad-CAM, improved model (only the augmentation preset changed),
+    comparison, figures, metrics.json and analysis_report.txt."""
+    from .report import write_report
+
+    t0 = time.perf_counter()
+    say = log or (lambda _msg: None)
+    out = ensure_writable_dir(out_dir or default_out_dir())
+    configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
+    splits = load_data(configs["baseline"], data_dir)
+    say(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images")
+    trained, preds, failures, summaries = {}, {}, {}, {}
+    cases: list[FailureCase] = []
+    for name, cfg in configs.items():
+        say(f"== {name} model (augment preset {cfg.augment!r}) ==")
+        trained[name] = train_model(cfg, splits, out, force=force, progress=progress, log=log)
+        save_training_curves({n: t.result.history for n, t in trained.items()}, out)
+        preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
+        failures[name] = find_failures(preds[name], splits.test, cfg, name, out)
+        summaries[name] = summarize(preds[name], cfg.failure_threshold)
+        say(f"{name}: test accuracy {100 * preds[name].accuracy:.2f}%, "
+            f"{len(failures[name])} failures above {cfg.failure_threshold:.0%} confidence")
+        if name == "baseline":
+            cases = explain_failures(trained[name], splits.test, failures[name], out)
+    comparison = compare_models(preds, failures, config)
+    save_comparison_figures(summaries, out)
+    result = RunResult(config=config, trained=trained, predictions=preds, failures=failures,
+                       summaries=summaries, cases=cases, comparison=comparison, outputs=out,
+                       seconds=time.perf_counter() - t0)
+    report = write_report(result)
+    say(f"report: {report}  ({result.seconds:.0f}s in all)")
+    return result

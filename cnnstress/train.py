@@ -168,51 +168,31 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     if result.reused:
         return _finish(result)
 
-    step_fn = _make_step(model, optimizer, device, amp_dtype, config.compile)
+    step_fn = make_step(model, optimizer, device, amp_dtype, config.compile)
     train_x = splits.train.images.to(device)
     train_y = splits.train.labels.to(device)
-    n = train_x.shape[0]
-    spec = PRESETS[config.augment]
+    total_steps = len(batch_bounds(train_x.shape[0], config.batch_size))
     show = progress_enabled(progress)
     last = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
     for epoch in range(start, last):
         t0 = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, 0)))
-        # A last batch of one image would break BatchNorm; fold it into the previous one.
-        bounds = list(range(0, n, config.batch_size))
-        if len(bounds) > 1 and n - bounds[-1] < 2:
-            bounds.pop()
-        augmenter = Augmenter(spec, device, epoch_seed(config.seed, epoch, 1))
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        seen = 0
         lr = optimizer.param_groups[0]["lr"]
-        bar = _progress_bar(len(bounds), f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
-        for step, lo in enumerate(bounds):
-            hi = bounds[step + 1] if step + 1 < len(bounds) else n
-            idx = order[lo:hi].to(device, non_blocking=True)
-            x = augmenter(train_x[idx])
-            if config.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = train_y[idx]
-            loss, batch_correct = step_fn(x, y)
-            loss_sum += loss.detach() * y.shape[0]
-            correct += batch_correct
-            seen += y.shape[0]
-            if (step + 1) % SYNC_EVERY == 0 or step + 1 == len(bounds):
-                running = float(loss_sum) / seen
-                _check_finite(running, epoch, step + 1, ckpt_path)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{running:.3f}", acc=f"{int(correct) / seen:.3f}", refresh=False)
-                    bar.update(step + 1 - bar.n)
+        bar = _progress_bar(total_steps, f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
+
+        def on_sync(steps_done: int, _total: int, running: float, correct: torch.Tensor, seen: int) -> None:
+            _check_finite(running, epoch, steps_done, ckpt_path)
+            if bar is not None:
+                bar.set_postfix(loss=f"{running:.3f}", acc=f"{int(correct) / seen:.3f}", refresh=False)
+                bar.update(steps_done - bar.n)
+
+        stats = train_epoch(model, step_fn, train_x, train_y, config=config, epoch=epoch, on_sync=on_sync)
         if bar is not None:
             bar.close()
         scheduler.step()
         val = predict(model, splits.val.images, splits.val.labels, device=device,
                       batch_size=config.eval_batch_size, amp_dtype=amp_dtype,
                       channels_last=config.channels_last)
-        record = {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "train_acc": int(correct) / seen,
+        record = {"epoch": epoch + 1, "train_loss": stats["train_loss"], "train_acc": stats["train_acc"],
                   "val_loss": val.loss, "val_acc": val.accuracy, "lr": lr,
                   "seconds": time.perf_counter() - t0}
         history.append(record)
@@ -232,13 +212,76 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     return _finish(result)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[int]:
+    """Start positions of an epoch's batches over n images. A last batch of one
+    image would break BatchNorm, so it is folded into the previous one."""
+    bounds = list(range(0, n, batch_size))
+    if len(bounds) > 1 and n - bounds[-1] < 2:
+        bounds.pop()
+    return bounds
+
+
+def train_epoch(model: nn.Module, step: Callable, images: torch.Tensor, labels: torch.Tensor, *,
+                config: Config, epoch: int, augmenter: Augmenter | None = None,
+                max_steps: int | None = None,
+                on_sync: Callable[[int, int, float, torch.Tensor, int], None] | None = None
+                ) -> dict[str, float | int]:
+    """One training epoch, as `fit` runs it: the epoch's seeded batch order ->
+    augment (uint8 -> normalised float) -> channels_last (per config) ->
+    `step` (see make_step) -> loss/accuracy accumulated on the device, read
+    back every SYNC_EVERY steps and after the last step.
+
+    images: uint8 (N,3,H,W) and labels int64 (N,), both on the training device.
+    augmenter: defaults to config.augment's preset seeded from (config.seed, epoch).
+    max_steps: stop after that many steps (benchmarks); None = the whole epoch.
+    on_sync(steps_done, total_steps, running_loss, correct, seen) is called at
+    every read-back; `correct` is the on-device count (0-dim tensor). It may
+    raise to abort the epoch (fit's NaN check does).
+
+    Returns {loss_sum, correct, seen, steps, train_loss, train_acc} (host numbers).
+    """
+    device = images.device
+    model.train()
+    n = images.shape[0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, 0)))
+    bounds = batch_bounds(n, config.batch_size)
+    if augmenter is None:
+        augmenter = Augmenter(PRESETS[config.augment], device, epoch_seed(config.seed, epoch, 1))
+    steps = len(bounds) if max_steps is None else max(0, min(len(bounds), max_steps))
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    running = float("nan")
+    for i in range(steps):
+        lo = bounds[i]
+        hi = bounds[i + 1] if i + 1 < len(bounds) else n
+        idx = order[lo:hi].to(device, non_blocking=True)
+        x = augmenter(images[idx])
+        if config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = labels[idx]
+        loss, batch_correct = step(x, y)
+        loss_sum += loss.detach() * y.shape[0]
+        correct += batch_correct
+        seen += y.shape[0]
+        if (i + 1) % SYNC_EVERY == 0 or i + 1 == steps:
+            running = float(loss_sum) / seen
+            if on_sync is not None:
+                on_sync(i + 1, len(bounds), running, correct, seen)
+    total_correct = int(correct)
+    return {"loss_sum": float(loss_sum), "correct": total_correct, "seen": seen, "steps": steps,
+            "train_loss": running, "train_acc": total_correct / seen if seen else float("nan")}
+
+
 def _finish(result: FitResult) -> FitResult:
     result.model.eval()
     return result
 
 
-def _make_step(model: nn.Module, optimizer, device: torch.device, amp_dtype, compile_model: bool):
-    """One optimiser step on a prepared batch -> (loss, correct count), both on device."""
+def make_step(model: nn.Module, optimizer, device: torch.device, amp_dtype, compile_model: bool = False):
+    """A function doing one optimiser step on a prepared batch (normalised
+    float, in the model's memory format) -> (loss, correct count), both on
+    the device; nothing is read back to the host."""
     forward = torch.compile(model) if compile_model else model
 
     def step(x: torch.Tensor, y: torch.Tensor):

@@ -1,0 +1,396 @@
+"""Matplotlib figures shared by the notebook and the report.
+
+Every plotting function draws into the caller's `ax` / `axes` when given
+(and then returns the caller's figure), or makes its own figure with
+constrained layout. `matplotlib.pyplot` is used only for `plt.subplots` and
+`plt.close`, so the caller chooses the backend (the CLI uses Agg).
+
+Colours come from the Okabe-Ito palette (colour-blind friendly); each model
+keeps one colour across all figures: baseline blue, improved vermillion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from .data import CLASSES
+
+# Okabe-Ito palette (Okabe & Ito 2008), safe for the common colour-vision deficiencies.
+OKABE_ITO = {
+    "black": "#000000",
+    "orange": "#E69F00",
+    "sky_blue": "#56B4E9",
+    "bluish_green": "#009E73",
+    "yellow": "#F0E442",
+    "blue": "#0072B2",
+    "vermillion": "#D55E00",
+    "reddish_purple": "#CC79A7",
+}
+BASELINE_COLOR = OKABE_ITO["blue"]
+IMPROVED_COLOR = OKABE_ITO["vermillion"]
+MODEL_COLORS: dict[str, str] = {"baseline": BASELINE_COLOR, "improved": IMPROVED_COLOR}
+# Colours for models with other names, in order of appearance.
+EXTRA_MODEL_COLORS = (OKABE_ITO["bluish_green"], OKABE_ITO["orange"], OKABE_ITO["reddish_purple"],
+                      OKABE_ITO["sky_blue"], OKABE_ITO["black"])
+TRUE_CLASS_COLOR = OKABE_ITO["bluish_green"]   # highlighted bar of the true class
+OTHER_CLASS_COLOR = "#9E9E9E"                  # the other top-3 bars
+CAM_COLORMAP = "jet"                           # Grad-CAM convention; same map for heatmap and overlay
+CONFUSION_COLORMAP = "Blues"
+
+TITLE_SIZE = 12
+LABEL_SIZE = 10
+TICK_SIZE = 9
+TEXT_SIZE = 9
+
+
+def model_color(name: str, index: int = 0) -> str:
+    """The colour of model `name`; unknown names get a fixed extra colour by `index`."""
+    if name in MODEL_COLORS:
+        return MODEL_COLORS[name]
+    return EXTRA_MODEL_COLORS[index % len(EXTRA_MODEL_COLORS)]
+
+
+def _model_colors(names: Sequence[str]) -> list[str]:
+    colors, extra = [], 0
+    for name in names:
+        if name in MODEL_COLORS:
+            colors.append(MODEL_COLORS[name])
+        else:
+            colors.append(model_color(name, extra))
+            extra += 1
+    return colors
+
+
+def _pct(fraction: float, decimals: int = 1) -> str:
+    """0.973 -> '97.3%'; 0.9 -> '90%' (trailing zeros dropped)."""
+    text = f"{100.0 * float(fraction):.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text + "%"
+
+
+def _new_axes(nrows: int, ncols: int, figsize: tuple[float, float], **kw: Any) -> tuple[Figure, np.ndarray]:
+    fig, axes = plt.subplots(nrows, ncols, figsize=figsize, layout="constrained", squeeze=False, **kw)
+    return fig, axes.ravel()
+
+
+def _given_axes(axes: Any, count: int, what: str) -> list:
+    flat = list(np.ravel(np.asarray(axes, dtype=object)))
+    if len(flat) != count:
+        raise ValueError(f"{what} needs {count} axes, got {len(flat)}")
+    return flat
+
+
+def _style(ax, title: str | None = None, xlabel: str | None = None, ylabel: str | None = None) -> None:
+    if title is not None:
+        ax.set_title(title, fontsize=TITLE_SIZE)
+    if xlabel is not None:
+        ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel, fontsize=LABEL_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+
+
+def _empty_message(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=LABEL_SIZE, color="#555555",
+            transform=ax.transAxes, wrap=True)
+
+
+# --------------------------------------------------------------------------- training curves
+
+def plot_training_curves(histories: Mapping[str, list[dict]], axes=None) -> Figure:
+    """Loss and accuracy per epoch: one colour per model, train solid,
+    validation dashed. `axes`: two axes (loss, accuracy)."""
+    if axes is None:
+        fig, (ax_loss, ax_acc) = _new_axes(1, 2, (11, 4.2))
+    else:
+        ax_loss, ax_acc = _given_axes(axes, 2, "plot_training_curves")
+        fig = ax_loss.figure
+
+    names = list(histories)
+    colors = _model_colors(names)
+    drawn: list[tuple[str, str]] = []
+    all_epochs: list[float] = []
+    for name, color in zip(names, colors):
+        rows = list(histories[name] or [])
+        if not rows:
+            continue
+        epochs = np.array([r.get("epoch", i + 1) for i, r in enumerate(rows)], dtype=float)
+
+        def col(key: str, scale: float = 1.0) -> np.ndarray:
+            return np.array([np.nan if r.get(key) is None else scale * float(r[key]) for r in rows])
+
+        for ax, key, scale in ((ax_loss, "loss", 1.0), (ax_acc, "acc", 100.0)):
+            for split, style in (("train", "-"), ("val", "--")):
+                ys = col(f"{split}_{key}", scale)
+                if np.all(np.isnan(ys)):
+                    continue
+                ax.plot(epochs, ys, linestyle=style, color=color, marker="o" if split == "train" else "s",
+                        markersize=4 if len(rows) > 3 else 7, markevery=max(1, len(rows) // 25), linewidth=1.8,
+                        label=f"{name} {split}")
+        drawn.append((name, color))
+        all_epochs.extend(epochs.tolist())
+
+    _style(ax_loss, "Loss", "Epoch", "Cross-entropy loss")
+    _style(ax_acc, "Accuracy", "Epoch", "Accuracy (%)")
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.3)
+    if not drawn:
+        for ax in (ax_loss, ax_acc):
+            _empty_message(ax, "no training history")
+        return fig
+    lo, hi = min(all_epochs), max(all_epochs)
+    if hi - lo < 2:                                    # one or two epochs: whole-number ticks, some margin
+        for ax in (ax_loss, ax_acc):
+            ax.set_xlim(lo - 0.5, hi + 0.5)
+            ax.set_xticks(sorted(set(int(e) for e in all_epochs)))
+
+    handles = [Line2D([], [], color=c, linewidth=2.5, label=n) for n, c in drawn]
+    handles += [Line2D([], [], color="#333333", linestyle="-", marker="o", markersize=4, label="train"),
+                Line2D([], [], color="#333333", linestyle="--", marker="s", markersize=4, label="validation")]
+    for ax, loc in ((ax_loss, "upper right"), (ax_acc, "lower right")):
+        ax.legend(handles=handles, loc=loc, fontsize=TEXT_SIZE, framealpha=0.9)
+    return fig
+
+
+# --------------------------------------------------------------------------- failure cases
+
+def _as_hwc(image: Any) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.transpose(img, (1, 2, 0))          # CHW -> HWC
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    return img
+
+
+def _show_image(ax, img: np.ndarray, **kw: Any):
+    if img.ndim == 2:
+        kw.setdefault("cmap", "gray")
+    im = ax.imshow(img, interpolation="nearest", **kw)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return im
+
+
+def plot_failure_case(image, cam_pred, cam_true, *, true_name: str, pred_name: str, confidence: float,
+                      top3: Sequence[tuple[str, float]], title: str | None = None, note: str | None = None,
+                      axes=None, cmap: str = CAM_COLORMAP) -> Figure:
+    """One misclassified image explained with Grad-CAM.
+
+    Layout (2 x 3, row-major; also the order of `axes` when given):
+    image | Grad-CAM predicted | overlay predicted
+    top-3 probabilities | Grad-CAM true | overlay true
+    `confidence` and the top-3 probabilities are fractions in [0, 1].
+    """
+    from .gradcam import overlay
+
+    if axes is None:
+        fig, flat = _new_axes(2, 3, (10, 7))
+        own_figure = True
+    else:
+        flat = _given_axes(axes, 6, "plot_failure_case")
+        fig = flat[0].figure
+        own_figure = False
+    ax_img, ax_pcam, ax_pover, ax_bar, ax_tcam, ax_tover = flat
+
+    img = _as_hwc(image)
+    cam_pred = np.asarray(cam_pred, dtype=np.float32)
+    cam_true = np.asarray(cam_true, dtype=np.float32)
+
+    _show_image(ax_img, img)
+    img_title = f"True: {true_name}\nPredicted: {pred_name} ({_pct(confidence)})"
+    if not own_figure and (title or note):
+        img_title = "\n".join(t for t in (title, note) if t) + "\n" + img_title
+    ax_img.set_title(img_title, fontsize=TITLE_SIZE)
+
+    cam_image = None
+    for ax_cam, ax_over, cam, which, name in ((ax_pcam, ax_pover, cam_pred, "predicted", pred_name),
+                                              (ax_tcam, ax_tover, cam_true, "true", true_name)):
+        cam_image = _show_image(ax_cam, cam, cmap=cmap, vmin=0.0, vmax=1.0)
+        ax_cam.set_title(f"Grad-CAM for {which} ({name})", fontsize=TITLE_SIZE)
+        _show_image(ax_over, np.clip(overlay(img, cam, colormap=cmap), 0.0, 1.0))
+        ax_over.set_title(f"Overlay: {which} ({name})", fontsize=TITLE_SIZE)
+    cbar = fig.colorbar(cam_image, ax=[ax_pcam, ax_pover, ax_tcam, ax_tover], shrink=0.8, aspect=30)
+    cbar.set_label("Grad-CAM importance (0 = none, 1 = most)", fontsize=LABEL_SIZE)
+    cbar.ax.tick_params(labelsize=TICK_SIZE)
+
+    _plot_top3(ax_bar, top3, true_name)
+
+    if own_figure:
+        heading = title or f"High-confidence failure: {true_name} predicted as {pred_name}"
+        fig.suptitle(f"{heading}\nNote: {note}" if note else heading, fontsize=TITLE_SIZE + 2)
+    return fig
+
+
+def _plot_top3(ax, top3: Sequence[tuple[str, float]], true_name: str) -> None:
+    rows = [(str(n), float(p)) for n, p in (top3 or [])]
+    ax.set_title("Top-3 probabilities", fontsize=TITLE_SIZE)
+    if not rows:
+        ax.set_axis_off()
+        _empty_message(ax, "no probabilities given")
+        return
+    names = [n for n, _ in rows]
+    probs = np.array([100.0 * p for _, p in rows])
+    y = np.arange(len(rows))
+    colors = [TRUE_CLASS_COLOR if n == true_name else OTHER_CLASS_COLOR for n in names]
+    ax.barh(y, probs, color=colors, edgecolor="#333333", linewidth=0.6, height=0.6)
+    ax.set_yticks(y, labels=[f"{n} (true)" if n == true_name else n for n in names])
+    for label, name in zip(ax.get_yticklabels(), names):
+        if name == true_name:
+            label.set_fontweight("bold")
+            label.set_color(TRUE_CLASS_COLOR)
+    ax.invert_yaxis()                                  # most probable on top
+    ax.set_xlim(0, 100)
+    ax.set_xticks([0, 25, 50, 75, 100])
+    ax.xaxis.set_major_formatter(PercentFormatter(decimals=0))
+    for yi, p in zip(y, probs):
+        inside = p > 70                                # long bar: label inside its end, else after it
+        ax.text(p - 2 if inside else p + 2, yi, _pct(p / 100.0), va="center", ha="right" if inside else "left",
+                fontsize=TEXT_SIZE, color="black")
+    xlabel = "Probability" if true_name in names else f"Probability\n(true class {true_name} not in top 3)"
+    _style(ax, xlabel=xlabel)
+    ax.set_box_aspect(0.75)
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.set_axisbelow(True)
+
+
+def plot_no_failures(threshold: float, model_name: str, ax=None) -> Figure:
+    """A placeholder figure saying `model_name` has no failures with
+    confidence at or above `threshold` (a fraction, e.g. 0.9)."""
+    if ax is None:
+        fig, (ax,) = _new_axes(1, 1, (7, 2.6))
+    else:
+        fig = ax.figure
+    ax.set_axis_off()
+    ax.text(0.5, 0.62, "No high-confidence failures", ha="center", va="center",
+            fontsize=TITLE_SIZE + 4, fontweight="bold", transform=ax.transAxes)
+    ax.text(0.5, 0.32, f"Model '{model_name}' misclassified no test image\n"
+                       f"with confidence \u2265 {_pct(threshold)}.",
+            ha="center", va="center", fontsize=LABEL_SIZE + 1, transform=ax.transAxes)
+    return fig
+
+
+# --------------------------------------------------------------------------- model comparison
+
+def _bar_labels(ax, bars, labels: Sequence[str]) -> None:
+    ax.bar_label(bars, labels=labels, padding=3, fontsize=TEXT_SIZE)
+
+
+def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] = CLASSES, axes=None) -> Figure:
+    """Test accuracy, high-confidence failure count and per-class accuracy
+    per model. `axes`: three axes in that order."""
+    if axes is None:
+        fig, (ax_acc, ax_fail, ax_cls) = _new_axes(1, 3, (15, 4.8),
+                                                   gridspec_kw={"width_ratios": [1, 1, 3.6]})
+    else:
+        ax_acc, ax_fail, ax_cls = _given_axes(axes, 3, "plot_model_comparison")
+        fig = ax_acc.figure
+
+    names = list(summaries)
+    colors = _model_colors(names)
+    x = np.arange(len(names))
+
+    acc = np.array([100.0 * float(summaries[n].get("test_accuracy", np.nan)) for n in names])
+    bars = ax_acc.bar(x, acc, color=colors, width=0.6, edgecolor="#333333", linewidth=0.6)
+    _bar_labels(ax_acc, bars, ["n/a" if np.isnan(a) else _pct(a / 100.0) for a in acc])
+    ax_acc.set_ylim(0, 110)
+    ax_acc.set_yticks([0, 20, 40, 60, 80, 100])
+    ax_acc.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    _style(ax_acc, "Test accuracy", None, "Accuracy (%)")
+
+    fails = np.array([int(summaries[n].get("high_confidence_failures", 0)) for n in names])
+    bars = ax_fail.bar(x, fails, color=colors, width=0.6, edgecolor="#333333", linewidth=0.6)
+    _bar_labels(ax_fail, bars, [str(f) for f in fails])
+    ax_fail.set_ylim(0, max(1, int(fails.max(initial=0))) * 1.18)
+    ax_fail.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _style(ax_fail, "High-confidence failures", None, "Test images")
+
+    for ax in (ax_acc, ax_fail):
+        ax.set_xticks(x, labels=names)
+        pad = 0.6 if len(names) > 1 else 1.0           # keep a lone bar from filling the panel
+        ax.set_xlim(-pad, len(names) - 1 + pad)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+
+    cx = np.arange(len(classes))
+    width = 0.8 / max(1, len(names))
+    for i, (name, color) in enumerate(zip(names, colors)):
+        per = summaries[name].get("per_class_accuracy") or {}
+        vals = np.array([100.0 * float(per[c]) if per.get(c) is not None else np.nan for c in classes])
+        ax_cls.bar(cx - 0.4 + width * (i + 0.5), vals, width=width, color=color, label=name,
+                   edgecolor="#333333", linewidth=0.4)
+    ax_cls.set_xticks(cx, labels=list(classes), rotation=30, ha="right", rotation_mode="anchor")
+    ax_cls.set_ylim(0, 118)                            # headroom for the legend above the bars
+    ax_cls.set_yticks([0, 20, 40, 60, 80, 100])
+    ax_cls.yaxis.set_major_formatter(PercentFormatter(decimals=0))
+    ax_cls.grid(True, axis="y", alpha=0.3)
+    ax_cls.set_axisbelow(True)
+    _style(ax_cls, "Per-class test accuracy", None, "Accuracy (%)")
+    if names:
+        ax_cls.legend(loc="upper center", ncol=len(names), fontsize=TEXT_SIZE, framealpha=0.9)
+    return fig
+
+
+# --------------------------------------------------------------------------- confusion matrix
+
+def plot_confusion_matrix(cm, classes: Sequence[str] = CLASSES, title: str = "Confusion matrix",
+                          normalize: bool = True, ax=None) -> Figure:
+    """Confusion matrix (rows = true, columns = predicted). Colours are
+    row-normalised when `normalize`; every cell shows its count."""
+    cm = np.asarray(cm)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1] or cm.shape[0] != len(classes):
+        raise ValueError(f"confusion matrix must be ({len(classes)}, {len(classes)}), got {cm.shape}")
+    if ax is None:
+        fig, (ax,) = _new_axes(1, 1, (8, 7))
+    else:
+        fig = ax.figure
+
+    counts = cm.astype(np.int64)
+    if normalize:
+        sums = counts.sum(axis=1, keepdims=True)
+        values = np.divide(counts, sums, out=np.zeros(counts.shape, dtype=float), where=sums > 0)
+        vmax, label = 1.0, "Fraction of true class"
+    else:
+        values = counts.astype(float)
+        vmax, label = max(1.0, float(values.max(initial=0))), "Count"
+    im = ax.imshow(values, cmap=CONFUSION_COLORMAP, vmin=0.0, vmax=vmax, interpolation="nearest")
+    n = len(classes)
+    size = TEXT_SIZE if n <= 12 else max(6, TEXT_SIZE - 2)
+    for i in range(n):
+        for j in range(n):
+            dark = values[i, j] > 0.5 * vmax
+            ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=size,
+                    color="white" if dark else "#222222")
+    ax.set_xticks(np.arange(n), labels=list(classes), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(np.arange(n), labels=list(classes))
+    _style(ax, title, "Predicted class", "True class")
+    cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label(label, fontsize=LABEL_SIZE)
+    cbar.ax.tick_params(labelsize=TICK_SIZE)
+    return fig
+
+
+# --------------------------------------------------------------------------- saving
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
+    """Write `fig` as PNG to `path` atomically (temp file, then rename) and return the path."""
+    from .checkpoint import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, facecolor="white"))
+    return path
+
+
+def close(fig: Figure) -> None:
+    """Release a figure made here (pyplot keeps a reference until closed)."""
+    plt.close(fig)
