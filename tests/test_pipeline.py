@@ -1,0 +1,71 @@
+"""`python -m cnnstress run` end to end on fixture data (smoke profile)."""
+import json
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from cnnstress.__main__ import main
+from cnnstress.evaluate import FailureTable
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_out(shared_cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress",
+                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
+    assert code == 0
+    return out
+
+
+def _valid_png(path):
+    assert path.read_bytes()[:8] == PNG_SIGNATURE, path
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def test_run_writes_every_output(run_out):
+    for name in ("training_curves.png", "model_comparison.png", "confusion_matrix.png", "failure_case_1.png"):
+        _valid_png(run_out / name)
+    metrics = json.loads((run_out / "metrics.json").read_text())
+    for model in ("baseline", "improved"):
+        m = metrics[model]
+        assert 0.0 <= m["test_accuracy"] <= 1.0
+        assert isinstance(m["high_confidence_failures"], int)
+        assert m["train_seconds"] > 0 and m["epochs"] == 1
+        with np.load(run_out / f"predictions_{model}.npz") as npz:
+            probs, labels, preds = npz["probs"], npz["labels"], npz["preds"]
+            assert probs.shape == (100, 10) and probs.dtype == np.float32
+            np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+            np.testing.assert_array_equal(preds, probs.argmax(1))
+            # the saved predictions reproduce the reported figures
+            assert m["test_accuracy"] == pytest.approx(float((preds == labels).mean()))
+            wrong_confident = ((preds != labels) & (probs.max(1) > 0.8)).sum()
+            assert m["high_confidence_failures"] == wrong_confident
+        table = FailureTable.from_csv(run_out / f"failures_{model}.csv")
+        assert len(table) == m["high_confidence_failures"]
+    cmp = metrics["comparison"]
+    assert cmp["config_diff"] == {"augment": ["baseline", "enhanced"]}
+    assert {"accuracy_diff", "mcnemar", "failures"} <= set(cmp)
+    report = (run_out / "analysis_report.txt").read_text()
+    for heading in ("1. Configuration", "3. Test results", "McNemar", "High-confidence failures"):
+        assert heading in report
+    assert "nan" not in report.lower().replace("nanmean", "")
+
+
+def test_rerun_reuses_models_and_explains_failures(run_out, shared_cifar_dir, capsys):
+    ckpt = run_out / "baseline" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    # threshold 0 turns every wrong prediction into a failure, so the Grad-CAM cases exist
+    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--threshold", "0.0",
+                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(run_out)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing finished checkpoint") == 2
+    assert ckpt.read_bytes() == before
+    for i in (1, 2, 3):
+        _valid_png(run_out / f"failure_case_{i}.png")
+    report = " ".join((run_out / "analysis_report.txt").read_text().split())  # undo line wrapping
+    assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report

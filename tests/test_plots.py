@@ -1,0 +1,259 @@
+"""Figures in cnnstress.plots: each returns a Figure, draws into given axes,
+copes with one or two models, single epochs, empty top-3, and saves PNGs."""
+import sys
+import types
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cnnstress import plots  # noqa: E402
+from cnnstress.data import CLASSES  # noqa: E402
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+@pytest.fixture
+def gradcam_overlay(monkeypatch):
+    """The real cnnstress.gradcam.overlay when present, else a stand-in with its contract."""
+    try:
+        import cnnstress.gradcam  # noqa: F401
+        return "real"
+    except ImportError:
+        from matplotlib import colormaps
+
+        def overlay(image, cam, alpha=0.5, colormap="jet"):
+            img = np.asarray(image, dtype=np.float32)
+            if img.max() > 1:
+                img = img / 255.0
+            heat = colormaps[colormap](np.asarray(cam, dtype=np.float32))[..., :3]
+            return ((1 - alpha) * img + alpha * heat).astype(np.float32)
+
+        fake = types.ModuleType("cnnstress.gradcam")
+        fake.overlay = overlay
+        monkeypatch.setitem(sys.modules, "cnnstress.gradcam", fake)
+        return "stand-in"
+
+
+def _history(n, shift=0.0):
+    return [dict(epoch=e, train_loss=2.0 / e, train_acc=0.5 + 0.04 * e + shift,
+                 val_loss=2.2 / e, val_acc=0.45 + 0.04 * e + shift) for e in range(1, n + 1)]
+
+
+def _summary(acc, fails):
+    return dict(test_accuracy=acc, high_confidence_failures=fails,
+                per_class_accuracy={c: acc - 0.01 * i for i, c in enumerate(CLASSES)})
+
+
+def _failure_inputs():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:32, 0:32]
+    cam_pred = np.exp(-((xx - 10) ** 2 + (yy - 12) ** 2) / 60.0).astype(np.float32)
+    cam_true = np.exp(-((xx - 22) ** 2 + (yy - 20) ** 2) / 60.0).astype(np.float32)
+    return image, cam_pred / cam_pred.max(), cam_true / cam_true.max()
+
+
+def _assert_png(path, min_size=(50, 50)):
+    with open(path, "rb") as fh:
+        assert fh.read(8) == PNG_SIGNATURE
+    pixels = mpimg.imread(path)
+    assert pixels.ndim == 3 and pixels.shape[0] >= min_size[0] and pixels.shape[1] >= min_size[1]
+    return pixels
+
+
+# --------------------------------------------------------------------------- training curves
+
+@pytest.mark.parametrize("names", [["baseline"], ["baseline", "improved"]])
+def test_training_curves_one_and_two_models(names):
+    fig = plots.plot_training_curves({n: _history(5, 0.02 * i) for i, n in enumerate(names)})
+    assert isinstance(fig, Figure)
+    ax_loss, ax_acc = fig.axes[:2]
+    assert len(ax_loss.lines) == 2 * len(names)           # train + validation per model
+    colors = {line.get_color() for line in ax_acc.lines}
+    assert colors == {plots.MODEL_COLORS[n] for n in names}
+    styles = {line.get_linestyle() for line in ax_acc.lines}
+    assert styles == {"-", "--"}
+    ys = ax_acc.lines[0].get_ydata()
+    assert ys.max() > 1.0                                  # accuracy shown as percent
+    assert ax_loss.get_legend() is not None and ax_acc.get_title() and ax_loss.get_xlabel() == "Epoch"
+
+
+def test_training_curves_single_epoch_has_markers():
+    fig = plots.plot_training_curves({"baseline": _history(1)})
+    line = fig.axes[0].lines[0]
+    assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")
+    lo, hi = fig.axes[0].get_xlim()
+    assert lo < 1 < hi
+
+
+def test_training_curves_into_given_axes():
+    fig, axes = plt.subplots(1, 2)
+    out = plots.plot_training_curves({"baseline": _history(3), "improved": _history(3, 0.01)}, axes=axes)
+    assert out is fig
+
+
+def test_training_curves_empty_history_does_not_crash():
+    assert isinstance(plots.plot_training_curves({"baseline": []}), Figure)
+
+
+def test_training_curves_wrong_axes_count():
+    fig, ax = plt.subplots()
+    with pytest.raises(ValueError):
+        plots.plot_training_curves({"baseline": _history(2)}, axes=[ax])
+
+
+# --------------------------------------------------------------------------- failure case
+
+def _titles(fig):
+    return [ax.get_title() for ax in fig.axes]
+
+
+def test_failure_case_layout_and_titles(gradcam_overlay):
+    image, cam_pred, cam_true = _failure_inputs()
+    fig = plots.plot_failure_case(image, cam_pred, cam_true, true_name="cat", pred_name="dog", confidence=0.973,
+                                  top3=[("dog", 0.973), ("cat", 0.021), ("deer", 0.003)],
+                                  note="suspected label error")
+    assert isinstance(fig, Figure)
+    titles = _titles(fig)
+    assert "True: cat\nPredicted: dog (97.3%)" in titles
+    assert "Grad-CAM for predicted (dog)" in titles and "Grad-CAM for true (cat)" in titles
+    assert "suspected label error" in fig.get_suptitle()
+    assert len(fig.axes) == 7                              # 6 panels + colorbar
+    bar_ax = fig.axes[3]
+    bars = bar_ax.patches
+    assert len(bars) == 3
+    assert bars[1].get_facecolor() != bars[0].get_facecolor()   # true class highlighted
+    overlay_img = fig.axes[2].images[0].get_array()
+    assert overlay_img.shape == (32, 32, 3) and float(np.max(overlay_img)) <= 1.0
+
+
+def test_failure_case_empty_top3_and_chw_image(gradcam_overlay):
+    image, cam_pred, cam_true = _failure_inputs()
+    fig = plots.plot_failure_case(image.transpose(2, 0, 1), cam_pred, cam_true, true_name="cat", pred_name="dog",
+                                  confidence=0.95, top3=[], title="Custom title")
+    assert isinstance(fig, Figure)
+    assert fig.get_suptitle() == "Custom title"
+    assert len(fig.axes[3].patches) == 0
+
+
+def test_failure_case_true_class_outside_top3(gradcam_overlay):
+    image, cam_pred, cam_true = _failure_inputs()
+    fig = plots.plot_failure_case(image, cam_pred, cam_true, true_name="automobile", pred_name="truck",
+                                  confidence=0.99, top3=[("truck", 0.99), ("ship", 0.005), ("airplane", 0.002)])
+    assert "not in top 3" in fig.axes[3].get_xlabel()
+
+
+def test_failure_case_into_given_axes(gradcam_overlay):
+    image, cam_pred, cam_true = _failure_inputs()
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    out = plots.plot_failure_case(image, cam_pred, cam_true, true_name="cat", pred_name="dog", confidence=0.9,
+                                  top3=[("dog", 0.9), ("cat", 0.05), ("frog", 0.01)], title="#1", note="n",
+                                  axes=axes)
+    assert out is fig
+    assert axes[0, 0].get_title().startswith("#1\nn\nTrue: cat")
+
+
+def test_no_failures_figure(tmp_path):
+    fig = plots.plot_no_failures(0.95, "improved")
+    assert isinstance(fig, Figure)
+    texts = " ".join(t.get_text() for t in fig.axes[0].texts)
+    assert "No high-confidence failures" in texts and "95%" in texts and "improved" in texts
+    _assert_png(plots.save_figure(fig, tmp_path / "none.png"))
+    fig2, ax = plt.subplots()
+    assert plots.plot_no_failures(0.9, "baseline", ax=ax) is fig2
+
+
+# --------------------------------------------------------------------------- comparison
+
+@pytest.mark.parametrize("names", [["baseline"], ["baseline", "improved"]])
+def test_model_comparison_one_and_two_models(names):
+    summaries = {n: _summary(0.93 + 0.01 * i, 100 - 20 * i) for i, n in enumerate(names)}
+    fig = plots.plot_model_comparison(summaries)
+    assert isinstance(fig, Figure)
+    ax_acc, ax_fail, ax_cls = fig.axes[:3]
+    assert len(ax_acc.patches) == len(names) and len(ax_fail.patches) == len(names)
+    assert len(ax_cls.patches) == len(names) * len(CLASSES)
+    acc_labels = [t.get_text() for t in ax_acc.texts]
+    assert "93%" in acc_labels
+    assert [t.get_text() for t in ax_fail.texts] == [str(100 - 20 * i) for i in range(len(names))]
+    assert [tuple(p.get_facecolor()[:3]) for p in ax_acc.patches] == \
+        [matplotlib.colors.to_rgb(plots.MODEL_COLORS[n]) for n in names]
+
+
+def test_model_comparison_into_given_axes_and_missing_class():
+    fig, axes = plt.subplots(1, 3)
+    summary = _summary(0.9, 3)
+    del summary["per_class_accuracy"]["cat"]
+    assert plots.plot_model_comparison({"baseline": summary}, axes=axes) is fig
+
+
+# --------------------------------------------------------------------------- confusion matrix
+
+def test_confusion_matrix_counts_and_text_colours():
+    cm = np.full((10, 10), 5, dtype=int)
+    np.fill_diagonal(cm, 900)
+    cm[3] = 0                                             # a class never seen: no division by zero
+    fig = plots.plot_confusion_matrix(cm)
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    texts = {t.get_text(): t.get_color() for t in ax.texts}
+    assert texts["900"] == "white" and texts["5"] != "white"
+    assert len(ax.texts) == 100
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(CLASSES)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASSES)
+    assert ax.get_xticklabels()[0].get_rotation() == 45
+    assert ax.images[0].get_array().max() <= 1.0          # row-normalised
+
+
+def test_confusion_matrix_raw_counts_into_ax_and_bad_shape():
+    fig, ax = plt.subplots()
+    out = plots.plot_confusion_matrix(np.eye(3, dtype=int) * 7, classes=("a", "b", "c"), normalize=False, ax=ax)
+    assert out is fig
+    assert ax.images[0].get_array().max() == 7
+    with pytest.raises(ValueError):
+        plots.plot_confusion_matrix(np.zeros((3, 4), dtype=int), classes=("a", "b", "c"))
+
+
+# --------------------------------------------------------------------------- saving
+
+def test_save_figure_writes_png_atomically(tmp_path):
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot([0, 1], [0, 1])
+    path = tmp_path / "sub" / "fig.png"
+    assert plots.save_figure(fig, path, dpi=50) == path
+    pixels = _assert_png(path)
+    assert pixels.shape[:2] == (150, 200)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["fig.png"]   # no temp file left
+
+
+def test_save_every_figure(tmp_path, gradcam_overlay):
+    image, cam_pred, cam_true = _failure_inputs()
+    figs = {
+        "curves": plots.plot_training_curves({"baseline": _history(3)}),
+        "failure": plots.plot_failure_case(image, cam_pred, cam_true, true_name="cat", pred_name="dog",
+                                           confidence=0.97, top3=[("dog", 0.97)]),
+        "none": plots.plot_no_failures(0.9, "baseline"),
+        "compare": plots.plot_model_comparison({"baseline": _summary(0.9, 4), "improved": _summary(0.92, 2)}),
+        "cm": plots.plot_confusion_matrix(np.eye(10, dtype=int) * 10),
+    }
+    for name, fig in figs.items():
+        _assert_png(plots.save_figure(fig, tmp_path / f"{name}.png", dpi=40))
+
+
+def test_model_color_fallbacks():
+    assert plots.model_color("baseline") == plots.BASELINE_COLOR
+    assert plots.model_color("improved") == plots.IMPROVED_COLOR
+    assert plots.model_color("other", 0) not in (plots.BASELINE_COLOR, plots.IMPROVED_COLOR)
