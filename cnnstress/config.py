@@ -106,7 +106,7 @@ class Config:
 # 2-core AVX-512 BF16 CPU; `full` is the seed's setting for a GPU.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64),
-    "quick": dict(epochs=8, train_subset=10000, val_size=2000),
+    "quick": dict(epochs=5, train_subset=8000, val_size=1000),
     "full": dict(epochs=30),
 }
 

@@ -161,6 +161,39 @@ def plot_training_curves(histories: Mapping[str, list[dict]], axes=None) -> Figu
     return fig
 
 
+# --------------------------------------------------------------------------- sample images
+
+def plot_samples(images, labels, classes: Sequence[str] = CLASSES, n: int = 16, axes=None,
+                 ncols: int = 8) -> Figure:
+    """The first `n` images (uint8 NCHW or NHWC, array or tensor) in a grid,
+    each titled with its class name. `axes`: one axis per image shown
+    (min(n, len(images))), row-major."""
+    imgs = np.asarray(images)
+    labs = np.asarray(labels).reshape(-1)
+    if imgs.ndim != 4:
+        raise ValueError(f"images must be 4-D (N,C,H,W) or (N,H,W,C), got shape {tuple(imgs.shape)}")
+    if labs.shape[0] != imgs.shape[0]:
+        raise ValueError(f"{imgs.shape[0]} images but {labs.shape[0]} labels")
+    count = min(int(n), imgs.shape[0])
+    if axes is None:
+        cols = max(1, min(ncols, count))
+        rows = max(1, -(-count // cols))
+        fig, flat = _new_axes(rows, cols, (1.3 * cols, 1.45 * rows))
+    else:
+        flat = _given_axes(axes, count, "plot_samples")
+        fig = flat[0].figure if flat else plt.figure()
+    for i, ax in enumerate(flat):
+        if i >= count:
+            ax.set_axis_off()
+            continue
+        c = int(labs[i])
+        _show_image(ax, _as_hwc(imgs[i]))
+        ax.set_title(classes[c] if 0 <= c < len(classes) else str(c), fontsize=TEXT_SIZE)
+    if count == 0 and flat:
+        _empty_message(flat[0], "no images")
+    return fig
+
+
 # --------------------------------------------------------------------------- failure cases
 
 def _as_hwc(image: Any) -> np.ndarray:

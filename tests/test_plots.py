@@ -257,3 +257,22 @@ def test_model_color_fallbacks():
     assert plots.model_color("baseline") == plots.BASELINE_COLOR
     assert plots.model_color("improved") == plots.IMPROVED_COLOR
     assert plots.model_color("other", 0) not in (plots.BASELINE_COLOR, plots.IMPROVED_COLOR)
+
+
+def test_plot_samples_grid_titles_and_given_axes():
+    images = np.zeros((20, 3, 32, 32), dtype=np.uint8)
+    images[:, 0] = 200                                   # NCHW red
+    labels = np.arange(20) % 10
+    fig = plots.plot_samples(images, labels, CLASSES, n=16)
+    assert isinstance(fig, Figure) and len(fig.axes) == 16
+    assert [ax.get_title() for ax in fig.axes[:3]] == list(CLASSES[:3])
+    shown = fig.axes[0].get_images()[0].get_array()
+    assert shown.shape == (32, 32, 3) and shown[0, 0, 0] == 200   # drawn as HWC
+    # NHWC input, fewer images than n, and the caller's axes
+    fig2, axes = plt.subplots(1, 3)
+    out = plots.plot_samples(np.zeros((3, 32, 32, 3), dtype=np.uint8), [9, 0, 1], n=16, axes=axes)
+    assert out is fig2 and [ax.get_title() for ax in axes] == ["truck", "airplane", "automobile"]
+    with pytest.raises(ValueError):
+        plots.plot_samples(np.zeros((2, 32, 32), dtype=np.uint8), [0, 1])
+    with pytest.raises(ValueError):
+        plots.plot_samples(images, labels[:5])

@@ -1,0 +1,166 @@
+"""assignment.ipynb: committed clean, runs headless end to end (smoke profile on
+fixture data, CPU), writes every output, and a rerun reuses the trained models.
+
+The notebook runs in a real Jupyter kernel through nbclient. The kernel spec
+is written to a temporary JUPYTER_PATH for the interpreter running the tests,
+so this works in a fresh environment with only requirements-test.txt
+installed, and never picks up some other interpreter's "python3" kernel.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "assignment.ipynb"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FIGURES = ("training_curves.png", "failure_case_1.png", "confusion_matrix.png", "model_comparison.png")
+OUTPUTS = FIGURES + ("analysis_report.txt", "metrics.json", "failures_baseline.csv", "failures_improved.csv",
+                     "predictions_baseline.npz", "predictions_improved.npz",
+                     "baseline/checkpoint.pt", "baseline/history.json",
+                     "improved/checkpoint.pt", "improved/history.json")
+CACHED = ("baseline/checkpoint.pt", "improved/checkpoint.pt", "baseline/history.json", "improved/history.json",
+          "predictions_baseline.npz", "predictions_improved.npz")
+THRESHOLD_LINE = 'THRESHOLD = configs["baseline"].failure_threshold'
+
+
+def _read_notebook():
+    return nbformat.read(NOTEBOOK, as_version=4)
+
+
+def _text(cell) -> str:
+    """Everything a code cell printed or displayed as text."""
+    parts = []
+    for out in cell.get("outputs", []):
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("display_data", "execute_result"):
+            parts.append(out.data.get("text/markdown", "") or out.data.get("text/plain", ""))
+    return "".join(parts)
+
+
+def _stage_cell(nb, number: int):
+    """The code cell of stage `number` (the first code cell after its '## N.' heading)."""
+    cells = nb.cells
+    for i, cell in enumerate(cells):
+        if cell.cell_type == "markdown" and cell.source.startswith(f"## {number}."):
+            return next(c for c in cells[i + 1:] if c.cell_type == "code")
+    raise AssertionError(f"no stage {number} in the notebook")
+
+
+def _stamp(path: Path) -> tuple[bytes, int]:
+    return path.read_bytes(), path.stat().st_mtime_ns
+
+
+# --- the committed file ----------------------------------------------------------
+
+def test_committed_notebook_has_no_outputs_and_twelve_stages():
+    raw = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
+    assert raw["nbformat"] == 4
+    assert raw["metadata"]["kernelspec"]["name"] == "python3"
+    for cell in raw["cells"]:
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [], cell["source"]
+            assert cell["execution_count"] is None, cell["source"]
+    nb = _read_notebook()
+    nbformat.validate(nb)
+    for n in range(1, 13):
+        assert _stage_cell(nb, n).source.strip()
+    assert sum(THRESHOLD_LINE in c.source for c in nb.cells) == 1
+    setup = _stage_cell(nb, 1).source
+    for name in ("PROFILE", "DATA_DIR", "OUT_DIR", "FORCE = False", "%matplotlib inline"):
+        assert name in setup
+
+
+# --- executing it ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def notebook_env(shared_cifar_dir, tmp_path_factory):
+    """Environment for the kernel: smoke profile, fixture data, a fresh output
+    folder, no GPU, and a python3 kernel spec for this very interpreter."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    jupyter = tmp_path_factory.mktemp("jupyter")
+    write_kernel_spec(jupyter / "kernels" / "python3")
+    out = tmp_path_factory.mktemp("notebook_out")
+    env = {
+        "JUPYTER_PATH": str(jupyter),          # searched before the user's and the system's kernels
+        "CNNSTRESS_PROFILE": "smoke",
+        "CNNSTRESS_DATA_DIR": str(shared_cifar_dir),
+        "CNNSTRESS_OUT_DIR": str(out),
+        "CUDA_VISIBLE_DEVICES": "",            # device auto -> cpu
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+    }
+    with pytest.MonkeyPatch.context() as mp:   # the kernel inherits this process's environment
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield out
+
+
+def _execute(nb):
+    client = NotebookClient(nb, kernel_name="python3", timeout=600, startup_timeout=120,
+                            resources={"metadata": {"path": str(REPO)}})
+    client.execute()
+    return nb
+
+
+@pytest.fixture(scope="module")
+def first_run(notebook_env):
+    nb = _execute(_read_notebook())
+    return notebook_env, nb
+
+
+def test_notebook_runs_and_writes_every_output(first_run):
+    out, nb = first_run
+    for name in OUTPUTS:
+        assert (out / name).is_file(), f"{name} missing after running the notebook"
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
+    # figures are shown inline, in the stages that make them
+    for stage in (3, 6, 7, 8, 9, 10):
+        assert any("image/png" in o.get("data", {}) for o in _stage_cell(nb, stage).outputs), f"stage {stage}"
+    assert "smoke" in _text(_stage_cell(nb, 1)) and "cpu" in _text(_stage_cell(nb, 1))
+    assert "11,173,962" in _text(_stage_cell(nb, 2))
+    assert "train loss" in _text(_stage_cell(nb, 5))          # the baseline was trained here
+    assert "configuration change: {'augment': ('baseline', 'enhanced')}" in _text(_stage_cell(nb, 9))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["profile"] == "smoke"
+    assert metrics["comparison"]["config_diff"] == {"augment": ["baseline", "enhanced"]}
+    assert metrics["baseline"]["n"] == 100 and metrics["baseline"]["epochs"] == 1
+    report = (out / "analysis_report.txt").read_text()
+    assert report.strip() in _text(_stage_cell(nb, 12))          # stage 12 prints the report it wrote
+    assert f"{100 * metrics['baseline']['test_accuracy']:.2f}%" in _text(_stage_cell(nb, 7))
+
+
+def test_rerun_reuses_checkpoints_and_predictions(first_run):
+    """Run the whole notebook again in a new kernel (as after a restart), with
+    stage 8's THRESHOLD set to 0: nothing is retrained or re-predicted (the
+    checkpoint and prediction files keep their bytes and mtimes), and every
+    wrong prediction becomes a failure, so three Grad-CAM cases are drawn."""
+    out, _ = first_run
+    before = {name: _stamp(out / name) for name in CACHED}
+    nb = _read_notebook()
+    stage8 = _stage_cell(nb, 8)
+    stage8.source = stage8.source.replace(THRESHOLD_LINE, "THRESHOLD = 0.0  #", 1)
+    nb = _execute(nb)
+    for name in CACHED:
+        assert _stamp(out / name) == before[name], f"{name} was rewritten on the rerun"
+    for stage in (5, 9):
+        text = _text(_stage_cell(nb, stage))
+        assert "reusing finished checkpoint" in text and "train loss" not in text
+    for i in (1, 2, 3):
+        assert (out / f"failure_case_{i}.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "case 3:" in _text(_stage_cell(nb, 8))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["comparison"]["threshold"] == 0.0
+    assert metrics["baseline"]["high_confidence_failures"] == round(100 * (1 - metrics["baseline"]["test_accuracy"]))
+    report = " ".join((out / "analysis_report.txt").read_text().split())
+    assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report
