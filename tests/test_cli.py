@@ -143,3 +143,22 @@ def test_unfinished_checkpoint_needs_resume(capsys, shared_cifar_dir, tmp_path):
     assert path.read_bytes() == before
     code, out, _ = _run(capsys, *argv, "--resume")
     assert code == 0 and "resuming" in out and "epoch  2/2" in out
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda ck: ck.update(arch="vit_tiny"), "architecture 'vit_tiny'"),
+    (lambda ck: ck["model"].update({"linear.weight": ck["model"]["linear.weight"].repeat(10, 1)}),
+     "100 output classes"),
+])
+def test_checkpoint_for_another_model_is_refused(trained_out, shared_cifar_dir, capsys, tmp_path, tamper, needle):
+    import torch
+    ckpt = torch.load(trained_out / "baseline" / "checkpoint.pt", weights_only=False)
+    tamper(ckpt)
+    out = tmp_path / "out"
+    (out / "baseline").mkdir(parents=True)
+    torch.save(ckpt, out / "baseline" / "checkpoint.pt")
+    before = (out / "baseline" / "checkpoint.pt").read_bytes()
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(shared_cifar_dir), "--out-dir", str(out))
+    assert code == 2
+    _one_line_error(err, needle, "--force")
+    assert (out / "baseline" / "checkpoint.pt").read_bytes() == before
