@@ -432,7 +432,9 @@ def describe_cam(cam: np.ndarray | torch.Tensor) -> dict:
     """Where a map's mass lies, in words and numbers, for the report.
 
     cam: (H,W) non-negative. Returns region (3x3 grid cell of the centroid),
-    centroid (row, col) in pixels, peak (row, col), centre_fraction (share of
+    centroid (row, col) in pixels, peak (row, col) and peak_region (its 3x3
+    grid cell; a map with two blobs can have its centroid between them, so the
+    peak is what a reader sees as "where it looks"), centre_fraction (share of
     the mass in the central quarter of the image: the middle half of the rows
     and of the columns). An all-zero map gives region 'nowhere (all-zero map)'."""
     m = _to_numpy(cam).astype(np.float64)
@@ -440,12 +442,15 @@ def describe_cam(cam: np.ndarray | torch.Tensor) -> dict:
     total = m.sum()
     if total <= 0:
         return {"region": "nowhere (all-zero map)", "centroid": (float("nan"), float("nan")),
-                "peak": (0, 0), "centre_fraction": 0.0}
+                "peak": (0, 0), "peak_region": "nowhere (all-zero map)", "centre_fraction": 0.0}
     rows, cols = np.arange(h), np.arange(w)
     cy = float((m.sum(1) * rows).sum() / total)
     cx = float((m.sum(0) * cols).sum() / total)
     peak = np.unravel_index(int(m.argmax()), m.shape)
     centre = m[h // 4:h - h // 4, w // 4:w - w // 4].sum() / total
-    region = _REGIONS[min(int(3 * (cy + 0.5) / h), 2)][min(int(3 * (cx + 0.5) / w), 2)]
-    return {"region": region, "centroid": (cy, cx), "peak": (int(peak[0]), int(peak[1])),
-            "centre_fraction": float(centre)}
+
+    def cell(r: float, c: float) -> str:
+        return _REGIONS[min(int(3 * (r + 0.5) / h), 2)][min(int(3 * (c + 0.5) / w), 2)]
+
+    return {"region": cell(cy, cx), "centroid": (cy, cx), "peak": (int(peak[0]), int(peak[1])),
+            "peak_region": cell(float(peak[0]), float(peak[1])), "centre_fraction": float(centre)}

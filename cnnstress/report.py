@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .augment import PRESETS
 from .checkpoint import atomic_write, save_json
+from .config import PROFILES
 from .data import CLASSES
 from .runtime import describe_hardware, resolve_device
 
@@ -35,6 +36,7 @@ def _model_metrics(result: "RunResult", name: str) -> dict[str, Any]:
         "best_val_epoch": best["epoch"],
         "augment": trained.config.augment,
         "checkpoint": str(trained.checkpoint),
+        "reused_checkpoint": bool(trained.result.reused),  # True: loaded, not trained in this run
     }
 
 
@@ -70,8 +72,11 @@ def _wrap(text: str, indent: str = "") -> list[str]:
 
 
 def _where(d: dict) -> str:
-    return (f"{d['region']} (centroid row {d['centroid'][0]:.0f}, col {d['centroid'][1]:.0f}; "
-            f"{100 * d['centre_fraction']:.0f}% of the mass in the central quarter)")
+    if d["peak_region"].startswith("nowhere"):
+        return "is all zero (no positive evidence for the class at this layer)"
+    return (f"peaks at the {d['peak_region']} (peak at row {d['peak'][0]}, col {d['peak'][1]}; centroid row "
+            f"{d['centroid'][0]:.0f}, col {d['centroid'][1]:.0f}; {100 * d['centre_fraction']:.0f}% of the "
+            f"mass in the central quarter)")
 
 
 def _case_lines(result: "RunResult") -> list[str]:
@@ -90,8 +95,8 @@ def _case_lines(result: "RunResult") -> list[str]:
         top3 = ", ".join(f"{CLASSES[c]} {100 * p:.1f}%" for c, p in f.top3)
         text = (f"Case {case.rank} (failure_case_{case.rank}.png): test image {f.dataset_index}, "
                 f"true {CLASSES[f.true]}, predicted {CLASSES[f.pred]} with {100 * f.confidence:.1f}% "
-                f"confidence (top-3: {top3}). Grad-CAM for the predicted class lies at the "
-                f"{_where(case.where_pred)}; for the true class at the {_where(case.where_true)}.")
+                f"confidence (top-3: {top3}). Grad-CAM for the predicted class "
+                f"{_where(case.where_pred)}; for the true class it {_where(case.where_true)}.")
         if improved is not None:
             p = int(improved.preds[f.position])
             conf = float(improved.probs[f.position, p])
@@ -112,10 +117,14 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
     n_test = base["n"]
     splits_line = (f"{n_test} test images" + (" (a stratified subset of the official test set)"
                                               if result.config.test_subset else " (the official test set)"))
-    lines = ["cnnstress analysis report", "=" * 25,
-             f"Created {metrics['created']}, profile '{metrics['profile']}', whole pipeline "
-             f"{metrics['pipeline_seconds']:.0f} s.",
-             f"Hardware: {metrics['hardware']}."]
+    reused = [name for name in ("baseline", "improved") if metrics[name]["reused_checkpoint"]]
+    timing = f"whole pipeline {metrics['pipeline_seconds']:.0f} s"
+    if reused:  # a rerun: its wall time says nothing about training
+        timing = (f"this run {metrics['pipeline_seconds']:.0f} s with the {' and '.join(reused)} model{'s' if len(reused) > 1 else ''} "
+                  f"loaded from finished checkpoints (training times below are from when they were trained)")
+    lines = ["cnnstress analysis report", "=" * 25]
+    lines += _wrap(f"Created {metrics['created']}, profile '{metrics['profile']}', {timing}.")
+    lines += [f"Hardware: {metrics['hardware']}."]
     lines += _section("1. Configuration")
     cfg = metrics["config"]
     shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
@@ -189,6 +198,18 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
         f"({(fc['b'] - fc['a']) / fc['a'] * 100 if fc['a'] else 0:+.0f}%). "
         f"Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold every number "
         f"above; failures_baseline.csv and failures_improved.csv list each failure.")
+    base_hist = result.trained["baseline"].result.history[-1]
+    imp_hist = result.trained["improved"].result.history[-1]
+    if not better and imp_hist["train_acc"] < base_hist["train_acc"]:
+        # Augmentation makes the training task harder; in a short run that shows
+        # as underfitting rather than as better generalisation.
+        lines += _wrap(
+            f"The improved model also fits its training data less ({_pct(imp_hist['train_acc'])} vs "
+            f"{_pct(base_hist['train_acc'])} training accuracy after {imp['epochs']} epochs, train-validation "
+            f"gap {100 * (imp_hist['train_acc'] - imp_hist['val_acc']):+.1f} vs "
+            f"{100 * (base_hist['train_acc'] - base_hist['val_acc']):+.1f} points): it is still "
+            f"underfitting, and stronger augmentation needs more epochs than this run had to pay off "
+            f"(the 'full' profile trains {PROFILES['full']['epochs']} epochs on every training image).")
     return "\n".join(lines) + "\n"
 
 

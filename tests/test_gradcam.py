@@ -401,3 +401,21 @@ def test_to_display_image_round_trip():
     assert to_display_image(x).shape == (2, 5, 7, 3)
     out = overlay(single, np.zeros((5, 7)), alpha=0.3)
     assert out.shape == (5, 7, 3)
+
+
+def test_describe_cam_names_peak_and_centroid_separately():
+    from cnnstress.gradcam import describe_cam
+    cam = np.zeros((9, 9))
+    cam[0, 4] = 2.0   # strongest blob at the top
+    cam[8, 4] = 1.0   # weaker blob at the bottom: the centroid falls between them
+    d = describe_cam(cam)
+    assert d["peak"] == (0, 4) and d["peak_region"] == "top"
+    assert d["region"] == "centre"                      # centroid row 8/3 ~ 2.67, col 4
+    assert d["centroid"] == pytest.approx((8 / 3, 4.0))
+    assert d["centre_fraction"] == 0.0                  # neither blob in rows/cols 2..6
+
+
+def test_describe_cam_all_zero_map_is_reported_not_divided():
+    from cnnstress.gradcam import describe_cam
+    d = describe_cam(np.zeros((4, 4)))
+    assert d["peak_region"].startswith("nowhere") and d["centre_fraction"] == 0.0
