@@ -67,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out_dir = args.out_dir or pipeline.default_out_dir()
     splits = pipeline.load_data(config, args.data_dir)
     print(f"profile {config.profile}: {len(splits.train)} train / {len(splits.val)} val / "
-          f"{len(splits.test)} test images, {config.epochs} epochs, augment {config.augment}")
+          f"{len(splits.test)} test images, {config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {config.augment}")
     trained = pipeline.train_model(config, splits, out_dir, force=args.force, resume=args.resume,
                                    progress=False if args.no_progress else None)
     test = pipeline.evaluate_split(trained, splits.test)
