@@ -412,6 +412,43 @@ def plot_confusion_matrix(cm, classes: Sequence[str] = CLASSES, title: str = "Co
     return fig
 
 
+# --------------------------------------------------------------------------- calibration
+
+def plot_reliability_diagram(bins: Mapping[str, Any], axes=None) -> Figure:
+    """One reliability diagram per model: accuracy per equal-width confidence
+    bin (bars) against the diagonal of perfect calibration, the gap to the
+    diagonal shaded, ECE and MCE in the title. `bins` maps model name ->
+    cnnstress.calibration.CalibrationBins; `axes`, when given, one per model."""
+    names = list(bins)
+    if axes is None:
+        fig, axes = _new_axes(1, max(len(names), 1), (5.0 * max(len(names), 1), 4.8))
+        axes = list(axes)
+    else:
+        axes = _given_axes(axes, len(names), "plot_reliability_diagram")
+        fig = axes[0].figure
+    for ax, name, color in zip(axes, names, _model_colors(names)):
+        b = bins[name]
+        width = float(b.edges[1] - b.edges[0])
+        centres = b.edges[:-1] + width / 2
+        filled = b.count > 0
+        acc = np.where(filled, b.accuracy, 0.0)
+        conf = np.where(filled, b.confidence, 0.0)
+        ax.bar(centres, acc, width=width, color=color, edgecolor="white", linewidth=0.8, label="accuracy")
+        ax.bar(centres[filled], (conf - acc)[filled], bottom=acc[filled], width=width, color="none",
+               edgecolor=OKABE_ITO["vermillion"] if color != OKABE_ITO["vermillion"] else OKABE_ITO["blue"],
+               hatch="//", linewidth=0.8, label="gap to confidence")
+        ax.plot([0, 1], [0, 1], linestyle="--", color="#444444", linewidth=1.2, label="perfect calibration")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.grid(alpha=0.3)
+        _style(ax, f"{name}: ECE {_pct(b.ece)}, MCE {_pct(b.mce)}", "Confidence (top-class probability)",
+               "Accuracy in bin")
+        ax.legend(loc="upper left", fontsize=TICK_SIZE)
+    return fig
+
+
 # --------------------------------------------------------------------------- saving
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:

@@ -276,3 +276,22 @@ def test_plot_samples_grid_titles_and_given_axes():
         plots.plot_samples(np.zeros((2, 32, 32), dtype=np.uint8), [0, 1])
     with pytest.raises(ValueError):
         plots.plot_samples(images, labels[:5])
+
+
+def test_reliability_diagram_one_panel_per_model_and_given_axes():
+    import matplotlib.pyplot as plt
+    from cnnstress.calibration import calibration_bins
+    from cnnstress.plots import plot_reliability_diagram
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), size=200)
+    labels = rng.integers(0, 10, size=200)
+    bins = {"baseline": calibration_bins(probs, labels), "improved": calibration_bins(probs ** 2 / (probs ** 2).sum(1, keepdims=True), labels)}
+    fig = plot_reliability_diagram(bins)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert len(titles) == 2 and titles[0].startswith("baseline: ECE") and "MCE" in titles[1]
+    plt.close(fig)
+    fig2, axes = plt.subplots(1, 2)
+    assert plot_reliability_diagram(bins, axes=axes) is fig2
+    with pytest.raises(ValueError, match="needs 2 axes"):
+        plot_reliability_diagram(bins, axes=axes[:1])
+    plt.close(fig2)
