@@ -17,7 +17,6 @@ import datetime as dt
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,23 +30,12 @@ from cnnstress.evaluate import predict  # noqa: E402
 from cnnstress.gradcam import GradCAM  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
 from cnnstress.runtime import describe_hardware, resolve_device, resolve_precision  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from benchmarks.timing import images_per_second  # noqa: E402
 
 
 def _time(fn, device: torch.device, repeats: int, n: int) -> list[float]:
     fn()  # warm-up: kernel selection, allocator
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        rates.append(n / (time.perf_counter() - t0))
-    return rates
+    return images_per_second(lambda: (fn(), n)[1], device, repeats)
 
 
 def main(argv: list[str] | None = None) -> int:

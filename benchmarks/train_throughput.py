@@ -50,26 +50,10 @@ from cnnstress.errors import CnnstressError  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
 from cnnstress.runtime import describe_hardware, resolve_device, resolve_precision, seed_everything  # noqa: E402
 from cnnstress.train import build_model, build_optimizer, make_step, train_epoch  # noqa: E402
+from benchmarks.timing import images_per_second  # noqa: E402
 
 PRESETS = ("baseline", "enhanced")
 OFFLINE_TOOL = "python ../shared/tools/cifar10_offline.py"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_repeats(run: Callable[[], int], device: torch.device, repeats: int) -> list[float]:
-    """img/s of `run()` (which returns the images it trained on), `repeats` times."""
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        images = run()
-        _sync(device)
-        rates.append(images / (time.perf_counter() - t0))
-    return rates
 
 
 # --- cnnstress: the real training path --------------------------------------
@@ -91,7 +75,7 @@ def bench_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *
 
     if warmup:
         run(warmup)
-    return _time_repeats(lambda: run(steps), device, repeats)
+    return images_per_second(lambda: run(steps), device, repeats)
 
 
 def bench_ceiling(train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device, precision: str,
@@ -119,7 +103,7 @@ def bench_ceiling(train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch
 
     if warmup:
         run(warmup)
-    return _time_repeats(lambda: run(steps), device, repeats)
+    return images_per_second(lambda: run(steps), device, repeats)
 
 
 # --- seed-style reference ----------------------------------------------------
@@ -201,7 +185,7 @@ def bench_seed_style(preset: str, data_dir: Path, *, device: torch.device, batch
     try:
         if warmup:
             run(warmup)  # also starts the DataLoader workers
-        return _time_repeats(lambda: run(steps), device, repeats)
+        return images_per_second(lambda: run(steps), device, repeats)
     finally:
         del batches  # shut the workers down before the next measurement
 

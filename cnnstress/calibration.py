@@ -22,15 +22,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .evaluate import _as_int_vector, _as_numpy
+
 DEFAULT_BINS = 15  # Guo et al. 2017
 
 
 def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
-    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if p.ndim != 2 or y.ndim != 1 or p.shape[0] != y.shape[0]:
+    p = _as_numpy(probs)
+    y = _as_int_vector(labels, "labels")
+    if p.ndim != 2 or p.shape[0] != y.shape[0]:
         raise ValueError(f"need probs (N,C) and labels (N,), got {p.shape} and {y.shape}")
-    return p.astype(np.float64), y.astype(np.int64)
+    return p.astype(np.float64), y
 
 
 @dataclass(frozen=True)

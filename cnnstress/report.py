@@ -63,6 +63,11 @@ def build_metrics(result: "RunResult") -> dict[str, Any]:
     }
 
 
+def _gap(epoch: dict) -> str:
+    """Train minus validation accuracy of one history entry, in signed points."""
+    return f"{100 * (epoch['train_acc'] - epoch['val_acc']):+.1f}"
+
+
 def _section(title: str) -> list[str]:
     return ["", title, "-" * len(title)]
 
@@ -147,8 +152,7 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
                        f"{hist[-1]['train_loss']:.3f} / accuracy {_pct(hist[-1]['train_acc'])}, validation loss "
                        f"{hist[-1]['val_loss']:.3f} / accuracy {_pct(m['final_val_accuracy'])} "
                        f"(best {_pct(m['best_val_accuracy'])} at epoch {m['best_val_epoch']}). "
-                       f"Gap train-validation accuracy: "
-                       f"{100 * (hist[-1]['train_acc'] - hist[-1]['val_acc']):+.1f} points.")
+                       f"Gap train-validation accuracy: {_gap(hist[-1])} points.")
     lines.append("Curves: training_curves.png.")
     lines += _section(f"3. Test results ({splits_line})")
     lines.append(f"{'model':<10} {'accuracy':>9} {'loss':>7} {'failures >' + format(threshold, '.0%'):>15} "
@@ -206,8 +210,7 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
         lines += _wrap(
             f"The improved model also fits its training data less ({_pct(imp_hist['train_acc'])} vs "
             f"{_pct(base_hist['train_acc'])} training accuracy after {imp['epochs']} epochs, train-validation "
-            f"gap {100 * (imp_hist['train_acc'] - imp_hist['val_acc']):+.1f} vs "
-            f"{100 * (base_hist['train_acc'] - base_hist['val_acc']):+.1f} points): it is still "
+            f"gap {_gap(imp_hist)} vs {_gap(base_hist)} points): it is still "
             f"underfitting, and stronger augmentation needs more epochs than this run had to pay off "
             f"(the 'full' profile trains {PROFILES['full']['epochs']} epochs on every training image).")
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+EVAL_SCRIPT = ROOT / "benchmarks" / "eval_throughput.py"
 PER_FILE = 20
 
 
@@ -58,8 +59,8 @@ def _write_fixture(root: Path) -> None:
           folder / "batches.meta")
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+def _load_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -107,6 +108,19 @@ def test_benchmark_missing_data_names_the_tool(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "cifar10_offline.py" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_benchmark_json_smoke(tmp_path, capsys, one_thread):
+    _write_fixture(tmp_path)
+    bench = _load_script(EVAL_SCRIPT)
+    rc = bench.main(["--data-dir", str(tmp_path), "--device", "cpu", "--images", "8", "--batch-size", "4",
+                     "--cam-batch-size", "4", "--repeats", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    for key in ("predict_img_per_s", "predict_img_per_s_min", "gradcam_img_per_s", "gradcam_img_per_s_min"):
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert result["predict_img_per_s_min"] <= result["predict_img_per_s"]
+    assert result["images"] == 8 and result["repeats"] == 2 and result["device"] == "cpu"
 
 
 if __name__ == "__main__":
