@@ -1,4 +1,4 @@
-"""Command line: python -m cnnstress {train,run} ...
+"""Command line: python -m cnnstress {train,run,stress} ...
 
 User errors (bad data, config, device, checkpoint) print one line to stderr
 and exit with status 2; nothing already saved is overwritten.
@@ -24,7 +24,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, force_help: str = "retrain even when a checkpoint exists") -> None:
     p.add_argument("--profile", default=None,
                    help=f"one of {', '.join(PROFILES)} (default: $CNNSTRESS_PROFILE, else full on a GPU, quick on a CPU)")
     p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $CNNSTRESS_DATA_DIR or data)")
@@ -32,7 +32,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epoch count")
     p.add_argument("--precision", default=None, help=f"autocast precision: {', '.join(PRECISIONS)} (default: auto)")
-    p.add_argument("--force", action="store_true", help="retrain even when a checkpoint exists")
+    p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -54,6 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(run)
     run.add_argument("--threshold", type=float, default=None,
                      help="confidence above which a wrong prediction counts as a failure (default 0.8)")
+    run.add_argument("--no-stress", action="store_true",
+                     help="skip the stress stage (corruptions, calibration, adversarial)")
+    stress = sub.add_parser("stress", help="stress-test the two trained models (corruptions, calibration, "
+                                           "adversarial) and refresh the report; never trains")
+    _common(stress, force_help="recompute the stress results even when cached ones match")
+    stress.add_argument("--threshold", type=float, default=None,
+                        help="confidence above which a wrong prediction counts as a failure (default 0.8)")
+    stress.add_argument("--corruption-subset", type=_positive_int, default=None,
+                        help="test images per corruption and severity (default: the profile's)")
+    stress.add_argument("--adv-subset", type=_positive_int, default=None,
+                        help="test images attacked (default: the profile's)")
     return parser
 
 
@@ -77,22 +88,44 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(result) -> None:
+    for name in ("baseline", "improved"):
+        s = result.summaries[name]
+        line = (f"{name}: test accuracy {100 * s['test_accuracy']:.2f}%, "
+                f"{s['high_confidence_failures']} high-confidence failures, "
+                f"training {result.trained[name].result.train_seconds:.0f}s")
+        if result.stress:
+            r = result.stress[name]
+            line += (f"; ECE {100 * r['calibration']['uncalibrated']['ece']:.2f}% "
+                     f"(calibrated {100 * r['calibration']['calibrated']['ece']:.2f}%), "
+                     f"mean corruption accuracy {100 * r['corruptions']['mean_corruption_accuracy']:.2f}%, "
+                     f"PGD {round(255 * r['adversarial']['eps'][-1])}/255 {100 * r['adversarial']['pgd'][-1]:.1f}%")
+        print(line)
+    print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")  # headless: files only
-    config = _config(args, failure_threshold=args.threshold)
+    config = _config(args, failure_threshold=args.threshold, stress=False if args.no_stress else None)
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force,
                                    progress=False if args.no_progress else None)
-    for name in ("baseline", "improved"):
-        s = result.summaries[name]
-        print(f"{name}: test accuracy {100 * s['test_accuracy']:.2f}%, "
-              f"{s['high_confidence_failures']} high-confidence failures, "
-              f"training {result.trained[name].result.train_seconds:.0f}s")
-    print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")
+    _print_result(result)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run}
+def cmd_stress(args: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    config = _config(args, failure_threshold=args.threshold, stress=True,
+                     corruption_subset=args.corruption_subset, adv_subset=args.adv_subset)
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, force_stress=args.force,
+                                   progress=False if args.no_progress else None)
+    _print_result(result)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress}
 
 
 def main(argv: list[str] | None = None) -> int:

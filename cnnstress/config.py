@@ -45,8 +45,18 @@ class Config:
     failure_threshold: float = _runtime(0.8)      # confidence above which a wrong prediction is a failure
     top_failures: int = _runtime(3)               # failure cases drawn with Grad-CAM
     profile: str = _runtime("custom")             # the profile this config came from
+    # --- stress tests (corruptions, calibration, adversarial): runtime too --
+    stress: bool = _runtime(True)                 # run the stress stage as part of `run`
+    corruption_subset: int | None = _runtime(None)  # test images per corruption x severity cell (stratified); None = all
+    adv_subset: int | None = _runtime(1000)       # test images attacked (stratified); None = all
+    adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8))  # L-inf budgets in grey levels: eps = k/255
+    pgd_steps: int = _runtime(10)                 # PGD iterations per budget (step 2.5*eps/steps)
+    calibration_bins: int = _runtime(15)          # equal-width confidence bins for ECE/MCE (Guo et al. 2017)
 
     def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; keep the config hashable and frozen.
+        if isinstance(self.adv_eps, list):
+            object.__setattr__(self, "adv_eps", tuple(self.adv_eps))
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
@@ -66,7 +76,7 @@ class Config:
             problems.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.val_size < 1:
             problems.append(f"val_size must be >= 1 (got {self.val_size})")
-        for name in ("train_subset", "test_subset"):
+        for name in ("train_subset", "test_subset", "corruption_subset", "adv_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 or None (got {value})")
@@ -74,6 +84,12 @@ class Config:
             problems.append(f"failure_threshold must be in [0, 1) (got {self.failure_threshold})")
         if self.top_failures < 0:
             problems.append(f"top_failures must be >= 0 (got {self.top_failures})")
+        if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 255 for k in self.adv_eps):
+            problems.append(f"adv_eps must be whole grey levels in 0..255 (got {self.adv_eps})")
+        if self.pgd_steps < 1:
+            problems.append(f"pgd_steps must be >= 1 (got {self.pgd_steps})")
+        if self.calibration_bins < 1:
+            problems.append(f"calibration_bins must be >= 1 (got {self.calibration_bins})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -105,9 +121,12 @@ class Config:
 # Named profiles. `quick` is sized for a 2-core laptop-class CPU without bf16
 # (fp32 AVX2, ~40 training img/s): the whole `run` in ~15 minutes there, about
 # half that with AVX-512 BF16. `full` is the seed's setting, for a GPU.
+# The stress stage is sized the same way: `quick` adds about 5 minutes on such a
+# CPU; `full` corrupts the whole test set and attacks 1,000 images.
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64),
-    "quick": dict(epochs=4, train_subset=4000, val_size=1000),
+    "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64,
+                  corruption_subset=10, adv_subset=16, adv_eps=(2, 8), pgd_steps=2),
+    "quick": dict(epochs=4, train_subset=4000, val_size=1000, corruption_subset=100, adv_subset=100),
     "full": dict(epochs=30),
 }
 

@@ -1,4 +1,5 @@
-"""Grad-CAM (Selvaraju et al. 2017) for the CIFAR ResNet, batched.
+"""Grad-CAM (Selvaraju et al. 2017) and Grad-CAM++ (Chattopadhay et al. 2018)
+for the CIFAR ResNet, batched.
 
 For a target layer with activations A (N,K,h,w) and a target score y_c per
 image, Grad-CAM weighs each channel by its spatially averaged gradient
@@ -15,7 +16,16 @@ compared before any normalisation (two models on one scale):
     normalize_maps(maps, scale=None)     -> (N,H,W)  on [0, 1]
 
 `GradCAM(model)(x)` does all three; `GradCAM(model).attribute(x)` also returns
-the raw maps, targets and logits (`CamResult`). Images are NCHW tensors,
+the raw maps, targets and logits (`CamResult`).
+
+Grad-CAM++ differs only in the channel weights (the first step):
+
+    compute_cam_plus_plus(activations, gradients) -> raw   (N,h,w), >= 0
+
+and `GradCAMPlusPlus` has the same interface as `GradCAM`; both are
+`CamExplainer`s sharing the hooks, forward, backward and checks, and
+`CAM_METHODS` maps the names "gradcam" / "gradcam++" to them. `get_layer`
+resolves a layer name ("layer4", "layer3.1.conv2") to the module. Images are NCHW tensors,
 normalised with the CIFAR mean/std (cnnstress.augment.normalize); display
 images are HWC RGB float arrays on [0, 1] (`to_display_image`, `overlay`).
 
@@ -41,7 +51,8 @@ from .augment import denormalize
 from .errors import CnnstressError
 
 __all__ = [
-    "CamResult", "GradCAM", "GradCAMError", "compute_cam", "normalize_maps", "overlay",
+    "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus",
+    "compute_cam", "compute_cam_plus_plus", "get_layer", "normalize_maps", "overlay",
     "to_display_image", "upsample",
 ]
 
@@ -52,16 +63,17 @@ Targets = None | Target | Sequence[Target] | torch.Tensor | np.ndarray
 
 
 class GradCAMError(CnnstressError, ValueError):
-    """A Grad-CAM request that cannot be served: wrong layer, targets, inputs."""
+    """A Grad-CAM(++) request that cannot be served: wrong layer, targets, inputs."""
 
 
 @dataclass(frozen=True)
 class CamResult:
-    """Grad-CAM of a batch of N images of size HxW; all tensors detached, on
-    the model's device.
+    """Grad-CAM (or Grad-CAM++) of a batch of N images of size HxW; all tensors
+    detached, on the model's device.
 
     raw:     float32 (N,h,w), >= 0: ReLU(sum_k alpha_k A_k) at the target
-             layer's resolution, not normalised (comparable across models).
+             layer's resolution (alpha_k: the method's channel weights), not
+             normalised (comparable across models).
     maps:    float32 (N,H,W) on [0, 1]: `raw` upsampled to the input size and
              min-max normalised per image (`normalize_maps(upsample(raw))`).
     targets: int64 (N,): the class explained for each image; -1 where the
@@ -95,6 +107,36 @@ def compute_cam(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Ten
             f"{tuple(activations.shape)} and {tuple(gradients.shape)}")
     alpha = gradients.mean(dim=(2, 3), keepdim=True)          # (N,K,1,1)
     return F.relu((alpha * activations).sum(dim=1))
+
+
+def compute_cam_plus_plus(activations: torch.Tensor, gradients: torch.Tensor,
+                          eps: float = 1e-6) -> torch.Tensor:
+    """Grad-CAM++ at the layer's resolution.
+
+    activations, gradients: float (N,K,h,w), as for `compute_cam`.
+    Returns float (N,h,w) = ReLU(sum_k w_k A_k), values >= 0, not normalised,
+    with the Grad-CAM++ weights in the closed form for an exponential score
+    (Chattopadhay et al. 2018, eq. 19), as pytorch-grad-cam computes them:
+
+        a_kij = g^2 / (2 g^2 + (sum_ij A_k) g^3 + eps),  0 where g == 0
+        w_k   = sum_ij ReLU(g_kij) a_kij
+
+    with g = d(score)/dA (the gradient of the score itself, not of exp(score)).
+    `eps` (1e-6, pytorch-grad-cam's value) is not negligible: for gradients
+    below ~1e-3 (small or random models) it dominates the denominator and the
+    weights scale like g^3 / eps; keep it for comparability.
+    """
+    if activations.ndim != 4 or activations.shape != gradients.shape:
+        raise GradCAMError(
+            f"compute_cam_plus_plus needs activations and gradients of one shape (N,K,h,w); got "
+            f"{tuple(activations.shape)} and {tuple(gradients.shape)}")
+    g2 = gradients * gradients
+    g3 = g2 * gradients
+    sum_acts = activations.sum(dim=(2, 3), keepdim=True)       # (N,K,1,1)
+    aij = g2 / (2 * g2 + sum_acts * g3 + eps)
+    aij = torch.where(gradients != 0, aij, torch.zeros_like(aij))
+    weights = (F.relu(gradients) * aij).sum(dim=(2, 3), keepdim=True)   # (N,K,1,1)
+    return F.relu((weights * activations).sum(dim=1))
 
 
 def upsample(raw: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
@@ -243,16 +285,47 @@ def _check_range(indices: list[int], num_classes: int) -> None:
 
 # --- the explainer -----------------------------------------------------------
 
-class GradCAM:
-    """Grad-CAM explainer for `model` at `target_layer` (default `model.layer4`,
-    the last conv stage of the CIFAR ResNet: a 4x4 map for 32x32 inputs).
+def get_layer(model: nn.Module, name: str) -> nn.Module:
+    """The submodule of `model` called `name`: a top-level name ("layer4") or a
+    dotted path ("layer4.1.conv2", as in `model.named_modules()`). Raises a
+    GradCAMError naming the valid top-level choices for an unknown name."""
+    if isinstance(name, str) and name:
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            pass
+    children = [n for n, _ in model.named_children()]
+    nested = next((f"{n}.{c}" for n, m in model.named_children()
+                   for c, _ in m.named_children()), None)
+    hint = f" (or a dotted path into them, e.g. {nested})" if nested else ""
+    raise GradCAMError(f"no layer {name!r} in {type(model).__name__}; valid: "
+                       f"{', '.join(children) or '(no submodules)'}{hint}")
 
-    `target_layer` must be a submodule of `model` whose output is a feature
-    map (N,C,h,w) with h*w > 1; this is checked on each call (the output shape
-    depends on the input). Holds no hooks between calls.
+
+class CamExplainer:
+    """Base of the gradient-weighted CAM explainers: runs one forward and one
+    backward for the batch with a forward hook on `target_layer`, checks the
+    layer, targets and inputs, and turns the raw map into `CamResult`.
+    Subclasses differ only in `raw_map(activations, gradients) -> (N,h,w)`
+    and their `method` name (used in messages).
+
+    `target_layer` (default `model.layer4`, the last conv stage of the CIFAR
+    ResNet: a 4x4 map for 32x32 inputs) is a submodule of `model` or its name
+    (see `get_layer`), whose output must be a feature map (N,C,h,w) with
+    h*w > 1; this is checked on each call (the output shape depends on the
+    input). Holds no hooks between calls.
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None) -> None:
+    method = "CAM"
+
+    @staticmethod
+    def raw_map(activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """(N,K,h,w) activations and gradients -> raw map (N,h,w) >= 0."""
+        raise NotImplementedError
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | str | None = None) -> None:
+        if isinstance(target_layer, str):
+            target_layer = get_layer(model, target_layer)
         if target_layer is None:
             target_layer = getattr(model, "layer4", None)
             if not isinstance(target_layer, nn.Module):
@@ -274,7 +347,7 @@ class GradCAM:
         return self.attribute(x, targets).maps
 
     def attribute(self, x: torch.Tensor, targets: Targets = None) -> CamResult:
-        """Grad-CAM of a batch.
+        """The CAM (Grad-CAM, Grad-CAM++: see the subclass) of a batch.
 
         x: float (N,3,H,W), NCHW, normalised (cnnstress.augment.normalize);
            moved to the model's device and computed in fp32.
@@ -289,14 +362,15 @@ class GradCAM:
         """
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise GradCAMError(f"Grad-CAM needs a float batch (N,3,H,W) of normalised images; got {shape}")
+            raise GradCAMError(f"{self.method} needs a float batch (N,3,H,W) of normalised images; "
+                               f"got {shape}")
         if x.shape[0] == 0:
-            raise GradCAMError("Grad-CAM got an empty batch")
+            raise GradCAMError(f"{self.method} got an empty batch")
         wrong = next((p.dtype for p in self.model.parameters()
                       if p.is_floating_point() and p.dtype != torch.float32), None)
         if wrong is not None:
             raise GradCAMError(
-                f"model parameters are {wrong}; Grad-CAM runs in fp32: pass model.float()")
+                f"model parameters are {wrong}; {self.method} runs in fp32: pass model.float()")
         param = next(self.model.parameters(), None)
         device = param.device if param is not None else x.device
         n, _, height, width = x.shape
@@ -317,7 +391,7 @@ class GradCAM:
                 raise GradCAMError(
                     f"the target score does not depend on layer {self.layer_name!r}; pick a layer "
                     f"on the path to the logits, e.g. model.layer4")
-            raw = compute_cam(acts.detach(), grads)
+            raw = self.raw_map(acts.detach(), grads.detach())
 
         finite = torch.isfinite(raw).flatten(1).all(dim=1)
         if not bool(finite.all()):
@@ -340,7 +414,7 @@ class GradCAM:
             raise GradCAMError(f"{where} did not run in the model's forward; "
                                f"{self._suggestion()}")
         if len(outs) > 1:
-            raise GradCAMError(f"{where} ran {len(outs)} times in one forward; Grad-CAM needs a "
+            raise GradCAMError(f"{where} ran {len(outs)} times in one forward; {self.method} needs a "
                                f"layer that runs once: pick a module that is not shared")
         out = outs[0]
         if not isinstance(out, torch.Tensor) or out.ndim != 4:
@@ -354,6 +428,26 @@ class GradCAM:
             raise GradCAMError(f"{where} output is not connected to the autograd graph "
                                f"(detached inside the model?)")
         return out
+
+
+class GradCAM(CamExplainer):
+    """Grad-CAM explainer (channel weights = spatially averaged gradients,
+    `compute_cam`) for `model` at `target_layer`; see `CamExplainer`."""
+
+    method = "Grad-CAM"
+    raw_map = staticmethod(compute_cam)
+
+
+class GradCAMPlusPlus(CamExplainer):
+    """Grad-CAM++ explainer (`compute_cam_plus_plus` weights) for `model` at
+    `target_layer`; same interface, checks and hygiene as `GradCAM`."""
+
+    method = "Grad-CAM++"
+    raw_map = staticmethod(compute_cam_plus_plus)
+
+
+# Explainers by name, e.g. for a CLI flag or cnnstress.sanity.
+CAM_METHODS: dict[str, type[CamExplainer]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
 
 # --- display -----------------------------------------------------------------

@@ -25,6 +25,7 @@ from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
+from .corruptions import CORRUPTIONS
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -295,6 +296,127 @@ def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | No
     return paths
 
 
+# --- stress tests ------------------------------------------------------------
+
+def stress_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"stress_{name}.json"
+
+
+def _read_stress_cache(path: Path, key: dict) -> dict | None:
+    import json
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cached.get("results") if cached.get("key") == key else None
+
+
+def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
+                out_dir: str | Path | None = None, config: Config | None = None, *, force: bool = False,
+                save: bool = True, show: bool = False, progress: bool | None = None,
+                log: Callable[[str], None] | None = print) -> dict[str, dict]:
+    """Stage 12: calibration, corruption robustness and adversarial accuracy
+    for every model (see cnnstress.stress). Results are cached per model in
+    stress_<name>.json, reused when made from the same checkpoint, test images
+    and stress settings. Writes corruption_accuracy.csv and the figures
+    robustness.png, corruption_examples.png, reliability_diagram.png and
+    adversarial.png. Returns {model name: results}."""
+    from .adversarial import adversarial_accuracy
+    from .checkpoint import save_json
+    from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
+    from .train import _progress_bar, progress_enabled
+
+    out = ensure_writable_dir(out_dir or default_out_dir())
+    config = config or next(iter(trained.values())).config
+    settings = stress_settings(config)
+    say = log or (lambda _msg: None)
+    test_indices = splits.test.indices.tolist()
+    keys = {name: {"checkpoint_stamp": _checkpoint_stamp(t.checkpoint) if t.checkpoint.exists() else "",
+                   "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
+    results: dict[str, dict] = {}
+    for name in trained:
+        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_stress_cache(stress_path(out, name), keys[name])
+        if cached is not None:
+            results[name] = cached
+            say(f"stress: reusing {stress_path(out, name)}")
+    todo = [name for name in trained if name not in results]
+    if todo:
+        device = resolve_device(config.device)
+        show_bar = progress_enabled(progress)
+        t0 = time.perf_counter()
+        for name in todo:
+            t = trained[name]
+            val_logits = evaluate_split(t, splits.val).logits
+            results[name] = {"calibration": calibration_report(val_logits, splits.val.labels, preds[name], config)}
+        temperatures = {name: results[name]["calibration"]["temperature"] for name in todo}
+        bar = _progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
+        try:
+            corr = corruption_report({name: trained[name].model for name in todo}, splits.test, config,
+                                     device=device, temperatures=temperatures,
+                                     progress=(lambda _type: bar.update(1)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        t_corr = time.perf_counter() - t0
+        adv_pos = sample_positions(splits.test.labels, config.adv_subset, config.seed + 1)
+        for name in todo:
+            results[name]["corruptions"] = corr[name]
+            t1 = time.perf_counter()
+            results[name]["adversarial"] = adversarial_accuracy(
+                trained[name].model, splits.test.images[adv_pos], splits.test.labels[adv_pos],
+                eps_list=[k / 255 for k in config.adv_eps], steps=config.pgd_steps, seed=config.seed,
+                device=device, batch_size=config.eval_batch_size, progress=show_bar)
+            results[name]["adversarial"]["eps_255"] = list(config.adv_eps)
+            results[name]["seconds"] = {"calibration_and_corruptions": t_corr / len(todo),
+                                        "adversarial": time.perf_counter() - t1}
+            if save:
+                save_json(stress_path(out, name), {"key": keys[name], "results": results[name]})
+    for name, r in results.items():
+        count_failures(r["calibration"], preds[name], config.failure_threshold)
+        say(f"stress {name}: ECE {100 * r['calibration']['uncalibrated']['ece']:.2f}% -> "
+            f"{100 * r['calibration']['calibrated']['ece']:.2f}% (T={r['calibration']['temperature']:.3f}), "
+            f"mean corruption accuracy {100 * r['corruptions']['mean_corruption_accuracy']:.2f}%, "
+            f"PGD {config.adv_eps[-1]}/255 accuracy {100 * r['adversarial']['pgd'][-1]:.1f}%")
+    if save or show:
+        save_stress_outputs(results, preds, splits, config, out, save=save, show=show)
+    return results
+
+
+def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions], splits: CifarSplits,
+                        config: Config, out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
+    """corruption_accuracy.csv and the four stress figures."""
+    import matplotlib.pyplot as plt
+
+    from .calibration import apply_temperature, calibration_bins
+    from .plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness, save_figure
+    from .stress import sample_grid_images, write_corruption_csv
+
+    out = Path(out_dir)
+    paths = []
+    if save:
+        paths.append(write_corruption_csv(out / "corruption_accuracy.csv",
+                                          {n: r["corruptions"] for n, r in results.items()}))
+    bins = {}
+    for name, r in results.items():
+        t = r["calibration"]["temperature"]
+        bins[name] = calibration_bins(preds[name].probs, preds[name].labels, config.calibration_bins)
+        bins[f"{name}, T={t:.2f}"] = calibration_bins(apply_temperature(preds[name].logits, t),
+                                                       preds[name].labels, config.calibration_bins)
+    index, grid = sample_grid_images(splits.test, config)
+    figures = {
+        "robustness.png": plot_robustness({n: r["corruptions"] for n, r in results.items()}),
+        "corruption_examples.png": plot_corruption_examples(grid, title=f"Test image {index} under each corruption"),
+        "reliability_diagram.png": plot_reliability_diagram(bins, ncols=2),
+        "adversarial.png": plot_adversarial({n: r["adversarial"] for n, r in results.items()}),
+    }
+    for filename, fig in figures.items():
+        if save:
+            paths.append(save_figure(fig, out / filename))
+        if not show:
+            plt.close(fig)
+    return paths
+
+
 @dataclass
 class RunResult:
     config: Config
@@ -306,14 +428,20 @@ class RunResult:
     comparison: dict
     outputs: Path
     seconds: float
+    stress: dict[str, dict] | None = None   # stress_test's results; None when the stage was off
 
 
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
-                 force: bool = False, progress: bool | None = None,
-                 log: Callable[[str], None] | None = print) -> RunResult:
+                 force: bool = False, train: bool = True, force_stress: bool = False,
+                 progress: bool | None = None, log: Callable[[str], None] | None = print) -> RunResult:
     """The whole study in one call: baseline, curves, evaluation, failures,
     Grad-CAM, improved model (only the augmentation preset changed),
-    comparison, figures, metrics.json and analysis_report.txt."""
+    comparison, figures, the stress stage (when config.stress), metrics.json
+    and analysis_report.txt.
+
+    train=False never trains: both models must already have finished
+    checkpoints (the `stress` command). force retrains and recomputes
+    everything; force_stress only recomputes the stress stage."""
     from .report import write_report
 
     t0 = time.perf_counter()
@@ -326,7 +454,11 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
     cases: list[FailureCase] = []
     for name, cfg in configs.items():
         say(f"== {name} model (augment preset {cfg.augment!r}) ==")
-        trained[name] = train_model(cfg, splits, out, force=force, progress=progress, log=log)
+        if not train and not checkpoint_path(out, cfg).exists():
+            raise CheckpointError(f"no trained {name} model: checkpoint {checkpoint_path(out, cfg)} not found; "
+                                  f"train both models first (python -m cnnstress run) or pass the right --out-dir")
+        trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log) if train
+                         else load_trained(cfg, out))
         save_training_curves({n: t.result.history for n, t in trained.items()}, out)
         preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
         failures[name] = find_failures(preds[name], splits.test, cfg, name, out)
@@ -337,9 +469,14 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
             cases = explain_failures(trained[name], splits.test, failures[name], out)
     comparison = compare_models(preds, failures, config)
     save_comparison_figures(summaries, out)
+    stress = None
+    if config.stress:
+        say("== stress tests: calibration, corruptions, adversarial ==")
+        stress = stress_test(trained, splits, preds, out, config, force=force or force_stress,
+                             progress=progress, log=log)
     result = RunResult(config=config, trained=trained, predictions=preds, failures=failures,
                        summaries=summaries, cases=cases, comparison=comparison, outputs=out,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, stress=stress)
     report = write_report(result)
     say(f"report: {report}  ({result.seconds:.0f}s in all)")
     return result

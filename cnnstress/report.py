@@ -37,6 +37,31 @@ def _model_metrics(result: "RunResult", name: str) -> dict[str, Any]:
         "augment": trained.config.augment,
         "checkpoint": str(trained.checkpoint),
         "reused_checkpoint": bool(trained.result.reused),  # True: loaded, not trained in this run
+        **_stress_metrics(result, name),
+    }
+
+
+def _stress_metrics(result: "RunResult", name: str) -> dict[str, Any]:
+    """The stress stage's headline numbers for one model (empty when it did not run)."""
+    if not result.stress:
+        return {}
+    r = result.stress[name]
+    cal, corr, adv = r["calibration"], r["corruptions"], r["adversarial"]
+    eps = [f"{k}/255" for k in adv["eps_255"]]
+    return {
+        "ece": cal["uncalibrated"]["ece"],                 # 15 bins, clean test set, uncalibrated
+        "ece_calibrated": cal["calibrated"]["ece"],        # after temperature scaling fitted on validation
+        "mce": cal["uncalibrated"]["mce"],
+        "mce_calibrated": cal["calibrated"]["mce"],
+        "temperature": cal["temperature"],
+        "high_confidence_failures_calibrated": cal["calibrated"]["failures"],
+        "mean_corruption_accuracy": corr["mean_corruption_accuracy"],
+        "corruption_clean_accuracy": corr["clean_accuracy"],   # the same images, uncorrupted
+        "corruption_drop": corr["drop_from_clean"],
+        "corruption_ece_by_severity": corr["ece_by_severity"],
+        "adversarial_clean_accuracy": adv["clean_accuracy"],
+        "fgsm_accuracy": dict(zip(eps, adv["fgsm"])),
+        "pgd_accuracy": dict(zip(eps, adv["pgd"])),
     }
 
 
@@ -55,12 +80,21 @@ def build_metrics(result: "RunResult") -> dict[str, Any]:
             "failures": cmp["failures"],
             "threshold": cmp["threshold"],
         },
+        **({"stress": _stress_details(result)} if result.stress else {}),
         "config": base_cfg.to_dict(),
         "profile": result.config.profile,
         "hardware": describe_hardware(resolve_device(result.config.device)),
         "pipeline_seconds": result.seconds,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def _stress_details(result: "RunResult") -> dict[str, Any]:
+    from .stress import stress_settings
+    return {"settings": stress_settings(result.trained["baseline"].config),
+            "files": ["corruption_accuracy.csv", "stress_baseline.json", "stress_improved.json",
+                      "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"],
+            **{name: result.stress[name] for name in ("baseline", "improved")}}
 
 
 def _gap(epoch: dict) -> str:
@@ -193,7 +227,9 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
     gains = sorted(((imp["per_class_accuracy"][c] or 0) - (base["per_class_accuracy"][c] or 0), c) for c in CLASSES)
     lines += _wrap(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                    f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points).")
-    lines += _section("7. Summary")
+    if result.stress:
+        lines += _stress_lines(result, metrics)
+    lines += _section(f"{8 if result.stress else 7}. Summary")
     better = diff["diff"] > 0
     lines += _wrap(
         f"Changing only the augmentation preset {'raised' if better else 'did not raise'} test accuracy "
@@ -214,6 +250,96 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
             f"underfitting, and stronger augmentation needs more epochs than this run had to pay off "
             f"(the 'full' profile trains {PROFILES['full']['epochs']} epochs on every training image).")
     return "\n".join(lines) + "\n"
+
+
+def _better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str:
+    if abs(delta) <= tol:
+        return "unchanged"
+    return "better" if (delta > 0) == higher_is_better else "worse"
+
+
+def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
+    """Section 7: calibration, corruptions, adversarial, and what the one change did to each."""
+    from .corruptions import CORRUPTIONS, SEVERITIES, UNAVAILABLE
+
+    st = {name: result.stress[name] for name in ("baseline", "improved")}
+    cal = {n: r["calibration"] for n, r in st.items()}
+    cor = {n: r["corruptions"] for n, r in st.items()}
+    adv = {n: r["adversarial"] for n, r in st.items()}
+    threshold = metrics["comparison"]["threshold"]
+    lines = _section("7. Stress tests beyond accuracy")
+    lines += ["", "7a. Calibration (clean test set)"]
+    lines += _wrap(f"Expected calibration error with {cal['baseline']['bins']} equal-width confidence bins "
+                   f"(Guo et al. 2017) and maximum calibration error over non-empty bins. Temperature T fitted by "
+                   f"minimising the NLL on the {cal['baseline']['val_n']} validation images (never the test set); "
+                   f"T > 1 means the model was over-confident. Accuracy is unchanged by T.")
+    lines.append(f"{'model':<10} {'ECE':>7} {'MCE':>7} {'NLL':>6} {'T':>6} {'ECE(T)':>7} {'MCE(T)':>7} "
+                 f"{'NLL(T)':>7} {'failures >' + format(threshold, '.0%') + ' before/after':>26}")
+    for n, c in cal.items():
+        u, k = c["uncalibrated"], c["calibrated"]
+        lines.append(f"{n:<10} {_pct(u['ece']):>7} {_pct(u['mce'], 1):>7} {u['nll']:>6.3f} {c['temperature']:>6.3f} "
+                     f"{_pct(k['ece']):>7} {_pct(k['mce'], 1):>7} {k['nll']:>7.3f} "
+                     f"{str(u['failures']) + ' -> ' + str(k['failures']):>26}")
+    lines.append("Figure: reliability_diagram.png (bars labelled with the images per bin).")
+
+    n_cell = cor["baseline"]["n"]
+    lines += ["", f"7b. Common corruptions ({len(CORRUPTIONS)} CIFAR-10-C types x severities "
+                  f"{SEVERITIES[0]}-{SEVERITIES[-1]}, {n_cell} test images per cell)"]
+    missing = "; ".join(f"{k}: {v}" for k, v in UNAVAILABLE.items())
+    lines += _wrap(f"Generated in the package from the clean test images with the CIFAR parameters of Hendrycks "
+                   f"& Dietterich's generation code, seeded (no download). Left out: {missing}. Mean corruption "
+                   f"accuracy = the mean over every type and severity (RobustBench's headline figure); the drop is "
+                   f"from the clean accuracy on the same {n_cell} images. One cell's accuracy has a standard error "
+                   f"of up to {50 / n_cell ** 0.5:.1f} points at this sample size.")
+    fams = list(cor["baseline"]["accuracy_by_family"])
+    lines.append(f"{'model':<10} {'clean':>7} {'mean corr.':>10} {'drop':>7} " + " ".join(f"{f:>8}" for f in fams))
+    for n, c in cor.items():
+        lines.append(f"{n:<10} {_pct(c['clean_accuracy'], 1):>7} {_pct(c['mean_corruption_accuracy']):>10} "
+                     f"{100 * c['drop_from_clean']:>6.1f}p " + " ".join(f"{_pct(c['accuracy_by_family'][f], 1):>8}" for f in fams))
+    lines.append("")
+    lines.append(f"{'corruption':<18} {'baseline':>9} {'improved':>9} {'change':>7}   (mean over severities)")
+    for cname in CORRUPTIONS:
+        a = sum(cor["baseline"]["accuracy"][cname]) / len(SEVERITIES)
+        b = sum(cor["improved"]["accuracy"][cname]) / len(SEVERITIES)
+        lines.append(f"{cname:<18} {_pct(a, 1):>9} {_pct(b, 1):>9} {100 * (b - a):>+7.1f}")
+    lines.append("")
+    lines.append("ECE under corruption, all types pooled per severity (uncalibrated / with the clean T):")
+    for n, c in cor.items():
+        lines.append(f"  {n:<10} " + "  ".join(f"s{s} {_pct(e, 1)}/{_pct(ec, 1)}" for s, e, ec in
+                                               zip(SEVERITIES, c["ece_by_severity"], c["ece_calibrated_by_severity"])))
+    lines.append("Files: robustness.png, corruption_examples.png, corruption_accuracy.csv (RobustBench layout).")
+
+    a0 = adv["baseline"]
+    lines += ["", f"7c. Adversarial robustness (L-infinity, {a0['n']} test images, PGD {a0['steps']} steps of "
+                  f"2.5*eps/steps with a seeded random start)"]
+    lines.append(f"{'eps':>6} " + " ".join(f"{n + ' ' + atk.upper():>14}" for n in adv for atk in ("fgsm", "pgd")))
+    lines.append(f"{'0':>6} " + " ".join(f"{_pct(adv[n]['clean_accuracy'], 1):>14}" for n in adv for _ in (0, 1)))
+    for i, k in enumerate(a0["eps_255"]):
+        lines.append(f"{str(k) + '/255':>6} " + " ".join(f"{_pct(adv[n][atk][i], 1):>14}" for n in adv
+                                                          for atk in ("fgsm", "pgd")))
+    lines.append("Figure: adversarial.png.")
+
+    lines += ["", "7d. Did the augmentation help beyond clean accuracy?"]
+    d_clean = metrics["improved"]["test_accuracy"] - metrics["baseline"]["test_accuracy"]
+    d_mca = cor["improved"]["mean_corruption_accuracy"] - cor["baseline"]["mean_corruption_accuracy"]
+    d_drop = cor["improved"]["drop_from_clean"] - cor["baseline"]["drop_from_clean"]
+    d_ece = cal["improved"]["uncalibrated"]["ece"] - cal["baseline"]["uncalibrated"]["ece"]
+    d_pgd = [b - a for a, b in zip(adv["baseline"]["pgd"], adv["improved"]["pgd"])]
+    k_small = a0["eps_255"][0]
+    lines += _wrap(
+        f"Clean test accuracy {100 * d_clean:+.2f} points ({_better(d_clean)}). Mean corruption accuracy "
+        f"{100 * d_mca:+.2f} points ({_better(d_mca)}); the drop from clean went from "
+        f"{100 * cor['baseline']['drop_from_clean']:.1f} to {100 * cor['improved']['drop_from_clean']:.1f} points "
+        f"({_better(d_drop, higher_is_better=False)} relative robustness). ECE {_pct(cal['baseline']['uncalibrated']['ece'])} "
+        f"-> {_pct(cal['improved']['uncalibrated']['ece'])} ({_better(d_ece, higher_is_better=False)} calibrated). "
+        f"PGD accuracy at {k_small}/255 {100 * d_pgd[0]:+.1f} points and at {a0['eps_255'][-1]}/255 "
+        f"{100 * d_pgd[-1]:+.1f} points ({_better(d_pgd[0])} / {_better(d_pgd[-1])}).")
+    worst = min(CORRUPTIONS, key=lambda c: sum(cor["improved"]["accuracy"][c]) - sum(cor["baseline"]["accuracy"][c]))
+    best = max(CORRUPTIONS, key=lambda c: sum(cor["improved"]["accuracy"][c]) - sum(cor["baseline"]["accuracy"][c]))
+    lines += _wrap(f"The augmentation helped most against {best} and least (or hurt most) against {worst}. "
+                   f"Neither model was trained against attacks, so accuracy near zero at {a0['eps_255'][-1]}/255 "
+                   f"is expected; the small budgets show how brittle the decision boundary is.")
+    return lines
 
 
 def write_report(result: "RunResult") -> Path:

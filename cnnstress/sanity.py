@@ -1,0 +1,403 @@
+"""Model-parameter randomisation test for CAM maps, cascading (Adebayo et al.
+2018, "Sanity Checks for Saliency Maps").
+
+A saliency method that explains the *model* must change its maps when the
+model's parameters are destroyed. `cascading_randomization` re-initialises
+a copy of the model block by block from the head down (linear, layer4, ...,
+the stem), recomputes the maps after each step for the same images and the
+same target classes, and scores them against the original maps:
+
+    spearman      rank correlation (average ranks for ties), signed
+    spearman_abs  rank correlation of the absolute values
+    ssim          structural similarity of the [0, 1]-normalised maps
+
+`verdict` turns the scores into pass/fail: the maps pass when, once the
+target layer (and, in the head-down cascade, everything above it) has been
+randomised, the median absolute Spearman correlation with the original maps
+is below a threshold.
+
+Everything runs on `copy.deepcopy(model)` (the caller's model, its modes and
+the global RNG are left untouched); the copy costs one more model in memory.
+No scipy / scikit-image at runtime: `spearman` and `ssim` are implemented here
+with numpy (float64).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from numpy.lib.stride_tricks import sliding_window_view
+from torch import nn
+
+from .errors import CnnstressError
+from .gradcam import CAM_METHODS, get_layer, upsample
+
+__all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomization",
+           "spearman", "ssim", "verdict"]
+
+# Head first. Entries name one or more modules (dotted names, joined by "+");
+# the stem's BatchNorm goes with the stem convolution.
+DEFAULT_ORDER = ("linear", "layer4", "layer3", "layer2", "layer1", "conv1+bn1")
+
+
+class SanityError(CnnstressError, ValueError):
+    """A sanity-check request with bad maps, options or steps."""
+
+
+# --- similarity metrics --------------------------------------------------------
+
+def _as_float64(a: object, what: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    arr = np.asarray(a)
+    real = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+    if arr.dtype == bool or not real:
+        raise SanityError(f"{what} must hold real numbers; got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise SanityError(f"{what} contains NaN or inf")
+    return arr
+
+
+def _pair(a: object, b: object, what: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _as_float64(a, f"{what}: a"), _as_float64(b, f"{what}: b")
+    if x.shape != y.shape:
+        raise SanityError(f"{what} needs two maps of one shape; got {x.shape} and {y.shape}")
+    return x, y
+
+
+def _rankdata(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of a 1-D array; tied values get the average of their ranks
+    (scipy.stats.rankdata(method='average'))."""
+    n = x.size
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    starts = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1]])
+    ends = np.r_[starts[1:], n]
+    ranks = np.empty(n, dtype=np.float64)
+    ranks[order] = np.repeat((starts + 1 + ends) / 2.0, ends - starts)
+    return ranks
+
+
+def spearman(a: object, b: object, *, absolute: bool = False) -> float:
+    """Spearman rank correlation of two maps of one shape (any shape, e.g.
+    (H,W); flattened), average ranks for ties, as scipy.stats.spearmanr.
+    absolute=True ranks |a| and |b| (Adebayo et al.'s "absolute" variant; the
+    same as signed for non-negative maps such as Grad-CAM's).
+    Returns a float on [-1, 1], or nan when either map is constant (the rank
+    correlation is undefined: e.g. an all-zero CAM) or has < 2 elements."""
+    x, y = _pair(a, b, "spearman")
+    x, y = x.ravel(), y.ravel()
+    if absolute:
+        x, y = np.abs(x), np.abs(y)
+    if x.size < 2:
+        return float("nan")
+    rx, ry = _rankdata(x), _rankdata(y)
+    rx -= rx.mean()
+    ry -= ry.mean()
+    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    if den == 0:
+        return float("nan")
+    return float(np.clip((rx * ry).sum() / den, -1.0, 1.0))
+
+
+SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03
+_SSIM_RADIUS = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)          # 5 -> an 11x11 window
+
+
+def _gaussian_filter(img: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """scipy.ndimage.gaussian_filter(img, 1.5, truncate=3.5, mode='reflect')
+    for 2-D img: separable, half-sample symmetric border (d c b a | a b c d),
+    repeated for images smaller than the kernel radius (np.pad 'symmetric')."""
+    r = kernel.size // 2
+    out = img
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        windows = sliding_window_view(np.pad(out, pad, mode="symmetric"), kernel.size, axis=axis)
+        out = windows @ kernel
+    return out
+
+
+def ssim(a: object, b: object, *, data_range: float | None = None) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two 2-D maps (H,W),
+    as skimage.metrics.structural_similarity(a, b, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=data_range):
+
+        local means/variances/covariance with a Gaussian window (sigma 1.5,
+        truncated at 3.5 sigma: radius 5, an 11x11 window; mirrored border),
+        C1 = (0.01 R)^2, C2 = (0.03 R)^2,
+        S = (2 mu_a mu_b + C1)(2 cov + C2) / ((mu_a^2 + mu_b^2 + C1)(var_a + var_b + C2)),
+        result = mean of S after cropping 5 pixels (the window radius) from each border.
+
+    data_range R: the value range of the maps (1.0 for maps on [0, 1]). None
+    (where skimage raises for float input): the joint range max - min over
+    both maps; if that is 0 the maps are one identical constant and 1.0 is
+    returned.
+    Small maps: skimage raises when a side is shorter than the 11-pixel
+    window. Here the filtering itself works at any size (mirrored, repeatedly
+    for sides < 6), and the 5-pixel border crop is applied only along axes of
+    length >= 11; a shorter axis is averaged over all its positions. So 4x4
+    to 10x10 maps get a defined value, and >= 11x11 maps match skimage.
+    Returns a float on [-1, 1] (1 for identical maps). SSIM is not sign-aware:
+    for a map a on [0, 1], ssim(a, -a) is high (~0.95: the luminance and
+    structure terms are both negative), while ssim(a, 1 - a) is strongly
+    negative; compare maps on one non-negative range, e.g. [0, 1].
+    """
+    x, y = _pair(a, b, "ssim")
+    if x.ndim != 2:
+        raise SanityError(f"ssim needs 2-D maps (H,W); got shape {x.shape}")
+    if x.size == 0:
+        raise SanityError("ssim got empty maps")
+    if data_range is None:
+        data_range = float(max(x.max(), y.max()) - min(x.min(), y.min()))
+        if data_range == 0:
+            return 1.0
+    elif not np.isfinite(data_range) or data_range <= 0:
+        raise SanityError(f"data_range must be a positive number; got {data_range}")
+    r = _SSIM_RADIUS
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / SSIM_SIGMA) ** 2)
+    k /= k.sum()
+    ux, uy = _gaussian_filter(x, k), _gaussian_filter(y, k)
+    uxx, uyy, uxy = _gaussian_filter(x * x, k), _gaussian_filter(y * y, k), _gaussian_filter(x * y, k)
+    vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
+    win = 2 * r + 1
+    crop = tuple(slice(r, n - r) if n >= win else slice(None) for n in s.shape)
+    return float(s[crop].mean(dtype=np.float64))
+
+
+# --- the cascade ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SanityResult:
+    """Cascading randomisation of S-1 steps (S rows with "original") on N images.
+
+    steps:        ["original", *order]: row s holds the maps after randomising
+                  the modules of steps[1..s] (cumulative).
+    method:       the CAM method name (a key of cnnstress.gradcam.CAM_METHODS).
+    layer:        the CAM target layer's name.
+    layer_step:   first row at which `layer` (or a module containing it) has
+                  been randomised; None when the order never reaches it.
+    targets:      int64 (N,): the classes explained, fixed for all steps (the
+                  original model's).
+    spearman:     float64 (S,N): rank correlation of each image's upsampled,
+                  un-normalised map with its original map; nan where either
+                  map is constant (e.g. all zero). Row 0 is 1 (or nan).
+    spearman_abs: float64 (S,N): the same on absolute values. CAM maps are
+                  ReLU'd (>= 0), so this equals `spearman`; both are kept for
+                  the paper's two variants and for signed methods.
+    ssim:         float64 (S,N): SSIM of the [0, 1]-normalised maps, data_range 1.
+    maps:         float32 (S,N,H,W) on [0, 1]: the normalised maps (display).
+    raw:          float32 (S,N,h,w) >= 0: the un-normalised maps at the layer.
+    zero:         bool (S,N): all-zero raw map (no evidence at this layer).
+    not_reset:    names of parameters inside the randomised modules whose
+                  module has no reset_parameters() (left as they were).
+    """
+    steps: list[str]
+    method: str
+    layer: str
+    layer_step: int | None
+    targets: np.ndarray
+    spearman: np.ndarray
+    spearman_abs: np.ndarray
+    ssim: np.ndarray
+    maps: np.ndarray
+    raw: np.ndarray
+    zero: np.ndarray
+    not_reset: list[str]
+
+
+def _reinitialize(module: nn.Module) -> None:
+    """reset_parameters() on every submodule that has it, and reset running
+    statistics (BatchNorm: running mean 0, var 1, num_batches_tracked 0)."""
+    for m in module.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        stats = getattr(m, "reset_running_stats", None)
+        if callable(stats):
+            stats()
+
+
+def _not_reset(module: nn.Module, prefix: str) -> list[str]:
+    """Parameters under `module` owned by a module without reset_parameters()."""
+    out = []
+    for name, m in module.named_modules(prefix=prefix):
+        if not callable(getattr(m, "reset_parameters", None)):
+            out += [f"{name}.{p}" for p, _ in m.named_parameters(recurse=False)]
+    return out
+
+
+def _covers(step_names: Sequence[str], layer: str) -> bool:
+    return any(layer == m or layer.startswith(m + ".") for m in step_names)
+
+
+def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None, *,
+                            method: str = "gradcam", layer: str = "layer4", seed: int = 0,
+                            order: Sequence[str] | None = None,
+                            batch_size: int = 256) -> SanityResult:
+    """Cascading model-parameter randomisation test of a CAM method.
+
+    model:   the classifier; never modified (the test runs on a deep copy).
+    images:  float (N,3,H,W) NCHW, normalised (cnnstress.augment.normalize).
+    targets: the classes to explain: None (the original model's predictions),
+             an int, or N ints (sequence, ndarray or tensor). They stay fixed
+             for every step.
+    method:  a key of CAM_METHODS ("gradcam", "gradcam++").
+    layer:   the CAM target layer's name (see cnnstress.gradcam.get_layer).
+    seed:    seeds the re-initialisation (per step, inside torch.random.fork_rng:
+             the global RNG state is left as it was).
+    order:   the cascade, head first; each entry names one or more modules of
+             the model joined by "+" (default DEFAULT_ORDER: linear, layer4,
+             layer3, layer2, layer1, conv1+bn1). Randomisation is cumulative.
+    batch_size: images per CAM forward/backward.
+    Returns a SanityResult (numpy arrays on the CPU).
+    """
+    if method not in CAM_METHODS:
+        raise SanityError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+    order = list(DEFAULT_ORDER if order is None else order)
+    if not order or not all(isinstance(o, str) and o for o in order):
+        raise SanityError(f"order must be a non-empty list of module names; got {order!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise SanityError(f"batch_size must be a positive int; got {batch_size!r}")
+    groups = [o.split("+") for o in order]
+    get_layer(model, layer)                       # fail fast, before the copy
+    for names in groups:
+        for name in names:
+            get_layer(model, name)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise SanityError(f"images must be a float batch (N,3,H,W); got {shape}")
+    n, _, height, width = images.shape
+
+    if targets is not None and not (isinstance(targets, (int, np.integer)) and not isinstance(targets, bool)):
+        try:
+            if not isinstance(targets, torch.Tensor):
+                targets = torch.as_tensor(np.asarray(targets))
+        except (TypeError, ValueError, RuntimeError):
+            raise SanityError("targets must be None, an int or N class indices") from None
+        if targets.dtype == torch.bool or targets.is_floating_point() or targets.is_complex() \
+                or tuple(targets.shape) != (n,):
+            raise SanityError(f"targets must be None, an int or N={n} integer class indices; got "
+                              f"dtype {targets.dtype}, shape {tuple(targets.shape)}")
+        targets = targets.long()
+
+    work = copy.deepcopy(model)
+    explainer = CAM_METHODS[method]
+
+    def explain(tgt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cam = explainer(work, get_layer(work, layer))
+        raws, maps, idx = [], [], []
+        for s in range(0, n, batch_size):
+            t = tgt[s:s + batch_size] if isinstance(tgt, torch.Tensor) else tgt
+            res = cam.attribute(images[s:s + batch_size], targets=t)
+            raws.append(res.raw.cpu())
+            maps.append(res.maps.cpu())
+            idx.append(res.targets.cpu())
+        return torch.cat(raws), torch.cat(maps), torch.cat(idx)
+
+    raw0, maps0, fixed = explain(targets)
+    up0 = upsample(raw0, (height, width)).double().numpy()
+    m0 = maps0.double().numpy()
+
+    def scores(raw: torch.Tensor, mp: torch.Tensor) -> tuple[list, list, list]:
+        up = upsample(raw, (height, width)).double().numpy()     # un-normalised
+        mpd = mp.double().numpy()                                # on [0, 1]
+        return ([spearman(up0[i], up[i]) for i in range(n)],
+                [spearman(up0[i], up[i], absolute=True) for i in range(n)],
+                [ssim(m0[i], mpd[i], data_range=1.0) for i in range(n)])
+
+    gen = torch.Generator().manual_seed(int(seed))
+    step_seeds = torch.randint(0, 2**62, (len(groups),), generator=gen).tolist()
+    cuda = sorted({p.device.index or 0 for p in work.parameters() if p.device.type == "cuda"})
+
+    raws, maps = [raw0], [maps0]
+    rho, rho_abs, sims = ([row] for row in scores(raw0, maps0))   # row 0: original vs itself
+    not_reset: list[str] = []
+    layer_step = None
+    done: list[str] = []
+    for step, (names, step_seed) in enumerate(zip(groups, step_seeds), start=1):
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(step_seed)
+            for name in names:
+                mod = get_layer(work, name)
+                not_reset += _not_reset(mod, name)
+                _reinitialize(mod)
+        done += names
+        if layer_step is None and _covers(done, layer):
+            layer_step = step
+        raw, mp, _ = explain(fixed)
+        raws.append(raw)
+        maps.append(mp)
+        for acc, row in zip((rho, rho_abs, sims), scores(raw, mp)):
+            acc.append(row)
+
+    raw_all = torch.stack(raws).numpy().astype(np.float32)
+    return SanityResult(
+        steps=["original", *order], method=method, layer=layer, layer_step=layer_step,
+        targets=fixed.numpy().astype(np.int64),
+        spearman=np.asarray(rho, dtype=np.float64), spearman_abs=np.asarray(rho_abs, dtype=np.float64),
+        ssim=np.asarray(sims, dtype=np.float64), maps=torch.stack(maps).numpy().astype(np.float32),
+        raw=raw_all, zero=raw_all.reshape(raw_all.shape[0], n, -1).max(axis=2) == 0,
+        not_reset=sorted(set(not_reset)))
+
+
+def verdict(result: SanityResult, threshold: float = 0.5) -> dict:
+    """Pass/fail of the randomisation test.
+
+    Looks at row k = result.layer_step: the first step at which the CAM's
+    target layer has been randomised (in the default head-down cascade: that
+    layer and everything above it). The similarity of a randomised map to its
+    original is |spearman_abs|: the magnitude of the rank correlation of the
+    absolute maps (a map whose ranking flips, rho near -1, still mirrors the
+    original's structure, so it counts as similar). The method passes when
+    the median similarity over images is below `threshold` at that step: the
+    maps depend on the learned parameters of the layer and those above it.
+
+    NaN scores (an original or randomised map that is constant, typically all
+    zero after the ReLU) are not counted as "changed" nor as "similar": they
+    are left out of the median and reported as `n_nan`. If every score at
+    that step is NaN, or the cascade never reaches the layer, `passed` is
+    None and `reason` says why.
+
+    Returns {"passed": bool | None, "reason": str, "step": name, "step_index": k,
+    "metric": "|spearman_abs|", "threshold", "median" (of the similarity at step
+    k), "median_ssim", "n_images", "n_used", "n_nan", "median_per_step": {step:
+    median similarity (nan if no finite score)}}.
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        raise SanityError(f"threshold must be a number in (0, 1]; got {threshold!r}")
+    scores = np.abs(np.asarray(result.spearman_abs, dtype=np.float64))     # nan stays nan
+
+    def med(row: np.ndarray) -> float:
+        fin = row[np.isfinite(row)]
+        return float(np.median(fin)) if fin.size else float("nan")
+
+    out = {"passed": None, "reason": "", "step": None, "step_index": result.layer_step,
+           "metric": "|spearman_abs|", "threshold": float(threshold), "median": float("nan"),
+           "median_ssim": float("nan"), "n_images": int(scores.shape[1]), "n_used": 0, "n_nan": 0,
+           "median_per_step": {name: med(row) for name, row in zip(result.steps, scores)}}
+    k = result.layer_step
+    if k is None:
+        out["reason"] = (f"the cascade {result.steps[1:]} never randomises the target layer "
+                         f"{result.layer!r}; add it to `order`")
+        return out
+    row = scores[k]
+    finite = np.isfinite(row)
+    out.update(step=result.steps[k], n_used=int(finite.sum()), n_nan=int((~finite).sum()),
+               median_ssim=float(np.median(result.ssim[k])))
+    if not finite.any():
+        out["reason"] = (f"every map at step {result.steps[k]!r} (or its original) is constant, "
+                         f"so no rank correlation is defined")
+        return out
+    out["median"] = med(row)
+    out["passed"] = bool(out["median"] < threshold)
+    relation = "<" if out["passed"] else ">="
+    out["reason"] = (f"median |Spearman| {out['median']:.3f} {relation} {threshold} after randomising "
+                     f"down to {result.steps[k]!r} ({out['n_used']} images, {out['n_nan']} undefined)")
+    return out
