@@ -1,4 +1,4 @@
-"""Command line: python -m cnnstress {train,run,stress} ...
+"""Command line: python -m cnnstress {train,run,stress,explain} ...
 
 User errors (bad data, config, device, checkpoint) print one line to stderr
 and exit with status 2; nothing already saved is overwritten.
@@ -36,6 +36,31 @@ def _common(p: argparse.ArgumentParser, force_help: str = "retrain even when a c
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _threshold(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threshold", type=float, default=None,
+                   help="confidence above which a wrong prediction counts as a failure (default 0.8)")
+
+
+def _stress_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corruption-subset", type=_positive_int, default=None,
+                   help="test images per corruption and severity (default: the profile's)")
+    p.add_argument("--adv-subset", type=_positive_int, default=None,
+                   help="test images attacked (default: the profile's)")
+
+
+def _explain_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer", default=None, help="Grad-CAM target layer: layer3 (8x8) or layer4 (4x4, default)")
+    p.add_argument("--samples", type=_positive_int, default=None,
+                   help="images per faithfulness group (default: the profile's)")
+
+
+def _analysis_overrides(args: argparse.Namespace) -> dict:
+    """Config overrides of the stress and explanation options a command has."""
+    names = {"corruption_subset": "corruption_subset", "adv_subset": "adv_subset", "layer": "cam_layer",
+             "samples": "faithfulness_samples", "threshold": "failure_threshold"}
+    return {field: getattr(args, arg) for arg, field in names.items() if hasattr(args, arg)}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad argument on one line (exit status 2)."""
 
@@ -50,21 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(train)
     train.add_argument("--aug", default="baseline", help=f"augmentation preset: {', '.join(PRESETS)} (default: baseline)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
-    run = sub.add_parser("run", help="the whole study: both models, failures, Grad-CAM, comparison, report")
+    run = sub.add_parser("run", help="the whole study: both models, failures, Grad-CAM, comparison, stress "
+                                     "tests, explanation checks, report")
     _common(run)
-    run.add_argument("--threshold", type=float, default=None,
-                     help="confidence above which a wrong prediction counts as a failure (default 0.8)")
+    _threshold(run)
     run.add_argument("--no-stress", action="store_true",
                      help="skip the stress stage (corruptions, calibration, adversarial)")
+    run.add_argument("--no-explain", action="store_true",
+                     help="skip the explanation stage (faithfulness, sanity check, drift, label suspects)")
+    _stress_options(run)
+    _explain_options(run)
     stress = sub.add_parser("stress", help="stress-test the two trained models (corruptions, calibration, "
                                            "adversarial) and refresh the report; never trains")
     _common(stress, force_help="recompute the stress results even when cached ones match")
-    stress.add_argument("--threshold", type=float, default=None,
-                        help="confidence above which a wrong prediction counts as a failure (default 0.8)")
-    stress.add_argument("--corruption-subset", type=_positive_int, default=None,
-                        help="test images per corruption and severity (default: the profile's)")
-    stress.add_argument("--adv-subset", type=_positive_int, default=None,
-                        help="test images attacked (default: the profile's)")
+    _threshold(stress)
+    _stress_options(stress)
+    explain = sub.add_parser("explain", help="check the explanations (faithfulness, sanity check, drift) and "
+                                             "triage the failures (label suspects); refresh the report; never trains")
+    _common(explain, force_help="recompute the explanation results even when cached ones match")
+    _threshold(explain)
+    _explain_options(explain)
     return parser
 
 
@@ -100,6 +130,14 @@ def _print_result(result) -> None:
                      f"(calibrated {100 * r['calibration']['calibrated']['ece']:.2f}%), "
                      f"mean corruption accuracy {100 * r['corruptions']['mean_corruption_accuracy']:.2f}%, "
                      f"PGD {round(255 * r['adversarial']['eps'][-1])}/255 {100 * r['adversarial']['pgd'][-1]:.1f}%")
+        if result.explanations:
+            ex = result.explanations
+            ls = ex["label_suspects"][name]
+            faith = ex["faithfulness"][name]["sample"]["methods"]["gradcam"]
+            sanity = ex["sanity"][name]["gradcam"]["verdict"]["passed"]
+            line += (f"; Grad-CAM deletion/insertion AUC {faith['deletion_auc']:.3f}/{faith['insertion_auc']:.3f} "
+                     f"({faith['verdict']}), sanity check {'pass' if sanity else 'FAIL' if sanity is False else 'undecided'}, "
+                     f"{ls['suspect_failures']}/{ls['failures']} failures suspected label errors")
         print(line)
     print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")
 
@@ -107,7 +145,8 @@ def _print_result(result) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")  # headless: files only
-    config = _config(args, failure_threshold=args.threshold, stress=False if args.no_stress else None)
+    config = _config(args, stress=False if args.no_stress else None, explain=False if args.no_explain else None,
+                     **_analysis_overrides(args))
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force,
                                    progress=False if args.no_progress else None)
     _print_result(result)
@@ -117,15 +156,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stress(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")
-    config = _config(args, failure_threshold=args.threshold, stress=True,
-                     corruption_subset=args.corruption_subset, adv_subset=args.adv_subset)
-    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, force_stress=args.force,
-                                   progress=False if args.no_progress else None)
+    config = _config(args, stress=True, **_analysis_overrides(args))
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus="stress",
+                                   force_focus=args.force, progress=False if args.no_progress else None)
     _print_result(result)
     return 0
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress}
+def cmd_explain(args: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    config = _config(args, explain=True, **_analysis_overrides(args))
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus="explain",
+                                   force_focus=args.force, progress=False if args.no_progress else None)
+    _print_result(result)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain": cmd_explain}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,8 @@ from .errors import ConfigError
 AUGMENT_PRESETS = ("baseline", "enhanced")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
+FAITHFULNESS_BASELINES = ("blur", "mean")
+CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")  # the ResNet stages with a spatial map
 
 
 def _runtime(default: Any) -> Any:
@@ -52,6 +54,13 @@ class Config:
     adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8))  # L-inf budgets in grey levels: eps = k/255
     pgd_steps: int = _runtime(10)                 # PGD iterations per budget (step 2.5*eps/steps)
     calibration_bins: int = _runtime(15)          # equal-width confidence bins for ECE/MCE (Guo et al. 2017)
+    # --- explanations and failure triage: runtime ---------------------------
+    explain: bool = _runtime(True)                # run the explanation stage as part of `run`
+    cam_layer: str = _runtime("layer4")           # CAM target layer: layer4 (4x4 map) or layer3 (8x8)
+    faithfulness_samples: int = _runtime(500)     # images per group (top failures; a stratified sample)
+    faithfulness_steps: int = _runtime(16)        # deletion/insertion steps (pixels changed per step = 1/steps)
+    faithfulness_baseline: str = _runtime("blur")  # what removed pixels become: blur | mean
+    sanity_samples: int = _runtime(64)            # images in the parameter-randomisation test
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep the config hashable and frozen.
@@ -88,6 +97,14 @@ class Config:
             problems.append(f"adv_eps must be whole grey levels in 0..255 (got {self.adv_eps})")
         if self.pgd_steps < 1:
             problems.append(f"pgd_steps must be >= 1 (got {self.pgd_steps})")
+        for name in ("faithfulness_samples", "faithfulness_steps", "sanity_samples"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.faithfulness_baseline not in FAITHFULNESS_BASELINES:
+            problems.append(f"unknown faithfulness_baseline {self.faithfulness_baseline!r}; choose one of "
+                            f"{', '.join(FAITHFULNESS_BASELINES)}")
+        if self.cam_layer not in CAM_LAYERS:
+            problems.append(f"unknown cam_layer {self.cam_layer!r}; choose one of {', '.join(CAM_LAYERS)}")
         if self.calibration_bins < 1:
             problems.append(f"calibration_bins must be >= 1 (got {self.calibration_bins})")
         if problems:
@@ -125,8 +142,10 @@ class Config:
 # CPU; `full` corrupts the whole test set and attacks 1,000 images.
 PROFILES: dict[str, dict[str, Any]] = {
     "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64,
-                  corruption_subset=10, adv_subset=16, adv_eps=(2, 8), pgd_steps=2),
-    "quick": dict(epochs=4, train_subset=4000, val_size=1000, corruption_subset=100, adv_subset=100),
+                  corruption_subset=10, adv_subset=16, adv_eps=(2, 8), pgd_steps=2,
+                  faithfulness_samples=8, faithfulness_steps=4, sanity_samples=4),
+    "quick": dict(epochs=4, train_subset=4000, val_size=1000, corruption_subset=64, adv_subset=64,
+                  faithfulness_samples=32, sanity_samples=16),
     "full": dict(epochs=30),
 }
 

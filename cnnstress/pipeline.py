@@ -192,16 +192,22 @@ class FailureCase:
     where_pred: dict
     where_true: dict
     figure: Path | None = None
+    label_suspect: bool = False   # confident learning flags the label as possibly wrong
+
+
+SUSPECT_NOTE = "suspected label error (confident learning): the given label may be wrong, not the model"
 
 
 def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: str | Path | None = None, *,
                      k: int | None = None, layer: str = "layer4", save: bool = True,
-                     show: bool = False) -> list[FailureCase]:
+                     show: bool = False, suspects=()) -> list[FailureCase]:
     """Stage 8: Grad-CAM for the predicted and the true class of the top-k
-    failures; writes failure_case_<i>.png (or a 'no failures' figure)."""
+    failures; writes failure_case_<i>.png (or a 'no failures' figure).
+    `suspects`: positions flagged as possible label errors (suspects_for);
+    their figures and cases say so."""
     import matplotlib.pyplot as plt
 
-    from .gradcam import GradCAM, describe_cam
+    from .gradcam import GradCAM, describe_cam, get_layer
     from .plots import plot_failure_case, plot_no_failures, save_figure
 
     out = Path(out_dir or default_out_dir())
@@ -223,18 +229,21 @@ def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: s
     images = split.images[positions]
     x = normalize(to_float(images)).to(device)
     model = trained.model
-    cam = GradCAM(model, getattr(model, layer) if isinstance(layer, str) else layer)
+    cam = GradCAM(model, get_layer(model, layer) if isinstance(layer, str) else layer)
     pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
     true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
     cases = []
     for i, f in enumerate(rows):
         image = images[i].permute(1, 2, 0).numpy()
+        suspect = f.position in set(suspects)
         case = FailureCase(rank=i + 1, failure=f, image=image, cam_pred=pred_maps[i], cam_true=true_maps[i],
-                           where_pred=describe_cam(pred_maps[i]), where_true=describe_cam(true_maps[i]))
+                           where_pred=describe_cam(pred_maps[i]), where_true=describe_cam(true_maps[i]),
+                           label_suspect=suspect)
         fig = plot_failure_case(
             image, pred_maps[i], true_maps[i], true_name=CLASSES[f.true], pred_name=CLASSES[f.pred],
             confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
-            title=f"{trained.name} failure #{i + 1}: test image {f.dataset_index}")
+            title=f"{trained.name} failure #{i + 1}: test image {f.dataset_index}",
+            note=SUSPECT_NOTE if suspect else None)
         if save:
             case.figure = save_figure(fig, out / f"failure_case_{i + 1}.png")
         if not show:
@@ -313,14 +322,15 @@ def _read_stress_cache(path: Path, key: dict) -> dict | None:
 
 def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
                 out_dir: str | Path | None = None, config: Config | None = None, *, force: bool = False,
-                save: bool = True, show: bool = False, progress: bool | None = None,
-                log: Callable[[str], None] | None = print) -> dict[str, dict]:
+                save: bool = True, show: bool = False, progress: bool | None = None, cached_only: bool = False,
+                log: Callable[[str], None] | None = print) -> dict[str, dict] | None:
     """Stage 12: calibration, corruption robustness and adversarial accuracy
     for every model (see cnnstress.stress). Results are cached per model in
     stress_<name>.json, reused when made from the same checkpoint, test images
     and stress settings. Writes corruption_accuracy.csv and the figures
     robustness.png, corruption_examples.png, reliability_diagram.png and
-    adversarial.png. Returns {model name: results}."""
+    adversarial.png. Returns {model name: results}; with cached_only, None
+    unless every model's results are cached."""
     from .adversarial import adversarial_accuracy
     from .checkpoint import save_json
     from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
@@ -340,6 +350,9 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
             results[name] = cached
             say(f"stress: reusing {stress_path(out, name)}")
     todo = [name for name in trained if name not in results]
+    if todo and cached_only:
+        say("stress: no cached results match these models and settings; `python -m cnnstress stress` computes them")
+        return None
     if todo:
         device = resolve_device(config.device)
         show_bar = progress_enabled(progress)
@@ -417,6 +430,149 @@ def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions],
     return paths
 
 
+# --- explanations and failure triage -----------------------------------------
+
+EXPLANATIONS_FILE = "explanations.json"
+SANITY_FIGURE_IMAGES = 3    # images whose maps are drawn at every randomisation step
+SUSPECT_TILES = 12          # tiles per group in label_suspects.png
+
+
+def suspects_for(preds: Predictions, failures: FailureTable) -> dict:
+    """Confident-learning label suspects among the failures (cheap: probabilities only)."""
+    from .explain import label_suspects
+    return label_suspects(preds, failures)
+
+
+def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
+                   failures: dict[str, FailureTable], comparison: dict, out_dir: str | Path | None = None,
+                   config: Config | None = None, *, force: bool = False, save: bool = True, show: bool = False,
+                   cached_only: bool = False, log: Callable[[str], None] | None = print) -> dict | None:
+    """Stage 13: faithfulness (deletion/insertion AUC of Grad-CAM, Grad-CAM++
+    and a random map), the parameter-randomisation sanity check, explanation
+    drift between the two models and confident-learning label suspects (see
+    cnnstress.explain). Cached in explanations.json (reused when made from the
+    same checkpoints, test images and settings); writes faithfulness.png,
+    sanity_check.png, label_suspects.png and cam_methods.png. With
+    cached_only, returns None unless the cache matches."""
+    import json
+
+    from .checkpoint import save_json
+    from .explain import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
+                          label_suspects, sanity_report)
+
+    out = ensure_writable_dir(out_dir or default_out_dir())
+    config = config or next(iter(trained.values())).config
+    say = log or (lambda _msg: None)
+    key = {"checkpoint_stamps": {n: _checkpoint_stamp(t.checkpoint) if t.checkpoint.exists() else ""
+                                 for n, t in trained.items()},
+           "test_indices": splits.test.indices.tolist(), "settings": explanation_settings(config)}
+    path = out / EXPLANATIONS_FILE
+    result = None
+    if not force and all(key["checkpoint_stamps"].values()) and path.exists():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cached = {}
+        if cached.get("key") == key:
+            result = cached["results"]
+            say(f"explanations: reusing {path}")
+    if result is None and cached_only:
+        say("explanations: no cached results match these models and settings; `python -m cnnstress explain` computes them")
+        return None
+    if result is None:
+        device = resolve_device(config.device)
+        t0 = time.perf_counter()
+        result = {"faithfulness": {}, "sanity": {}, "label_suspects": {}, "seconds": {}}
+        sanity_maps = None
+        for name, t in trained.items():
+            t1 = time.perf_counter()
+            result["faithfulness"][name] = faithfulness_report(t.model, splits.test.images, preds[name],
+                                                               failures[name], config, device)
+            summary, raw = sanity_report(t.model, splits.test.images, preds[name], config, device)
+            result["sanity"][name] = summary
+            if sanity_maps is None:
+                g = raw["gradcam"]
+                sanity_maps = {"model": name, "steps": list(g.steps),
+                               "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
+            result["label_suspects"][name] = label_suspects(preds[name], failures[name])
+            result["seconds"][name] = time.perf_counter() - t1
+        if {"baseline", "improved"} <= set(trained):
+            result["label_agreement"] = agreed_suspects(result["label_suspects"], preds)
+            result["drift"] = drift_report({n: trained[n].model for n in ("baseline", "improved")},
+                                           splits.test.images, preds, comparison["failures"], config, device)
+        result["sanity_maps"] = sanity_maps
+        result["seconds"]["total"] = time.perf_counter() - t0
+        if save:
+            save_json(path, {"key": key, "results": result})
+    for name in trained:
+        f = result["faithfulness"][name]
+        ls = result["label_suspects"][name]
+        verdicts = ", ".join(f"{m} {f['sample']['methods'][m]['verdict']}" for m in ("gradcam", "gradcam++"))
+        sanity = ", ".join(f"{m} {'pass' if result['sanity'][name][m]['verdict']['passed'] else 'FAIL'}"
+                           for m in ("gradcam", "gradcam++"))
+        say(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "
+            f"{ls['suspect_failures']} of {ls['failures']} failures are suspected label errors")
+    if save or show:
+        save_explanation_figures(result, trained, splits, preds, failures, config, out, save=save, show=show)
+    return result
+
+
+def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: CifarSplits,
+                             preds: dict[str, Predictions], failures: dict[str, FailureTable], config: Config,
+                             out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
+    """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
+    import matplotlib.pyplot as plt
+
+    from .explain import cam_maps
+    from .plots import (plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check,
+                        save_figure)
+
+    out = Path(out_dir)
+    sm = result.get("sanity_maps") or {}
+    figures = {
+        "faithfulness.png": plot_faithfulness(result["faithfulness"]),
+        "sanity_check.png": plot_sanity_check(
+            result["sanity"], np.asarray(sm["maps"], dtype=np.float32) if sm else None, sm.get("steps"),
+            map_title=f"{sm.get('model')}: Grad-CAM ({config.cam_layer}) of {SANITY_FIGURE_IMAGES} test images "
+                      "as the layers are re-initialised"),
+    }
+    name = "baseline" if "baseline" in trained else next(iter(trained))
+    ls = result["label_suspects"][name]
+    entries = []
+    for group, positions in (("suspect", ls["suspect_failure_positions"]), ("model", ls["model_error_positions"])):
+        for pos in positions[:SUSPECT_TILES]:
+            p = preds[name]
+            entries.append({"image": splits.test.images[pos].permute(1, 2, 0).numpy(),
+                            "given": CLASSES[int(p.labels[pos])], "predicted": CLASSES[int(p.preds[pos])],
+                            "confidence": float(p.confidence[pos]), "suspect": group == "suspect",
+                            "dataset_index": int(splits.test.indices[pos])})
+    title = (f"{name}: high-confidence failures (>{failures[name].threshold:.0%}) triaged by confident "
+             f"learning ({ls['suspect_failures']} suspects of {ls['failures']}; at most {SUSPECT_TILES} shown each)")
+    if not ls["reliable"]:
+        title += (f"\nUNRELIABLE: {ls['flagged_fraction']:.0%} of all test images flagged; the model is too weak "
+                  "to tell wrong labels from its own mistakes")
+    figures["label_suspects.png"] = plot_label_suspects(entries, title=title)
+    rows = failures[name].rows
+    pos = rows[0].position if rows else 0
+    model = trained[name].model
+    device = resolve_device(config.device)
+    x = normalize(to_float(splits.test.images[pos:pos + 1])).to(device)
+    target = preds[name].preds[pos:pos + 1]
+    maps = {f"{label} {layer}": cam_maps(model, x, target, method, layer)[1][0].numpy()
+            for layer in ("layer3", "layer4") for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
+    figures["cam_methods.png"] = plot_cam_methods(
+        splits.test.images[pos].permute(1, 2, 0).numpy(), maps,
+        title=f"{name}, test image {int(splits.test.indices[pos])}: predicted {CLASSES[int(target[0])]}, "
+              f"label {CLASSES[int(preds[name].labels[pos])]} (layer3: 8x8 map, layer4: 4x4)")
+    paths = []
+    for filename, fig in figures.items():
+        if save:
+            paths.append(save_figure(fig, out / filename))
+        if not show:
+            plt.close(fig)
+    return paths
+
+
 @dataclass
 class RunResult:
     config: Config
@@ -429,19 +585,29 @@ class RunResult:
     outputs: Path
     seconds: float
     stress: dict[str, dict] | None = None   # stress_test's results; None when the stage was off
+    explanations: dict | None = None        # explain_models' results; None when the stage was off
+
+
+ANALYSIS_STAGES = ("stress", "explain")
 
 
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
-                 force: bool = False, train: bool = True, force_stress: bool = False,
+                 force: bool = False, train: bool = True, focus: str | None = None, force_focus: bool = False,
                  progress: bool | None = None, log: Callable[[str], None] | None = print) -> RunResult:
     """The whole study in one call: baseline, curves, evaluation, failures,
     Grad-CAM, improved model (only the augmentation preset changed),
-    comparison, figures, the stress stage (when config.stress), metrics.json
-    and analysis_report.txt.
+    comparison, figures, the stress stage (config.stress), the explanation
+    stage (config.explain), metrics.json and analysis_report.txt.
 
     train=False never trains: both models must already have finished
-    checkpoints (the `stress` command). force retrains and recomputes
-    everything; force_stress only recomputes the stress stage."""
+    checkpoints. force retrains and recomputes everything. focus="stress" or
+    "explain" (the commands of those names) runs that stage, recomputed when
+    force_focus, and includes the other analysis stage only from its cache."""
+    if focus is not None and focus not in ANALYSIS_STAGES:
+        raise ValueError(f"focus must be one of {ANALYSIS_STAGES} or None, got {focus!r}")
+
+    def mode(stage: str) -> dict:
+        return {"force": force or (focus == stage and force_focus), "cached_only": focus not in (None, stage)}
     from .report import write_report
 
     t0 = time.perf_counter()
@@ -466,17 +632,23 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
         say(f"{name}: test accuracy {100 * preds[name].accuracy:.2f}%, "
             f"{len(failures[name])} failures above {cfg.failure_threshold:.0%} confidence")
         if name == "baseline":
-            cases = explain_failures(trained[name], splits.test, failures[name], out)
+            suspects = suspects_for(preds[name], failures[name])["suspect_failure_positions"]
+            cases = explain_failures(trained[name], splits.test, failures[name], out, layer=config.cam_layer,
+                                     suspects=suspects)
     comparison = compare_models(preds, failures, config)
     save_comparison_figures(summaries, out)
     stress = None
     if config.stress:
         say("== stress tests: calibration, corruptions, adversarial ==")
-        stress = stress_test(trained, splits, preds, out, config, force=force or force_stress,
-                             progress=progress, log=log)
+        stress = stress_test(trained, splits, preds, out, config, progress=progress, log=log, **mode("stress"))
+    explanations = None
+    if config.explain:
+        say("== explanations: faithfulness, sanity check, drift, label suspects ==")
+        explanations = explain_models(trained, splits, preds, failures, comparison, out, config,
+                                      log=log, **mode("explain"))
     result = RunResult(config=config, trained=trained, predictions=preds, failures=failures,
                        summaries=summaries, cases=cases, comparison=comparison, outputs=out,
-                       seconds=time.perf_counter() - t0, stress=stress)
+                       seconds=time.perf_counter() - t0, stress=stress, explanations=explanations)
     report = write_report(result)
     say(f"report: {report}  ({result.seconds:.0f}s in all)")
     return result

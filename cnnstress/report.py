@@ -38,6 +38,26 @@ def _model_metrics(result: "RunResult", name: str) -> dict[str, Any]:
         "checkpoint": str(trained.checkpoint),
         "reused_checkpoint": bool(trained.result.reused),  # True: loaded, not trained in this run
         **_stress_metrics(result, name),
+        **_explain_metrics(result, name),
+    }
+
+
+def _explain_metrics(result: "RunResult", name: str) -> dict[str, Any]:
+    """The explanation stage's headline numbers for one model (empty when it did not run)."""
+    ex = result.explanations
+    if not ex:
+        return {}
+    faith = {group: {m: {"deletion_auc": v["deletion_auc"], "insertion_auc": v["insertion_auc"],
+                         **({"verdict": v["verdict"]} if "verdict" in v else {})}
+                     for m, v in r["methods"].items()} for group, r in ex["faithfulness"][name].items() if r.get("n")}
+    ls = ex["label_suspects"][name]
+    return {
+        "faithfulness": faith,
+        "sanity_check": {m: ex["sanity"][name][m]["verdict"]["passed"] for m in ("gradcam", "gradcam++")},
+        "label_suspect_failures": ls["suspect_failures"],
+        "model_error_failures": ls["failures"] - ls["suspect_failures"],
+        "label_suspects_test": ls["suspects"],
+        "label_suspects_reliable": ls["reliable"],
     }
 
 
@@ -81,6 +101,8 @@ def build_metrics(result: "RunResult") -> dict[str, Any]:
             "threshold": cmp["threshold"],
         },
         **({"stress": _stress_details(result)} if result.stress else {}),
+        **({"explanations": {k: v for k, v in result.explanations.items() if k != "sanity_maps"}}
+           if result.explanations else {}),
         "config": base_cfg.to_dict(),
         "profile": result.config.profile,
         "hardware": describe_hardware(resolve_device(result.config.device)),
@@ -141,6 +163,8 @@ def _case_lines(result: "RunResult") -> list[str]:
             conf = float(improved.probs[f.position, p])
             verdict = "fixed" if p == f.true else "still wrong"
             text += (f" The improved model predicts {CLASSES[p]} ({100 * conf:.1f}%): {verdict}.")
+        if case.label_suspect:
+            text += " Confident learning flags this label as a suspected label error."
         lines += _wrap(text, "  ")
         lines.append("")
     return lines
@@ -227,9 +251,14 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
     gains = sorted(((imp["per_class_accuracy"][c] or 0) - (base["per_class_accuracy"][c] or 0), c) for c in CLASSES)
     lines += _wrap(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                    f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points).")
+    number = 7
     if result.stress:
-        lines += _stress_lines(result, metrics)
-    lines += _section(f"{8 if result.stress else 7}. Summary")
+        lines += _stress_lines(result, metrics, number)
+        number += 1
+    if result.explanations:
+        lines += _explain_lines(result, metrics, number)
+        number += 1
+    lines += _section(f"{number}. Summary")
     better = diff["diff"] > 0
     lines += _wrap(
         f"Changing only the augmentation preset {'raised' if better else 'did not raise'} test accuracy "
@@ -258,7 +287,7 @@ def _better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> st
     return "better" if (delta > 0) == higher_is_better else "worse"
 
 
-def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
+def _stress_lines(result: "RunResult", metrics: dict[str, Any], number: int = 7) -> list[str]:
     """Section 7: calibration, corruptions, adversarial, and what the one change did to each."""
     from .corruptions import CORRUPTIONS, SEVERITIES, UNAVAILABLE
 
@@ -267,8 +296,8 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
     cor = {n: r["corruptions"] for n, r in st.items()}
     adv = {n: r["adversarial"] for n, r in st.items()}
     threshold = metrics["comparison"]["threshold"]
-    lines = _section("7. Stress tests beyond accuracy")
-    lines += ["", "7a. Calibration (clean test set)"]
+    lines = _section(f"{number}. Stress tests beyond accuracy")
+    lines += ["", f"{number}a. Calibration (clean test set)"]
     lines += _wrap(f"Expected calibration error with {cal['baseline']['bins']} equal-width confidence bins "
                    f"(Guo et al. 2017) and maximum calibration error over non-empty bins. Temperature T fitted by "
                    f"minimising the NLL on the {cal['baseline']['val_n']} validation images (never the test set); "
@@ -283,7 +312,7 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
     lines.append("Figure: reliability_diagram.png (bars labelled with the images per bin).")
 
     n_cell = cor["baseline"]["n"]
-    lines += ["", f"7b. Common corruptions ({len(CORRUPTIONS)} CIFAR-10-C types x severities "
+    lines += ["", f"{number}b. Common corruptions ({len(CORRUPTIONS)} CIFAR-10-C types x severities "
                   f"{SEVERITIES[0]}-{SEVERITIES[-1]}, {n_cell} test images per cell)"]
     missing = "; ".join(f"{k}: {v}" for k, v in UNAVAILABLE.items())
     lines += _wrap(f"Generated in the package from the clean test images with the CIFAR parameters of Hendrycks "
@@ -310,7 +339,7 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
     lines.append("Files: robustness.png, corruption_examples.png, corruption_accuracy.csv (RobustBench layout).")
 
     a0 = adv["baseline"]
-    lines += ["", f"7c. Adversarial robustness (L-infinity, {a0['n']} test images, PGD {a0['steps']} steps of "
+    lines += ["", f"{number}c. Adversarial robustness (L-infinity, {a0['n']} test images, PGD {a0['steps']} steps of "
                   f"2.5*eps/steps with a seeded random start)"]
     lines.append(f"{'eps':>6} " + " ".join(f"{n + ' ' + atk.upper():>14}" for n in adv for atk in ("fgsm", "pgd")))
     lines.append(f"{'0':>6} " + " ".join(f"{_pct(adv[n]['clean_accuracy'], 1):>14}" for n in adv for _ in (0, 1)))
@@ -319,7 +348,7 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
                                                           for atk in ("fgsm", "pgd")))
     lines.append("Figure: adversarial.png.")
 
-    lines += ["", "7d. Did the augmentation help beyond clean accuracy?"]
+    lines += ["", f"{number}d. Did the augmentation help beyond clean accuracy?"]
     d_clean = metrics["improved"]["test_accuracy"] - metrics["baseline"]["test_accuracy"]
     d_mca = cor["improved"]["mean_corruption_accuracy"] - cor["baseline"]["mean_corruption_accuracy"]
     d_drop = cor["improved"]["drop_from_clean"] - cor["baseline"]["drop_from_clean"]
@@ -339,6 +368,95 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any]) -> list[str]:
     lines += _wrap(f"The augmentation helped most against {best} and least (or hurt most) against {worst}. "
                    f"Neither model was trained against attacks, so accuracy near zero at {a0['eps_255'][-1]}/255 "
                    f"is expected; the small budgets show how brittle the decision boundary is.")
+    return lines
+
+
+def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) -> list[str]:
+    """Explanations: faithfulness, sanity check, drift, label suspects."""
+    ex = result.explanations
+    cfg = result.trained["baseline"].config
+    lines = _section(f"{number}. Can the explanations and the failures be trusted?")
+    lines += ["", f"{number}a. Faithfulness: deletion / insertion (Petsiuk et al. 2018), maps at {cfg.cam_layer}"]
+    start = "a blurred copy of the image" if cfg.faithfulness_baseline == "blur" else "a mean-colour image"
+    lines += _wrap(f"Pixels are replaced by those of {start} in order of the map's importance (deletion), or "
+                   f"restored into it (insertion), in {cfg.faithfulness_steps} steps, and the probability of the "
+                   f"explained class (the model's prediction) is recorded; AUC over the fraction of pixels. Lower "
+                   f"deletion and higher insertion AUC = more faithful. A method counts as better than the random "
+                   f"map only when the paired 95% intervals of both differences exclude zero.")
+    lines.append(f"{'model':<9} {'images':<15} {'method':<11} {'deletion':>8} {'insertion':>9}  verdict vs random")
+    for name, groups in ex["faithfulness"].items():
+        for group, r in groups.items():
+            if not r.get("n"):
+                lines.append(f"{name:<9} {group + ' (0)':<15} no images")
+                continue
+            for method, m in r["methods"].items():
+                verdict = m.get("verdict", "(reference)")
+                lines.append(f"{name:<9} {group + ' (' + str(r['n']) + ')':<15} {method:<11} "
+                             f"{m['deletion_auc']:>8.3f} {m['insertion_auc']:>9.3f}  {verdict}")
+    weak = [f"{m} ({name}, {group})" for name, groups in ex["faithfulness"].items() for group, r in groups.items()
+            if r.get("n") for m, v in r["methods"].items() if m != "random" and v["verdict"] != "better than random"]
+    lines += _wrap("Every explanation method beat the random map in every group." if not weak else
+                   "Not better than the random map: " + "; ".join(weak) + ". Those maps should not be read as "
+                   "evidence of what the model used.")
+    lines.append("Figure: faithfulness.png.")
+
+    lines += ["", f"{number}b. Sanity check: cascading model-parameter randomisation (Adebayo et al. 2018)"]
+    n = ex["sanity"]["baseline"]["n"]
+    lines += _wrap(f"On a copy of each model (the trained weights are untouched), the layers are re-initialised from "
+                   f"the head down, cumulatively, and the maps of {n} test images recomputed for the same classes. "
+                   f"A method passes when, once {cfg.cam_layer} and everything above it are random, the median "
+                   f"|Spearman| rank correlation with the original maps is below the threshold: maps that survive "
+                   f"the destruction of the weights do not explain the model.")
+    for name, s in ex["sanity"].items():
+        for method in ("gradcam", "gradcam++"):
+            v = s[method]["verdict"]
+            word = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[v["passed"]]
+            lines += _wrap(f"{word}: {name}, {method}: {v['reason']}; median SSIM there {v['median_ssim']:.3f}.", "  ")
+    lines.append("Figure: sanity_check.png.")
+
+    if "drift" in ex:
+        d = ex["drift"]
+        lines += ["", f"{number}c. Explanation drift: baseline vs improved Grad-CAM on the same images"]
+        lines += _wrap("Each model explains its own prediction. Rank correlation of the two maps (1 = same order of "
+                       "importance) and the mean share of map mass in the central quarter of the image, where CIFAR "
+                       "objects usually sit.")
+        lines.append(f"{'failures':<11} {'images':>6} {'median rho':>10} {'centre: baseline':>16} {'improved':>8} "
+                     f"{'moved onto centre':>17}")
+        for group in ("fixed", "persisting", "new"):
+            g = d[group]
+            if not g["n"]:
+                lines.append(f"{group:<11} {0:>6}")
+                continue
+            rho = "n/a" if g["median_spearman"] is None else f"{g['median_spearman']:.3f}"
+            lines.append(f"{group:<11} {g['n']:>6} {rho:>10} {_pct(g['centre_fraction']['baseline'], 1):>16} "
+                         f"{_pct(g['centre_fraction']['improved'], 1):>8} {g['moved_onto_centre']:>10} of {g['n']}")
+
+    lines += ["", f"{number}{'d' if 'drift' in ex else 'c'}. Failure triage: suspected label errors (confident learning)"]
+    lines += _wrap("Confident learning (Northcutt et al. 2021, cleanlab's prune_by_noise_rate) on the test-set "
+                   "probabilities, which are out-of-sample for a model trained on the training split: an image is a "
+                   "suspect when the model is confidently sure of another class beyond what that class's per-class "
+                   "threshold allows. A suspect high-confidence failure may be a wrong label, not a model error; it "
+                   "is marked in the failure-case figures.")
+    from .explain import KNOWN_TEST_LABEL_ERRORS
+    for name, ls in ex["label_suspects"].items():
+        lines += _wrap(f"{name}: {ls['suspect_failures']} of {ls['failures']} high-confidence failures are suspected "
+                       f"label errors, {ls['failures'] - ls['suspect_failures']} are model errors "
+                       f"({ls['suspects']} suspects in all {ls['n_test']} test images, "
+                       f"{100 * ls['flagged_fraction']:.1f}%).", "  ")
+    agree = ex.get("label_agreement")
+    if agree:
+        lines += _wrap(f"Both models (trained independently) flag {agree['count']} test images and predict the same "
+                       f"other class for them: the stronger suspects. Among the baseline's failures "
+                       f"{len(agree['failures']['baseline'])}, among the improved model's "
+                       f"{len(agree['failures']['improved'])}.", "  ")
+    weak = [name for name, ls in ex["label_suspects"].items() if not ls["reliable"]]
+    if weak:
+        lines += _wrap(f"Unreliable here ({', '.join(weak)}): Northcutt et al. (2021) found {KNOWN_TEST_LABEL_ERRORS} "
+                       f"label errors in CIFAR-10's 10,000 test images (about 0.5%); flagging far more means confident "
+                       f"learning is flagging the model's own confident mistakes. Its thresholds come from the model's "
+                       f"probabilities, so it needs an accurate model (train longer, e.g. the 'full' profile) before "
+                       f"its suspects mean anything.")
+    lines.append("Figures: label_suspects.png (baseline), cam_methods.png (Grad-CAM vs Grad-CAM++, layer3 vs layer4).")
     return lines
 
 

@@ -59,3 +59,16 @@ def cifar_dir(tmp_path: Path) -> Path:
 def shared_cifar_dir(tmp_path_factory) -> Path:
     """A tiny CIFAR-10 folder shared by tests that only read it."""
     return write_cifar(tmp_path_factory.mktemp("cifar") / "data")
+
+
+@pytest.fixture(scope="session")
+def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
+    """`python -m cnnstress run` in the smoke profile with every stage
+    (stress and explanations included), shared by the stage tests."""
+    from cnnstress.__main__ import main
+
+    out = tmp_path_factory.mktemp("analysed_run")
+    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress",
+                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
+    assert code == 0
+    return out

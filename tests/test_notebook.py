@@ -20,12 +20,13 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "assignment.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("training_curves.png", "failure_case_1.png", "confusion_matrix.png", "model_comparison.png",
-           "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png")
+           "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png",
+           "faithfulness.png", "sanity_check.png", "label_suspects.png", "cam_methods.png")
 OUTPUTS = FIGURES + ("analysis_report.txt", "metrics.json", "failures_baseline.csv", "failures_improved.csv",
                      "predictions_baseline.npz", "predictions_improved.npz",
                      "baseline/checkpoint.pt", "baseline/history.json",
                      "improved/checkpoint.pt", "improved/history.json",
-                     "stress_baseline.json", "stress_improved.json", "corruption_accuracy.csv")
+                     "stress_baseline.json", "stress_improved.json", "corruption_accuracy.csv", "explanations.json")
 CACHED = ("baseline/checkpoint.pt", "improved/checkpoint.pt", "baseline/history.json", "improved/history.json",
           "predictions_baseline.npz", "predictions_improved.npz", "stress_baseline.json", "stress_improved.json")
 THRESHOLD_LINE = 'THRESHOLD = configs["baseline"].failure_threshold'
@@ -61,7 +62,7 @@ def _stamp(path: Path) -> tuple[bytes, int]:
 
 # --- the committed file ----------------------------------------------------------
 
-def test_committed_notebook_has_no_outputs_and_thirteen_stages():
+def test_committed_notebook_has_no_outputs_and_fourteen_stages():
     raw = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
     assert raw["nbformat"] == 4
     assert raw["metadata"]["kernelspec"]["name"] == "python3"
@@ -71,7 +72,7 @@ def test_committed_notebook_has_no_outputs_and_thirteen_stages():
             assert cell["execution_count"] is None, cell["source"]
     nb = _read_notebook()
     nbformat.validate(nb)
-    for n in range(1, 14):
+    for n in range(1, 15):
         assert _stage_cell(nb, n).source.strip()
     assert sum(THRESHOLD_LINE in c.source for c in nb.cells) == 1
     setup = _stage_cell(nb, 1).source
@@ -127,7 +128,7 @@ def test_notebook_runs_and_writes_every_output(first_run):
         if cell.cell_type == "code":
             assert not [o for o in cell.outputs if o.output_type == "error"], cell.source
     # figures are shown inline, in the stages that make them
-    for stage in (3, 6, 7, 8, 9, 10, 12):
+    for stage in (3, 6, 7, 8, 9, 10, 12, 13):
         assert any("image/png" in o.get("data", {}) for o in _stage_cell(nb, stage).outputs), f"stage {stage}"
     assert "smoke" in _text(_stage_cell(nb, 1)) and "cpu" in _text(_stage_cell(nb, 1))
     assert "11,173,962" in _text(_stage_cell(nb, 2))
@@ -138,7 +139,9 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert metrics["comparison"]["config_diff"] == {"augment": ["baseline", "enhanced"]}
     assert metrics["baseline"]["n"] == 100 and metrics["baseline"]["epochs"] == 1
     report = (out / "analysis_report.txt").read_text()
-    assert report.strip() in _text(_stage_cell(nb, 13))          # stage 13 prints the report it wrote
+    assert report.strip() in _text(_stage_cell(nb, 14))          # stage 14 prints the report it wrote
+    assert "8. Can the explanations and the failures be trusted?" in report
+    assert "failures are suspected label errors" in _text(_stage_cell(nb, 13))
     assert "7. Stress tests beyond accuracy" in report
     assert "mean corruption accuracy" in _text(_stage_cell(nb, 12))
     assert metrics["baseline"]["mean_corruption_accuracy"] == pytest.approx(

@@ -14,8 +14,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run_out(shared_cifar_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    # The stress stage is tested in test_stress.py; here `run` without it.
-    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--no-stress",
+    # The analysis stages are tested in test_stress.py and test_explain.py; here `run` without them.
+    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--no-stress", "--no-explain",
                  "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
     assert code == 0
     return out
@@ -54,10 +54,11 @@ def test_run_writes_every_output(run_out):
     for heading in ("1. Configuration", "3. Test results", "McNemar", "High-confidence failures"):
         assert heading in report
     assert "nan" not in report.lower().replace("nanmean", "")
-    # --no-stress: no stress section, files or metrics
-    assert "Stress tests" not in report and "7. Summary" in report
-    assert "ece" not in metrics["baseline"] and "stress" not in metrics
+    # --no-stress --no-explain: no analysis sections, files or metrics
+    assert "Stress tests" not in report and "explanations" not in report and "7. Summary" in report
+    assert "ece" not in metrics["baseline"] and "stress" not in metrics and "explanations" not in metrics
     assert not list(run_out.glob("stress_*.json")) and not (run_out / "robustness.png").exists()
+    assert not (run_out / "explanations.json").exists() and not (run_out / "faithfulness.png").exists()
 
 
 def test_rerun_reuses_models_and_explains_failures(run_out, shared_cifar_dir, capsys):

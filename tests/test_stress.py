@@ -133,13 +133,9 @@ def test_corruption_csv_has_robustbench_layout(tmp_path):
 
 # --- the stage through the command line ---------------------------------------------------
 
-@pytest.fixture(scope="module")
-def stressed(shared_cifar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("stress_run")
-    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress",
-                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
-    assert code == 0
-    return out
+@pytest.fixture
+def stressed(analysed_run):
+    return analysed_run
 
 
 def test_run_writes_stress_outputs_and_metrics(stressed):
@@ -156,7 +152,7 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
     assert [r[0] for r in rows[2:]] == ["baseline", "improved"]
     report = (stressed / "analysis_report.txt").read_text()
     for text in ("7. Stress tests beyond accuracy", "7a. Calibration", "7b. Common corruptions",
-                 "7c. Adversarial", "7d. Did the augmentation help", "frost", "8. Summary"):
+                 "7c. Adversarial", "7d. Did the augmentation help", "frost", "9. Summary"):
         assert text in report, text
     for png in ("robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"):
         assert (stressed / png).read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,219 @@
+"""Can the explanations and the failures be trusted? The explanation stage.
+
+* **Faithfulness** (Petsiuk et al. 2018): deletion and insertion AUC of
+  Grad-CAM, Grad-CAM++ and a random map, explaining each image's predicted
+  class, on two groups of test images: the model's high-confidence failures
+  (the most confident first) and a fixed stratified sample. A method is
+  "better than random" only when its paired difference to the random map is
+  clear (95% interval away from zero) for deletion *and* insertion.
+* **Sanity check** (Adebayo et al. 2018): cascading model-parameter
+  randomisation on a copy of the model; the maps must change once the target
+  layer and everything above it are re-initialised.
+* **Explanation drift**: for the same images, the rank correlation between the
+  baseline's and the improved model's Grad-CAM (each explaining its own
+  prediction) and the change of map mass in the central quarter, for the
+  fixed, persisting and new failures separately.
+* **Label suspects**: confident learning (cnnstress.label_errors) on the test
+  probabilities, which are out-of-sample for a model trained on the training
+  split; a high-confidence failure that is also a suspect may be a wrong label
+  rather than a model error.
+
+All results are JSON-ready dicts; every number comes from the models.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import normalize, to_float
+from .config import Config
+from .evaluate import FailureTable, Predictions
+from .faithfulness import deletion_insertion, random_maps
+from .gradcam import CAM_METHODS, describe_cam, get_layer, upsample
+from .label_errors import find_label_issues
+from .sanity import cascading_randomization, spearman, verdict
+from .stress import sample_positions
+
+EXPLAIN_VERSION = 1
+FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
+Z_95 = 1.959964  # two-sided 95% normal quantile for the paired intervals
+SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
+
+
+def explanation_settings(config: Config) -> dict[str, Any]:
+    """What the explanation numbers depend on besides the models and images."""
+    return {"version": EXPLAIN_VERSION, "seed": config.seed, "cam_layer": config.cam_layer,
+            "faithfulness_samples": config.faithfulness_samples, "faithfulness_steps": config.faithfulness_steps,
+            "faithfulness_baseline": config.faithfulness_baseline, "sanity_samples": config.sanity_samples,
+            "failure_threshold": config.failure_threshold, "methods": list(FAITHFULNESS_METHODS)}
+
+
+def _inputs(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return normalize(to_float(images_u8.to(device)))
+
+
+def cam_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str,
+             batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw upsampled maps (N,H,W) >= 0, display maps (N,H,W) on [0,1]) of
+    `method` at `layer` for normalised images x (N,3,H,W), on the CPU."""
+    explainer = CAM_METHODS[method](model, get_layer(model, layer))
+    raw, maps = [], []
+    for start in range(0, x.shape[0], batch_size):
+        r = explainer.attribute(x[start:start + batch_size], targets[start:start + batch_size])
+        raw.append(upsample(r.raw, tuple(x.shape[2:])).cpu())
+        maps.append(r.maps.cpu())
+    return torch.cat(raw), torch.cat(maps)
+
+
+def _paired(method_auc: np.ndarray, random_auc: np.ndarray) -> dict[str, float]:
+    d = method_auc - random_auc
+    n = d.size
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    mean = float(d.mean()) if n else float("nan")
+    return {"mean_diff": mean, "low": mean - Z_95 * se, "high": mean + Z_95 * se}
+
+
+def _judge(deletion: dict, insertion: dict) -> str:
+    """The verdict against the random map from the paired 95% intervals
+    (deletion: lower AUC is better; insertion: higher is better): 'better than
+    random' only when both are clearly better, 'worse than random' when both
+    are clearly worse, else which metric (if any) separates them."""
+    d = "better" if deletion["high"] < 0 else "worse" if deletion["low"] > 0 else None
+    i = "better" if insertion["low"] > 0 else "worse" if insertion["high"] < 0 else None
+    if d == i and d is not None:
+        return f"{d} than random"
+    if d is None and i is None:
+        return "not distinguishable from random"
+    parts = [f"{word} on {metric}" for metric, word in (("deletion", d), ("insertion", i)) if word]
+    return " and ".join(parts) + " only" if len(parts) == 1 else ", ".join(parts)
+
+
+def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch.Tensor, config: Config,
+                       device: torch.device) -> dict[str, Any]:
+    """Deletion/insertion of every method on one group of images (targets: the
+    classes explained). Returns per method the mean AUCs, mean curves, per-image
+    AUCs and the paired comparison with the random map."""
+    n = int(targets.shape[0])
+    if n == 0:
+        return {"n": 0}
+    x = _inputs(images_u8, device)
+    h, w = x.shape[2:]
+    maps = {m: cam_maps(model, x, targets, m, config.cam_layer)[0] for m in FAITHFULNESS_METHODS if m != "random"}
+    maps["random"] = random_maps(n, h, w, seed=config.seed)
+    out: dict[str, Any] = {"n": n, "methods": {}}
+    for method, m in maps.items():
+        r = deletion_insertion(model, x, m.to(device), targets.to(device), steps=config.faithfulness_steps,
+                               baseline=config.faithfulness_baseline, batch_size=config.eval_batch_size)
+        out["fractions"] = r.fractions.tolist()
+        out["methods"][method] = {
+            "deletion_auc": float(r.deletion_auc.mean()), "insertion_auc": float(r.insertion_auc.mean()),
+            "deletion_curve": r.deletion.mean(0).tolist(), "insertion_curve": r.insertion.mean(0).tolist(),
+            "deletion_aucs": r.deletion_auc.tolist(), "insertion_aucs": r.insertion_auc.tolist()}
+    rnd = out["methods"]["random"]
+    for method in FAITHFULNESS_METHODS[:-1]:
+        me = out["methods"][method]
+        me["vs_random"] = {
+            "deletion": _paired(np.array(me["deletion_aucs"]), np.array(rnd["deletion_aucs"])),
+            "insertion": _paired(np.array(me["insertion_aucs"]), np.array(rnd["insertion_aucs"]))}
+        me["verdict"] = _judge(me["vs_random"]["deletion"], me["vs_random"]["insertion"])
+    return out
+
+
+def faithfulness_report(model: nn.Module, test_images: torch.Tensor, preds: Predictions, failures: FailureTable,
+                        config: Config, device: torch.device) -> dict[str, Any]:
+    """Faithfulness on the top failures and on a fixed stratified sample."""
+    k = config.faithfulness_samples
+    fail_pos = torch.as_tensor(failures.positions[:k], dtype=torch.long)
+    sample_pos = sample_positions(preds.labels, k, config.seed + 2)
+    groups = {"failures": fail_pos, "sample": sample_pos}
+    return {name: faithfulness_group(model, test_images[pos], preds.preds[pos], config, device)
+            for name, pos in groups.items()}
+
+
+def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Predictions, config: Config,
+                  device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Cascading randomisation of a copy of `model` for Grad-CAM and Grad-CAM++
+    on a fixed sample. Returns (JSON-ready summary, {method: SanityResult}) —
+    the second for the figure; the model is never modified."""
+    pos = sample_positions(preds.labels, config.sanity_samples, config.seed + 3)
+    x = _inputs(test_images[pos], device)
+    summary, results = {"n": int(pos.numel()), "dataset_positions": pos.tolist()}, {}
+    for method in FAITHFULNESS_METHODS[:-1]:
+        res = cascading_randomization(model, x, preds.preds[pos].to(device), method=method, layer=config.cam_layer,
+                                      seed=config.seed)
+        results[method] = res
+        v = verdict(res, SANITY_THRESHOLD)
+        summary[method] = {"steps": list(res.steps), "verdict": v,
+                           "median_spearman": [float(np.nanmedian(r)) if np.isfinite(r).any() else None
+                                               for r in np.abs(res.spearman_abs)],
+                           "median_ssim": [float(np.median(r)) for r in res.ssim]}
+    return summary, results
+
+
+# Northcutt, Athalye & Mueller 2021 ("Pervasive label errors in test sets") found 54 label
+# errors in CIFAR-10's 10,000 test images. Far more flags than that means confident
+# learning is flagging the model's own mistakes, not wrong labels.
+KNOWN_TEST_LABEL_ERRORS = 54
+PLAUSIBLE_FLAG_FRACTION = 0.05  # 10x the known rate: above it the flags are called unreliable
+
+
+def label_suspects(preds: Predictions, failures: FailureTable) -> dict[str, Any]:
+    """Confident-learning suspects on the whole test split, and which of the
+    high-confidence failures are suspects (positions in rank order).
+    `reliable` is False when the flags cover more than PLAUSIBLE_FLAG_FRACTION
+    of the test set: the model is then too weak for the method to tell wrong
+    labels from its own confident mistakes."""
+    flags = find_label_issues(preds.probs.numpy(), preds.labels.numpy())
+    fail_pos = failures.positions
+    suspect_failures = [int(p) for p in fail_pos if flags[p]]
+    fraction = float(flags.mean()) if flags.size else 0.0
+    return {"n_test": len(preds), "suspects": int(flags.sum()), "flagged_fraction": fraction,
+            "reliable": fraction <= PLAUSIBLE_FLAG_FRACTION,
+            "suspect_positions": np.flatnonzero(flags).tolist(),
+            "failures": int(fail_pos.size), "suspect_failures": len(suspect_failures),
+            "suspect_failure_positions": suspect_failures,
+            "model_error_positions": [int(p) for p in fail_pos if not flags[p]],
+            "method": "confident learning, prune_by_noise_rate (Northcutt et al. 2021)"}
+
+
+def agreed_suspects(suspects: Mapping[str, dict], preds: Mapping[str, Predictions]) -> dict[str, Any]:
+    """Images flagged under *both* models' probabilities, with both models
+    predicting the same other class: two independently trained models agreeing
+    on a different label is stronger evidence than either alone."""
+    a, b = (set(suspects[n]["suspect_positions"]) for n in ("baseline", "improved"))
+    pa, pb = preds["baseline"].preds, preds["improved"].preds
+    both = sorted(p for p in a & b if int(pa[p]) == int(pb[p]))
+    return {"positions": both, "count": len(both),
+            "failures": {n: [p for p in suspects[n]["suspect_failure_positions"] if p in set(both)]
+                         for n in ("baseline", "improved")}}
+
+
+def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, preds: Mapping[str, Predictions],
+                 comparison_failures: Mapping[str, Any], config: Config, device: torch.device) -> dict[str, Any]:
+    """Baseline vs improved Grad-CAM on the same images, per failure group
+    (fixed, persisting, new), each model explaining its own prediction:
+    median rank correlation of the maps, and the mean share of map mass in the
+    central quarter for each model."""
+    out: dict[str, Any] = {"layer": config.cam_layer}
+    for group in ("fixed", "persisting", "new"):
+        pos = torch.as_tensor(list(comparison_failures[group])[:config.faithfulness_samples * 4], dtype=torch.long)
+        if pos.numel() == 0:
+            out[group] = {"n": 0}
+            continue
+        x = _inputs(test_images[pos], device)
+        raw = {name: cam_maps(m, x, preds[name].preds[pos], "gradcam", config.cam_layer)[0].numpy()
+               for name, m in models.items()}
+        rho = np.array([spearman(a, b) for a, b in zip(raw["baseline"], raw["improved"])])
+        centre = {name: np.array([describe_cam(m)["centre_fraction"] for m in raw[name]]) for name in raw}
+        finite = np.isfinite(rho)
+        out[group] = {"n": int(pos.numel()),
+                      "median_spearman": float(np.median(rho[finite])) if finite.any() else None,
+                      "undefined": int((~finite).sum()),
+                      "centre_fraction": {name: float(c.mean()) for name, c in centre.items()},
+                      "centre_shift": float((centre["improved"] - centre["baseline"]).mean()),
+                      "moved_onto_centre": int((centre["improved"] > centre["baseline"]).sum())}
+    return out

@@ -1,0 +1,124 @@
+"""The explanation stage: faithfulness verdicts, sanity check on a copy,
+drift, label suspects, and the stage end to end on fixture data."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cnnstress import explain
+from cnnstress.__main__ import main
+from cnnstress.config import get_config
+from cnnstress.evaluate import Failure, FailureTable, Predictions
+from cnnstress.model import resnet18
+
+
+def _preds(probs: np.ndarray, labels: np.ndarray) -> Predictions:
+    p = torch.as_tensor(probs, dtype=torch.float32)
+    return Predictions(logits=p.log(), probs=p, preds=p.argmax(1), labels=torch.as_tensor(labels))
+
+
+def test_paired_interval_and_verdicts_hand_worked():
+    d = explain._paired(np.array([0.1, 0.2, 0.3]), np.array([0.3, 0.3, 0.3]))
+    # differences -0.2, -0.1, 0: mean -0.1, sd 0.1, se 0.1/sqrt(3)
+    assert d["mean_diff"] == pytest.approx(-0.1)
+    assert d["high"] == pytest.approx(-0.1 + explain.Z_95 * 0.1 / np.sqrt(3))
+    better_del = {"mean_diff": -0.1, "low": -0.2, "high": -0.01}
+    better_ins = {"mean_diff": 0.1, "low": 0.01, "high": 0.2}
+    unclear = {"mean_diff": 0.0, "low": -0.1, "high": 0.1}
+    assert explain._judge(better_del, better_ins) == "better than random"
+    assert explain._judge(better_ins, better_del) == "worse than random"
+    assert explain._judge(better_del, unclear) == "better on deletion only"
+    assert explain._judge(unclear, better_del) == "worse on insertion only"
+    assert explain._judge(unclear, unclear) == "not distinguishable from random"
+    assert explain._judge(better_del, better_del) == "better on deletion, worse on insertion"
+
+
+def test_label_suspects_split_failures():
+    rng = np.random.default_rng(0)
+    n, c = 400, 4
+    labels = np.arange(n) % c
+    probs = rng.dirichlet(np.full(c, 0.3), size=n)
+    probs[np.arange(n), labels] += 3.0                 # confident and right ...
+    flipped = np.arange(0, n, 25)                      # ... except 16 planted wrong labels
+    given = labels.copy()
+    given[flipped] = (labels[flipped] + 1) % c
+    probs /= probs.sum(1, keepdims=True)
+    preds = _preds(probs, given)
+    wrong = np.flatnonzero(probs.argmax(1) != given)
+    rows = [Failure(position=int(p), dataset_index=int(p), true=int(given[p]), pred=int(probs[p].argmax()),
+                    confidence=float(probs[p].max()), top3=()) for p in wrong]
+    r = explain.label_suspects(preds, FailureTable(rows, threshold=0.0))
+    assert r["failures"] == len(wrong) == 16
+    assert r["suspect_failures"] >= 14                 # the planted errors are found ...
+    assert set(r["suspect_failure_positions"]) <= set(flipped.tolist())
+    assert sorted(r["suspect_failure_positions"] + r["model_error_positions"]) == sorted(wrong.tolist())
+    assert r["suspects"] <= 18                         # ... with few flags elsewhere
+    assert r["reliable"] == (r["suspects"] / n <= explain.PLAUSIBLE_FLAG_FRACTION)
+    agree = explain.agreed_suspects({"baseline": r, "improved": r}, {"baseline": preds, "improved": preds})
+    assert agree["positions"] == r["suspect_positions"]     # a model agrees with itself
+
+
+def test_sanity_report_leaves_the_model_alone_and_drift_of_a_model_with_itself():
+    config = get_config("smoke", sanity_samples=4, faithfulness_samples=4)
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)
+    logits = torch.randn(20, 10)
+    labels = torch.arange(20) % 10
+    preds = Predictions(logits=logits, probs=logits.softmax(1), preds=logits.argmax(1), labels=labels)
+    summary, raw = explain.sanity_report(model, images, preds, config, torch.device("cpu"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training
+    for method in ("gradcam", "gradcam++"):
+        assert summary[method]["steps"][0] == "original" and len(summary[method]["median_ssim"]) == 7
+        assert summary[method]["verdict"]["passed"] in (True, False, None)
+    d = explain.drift_report({"baseline": model, "improved": model}, images, {"baseline": preds, "improved": preds},
+                             {"fixed": [0, 1, 2], "persisting": [3, 4], "new": []}, config, torch.device("cpu"))
+    assert d["new"] == {"n": 0}
+    for group in ("fixed", "persisting"):
+        assert d[group]["centre_shift"] == pytest.approx(0.0)
+        assert d[group]["moved_onto_centre"] == 0
+        if d[group]["median_spearman"] is not None:
+            assert d[group]["median_spearman"] == pytest.approx(1.0)
+
+
+# --- the stage through the command line -----------------------------------------------------
+
+def test_run_writes_explanations(analysed_run):
+    out = analysed_run
+    for png in ("faithfulness.png", "sanity_check.png", "label_suspects.png", "cam_methods.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
+    cached = json.loads((out / "explanations.json").read_text())["results"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name in ("baseline", "improved"):
+        m = metrics[name]
+        assert set(m["sanity_check"]) == {"gradcam", "gradcam++"}
+        assert m["label_suspect_failures"] + m["model_error_failures"] == m["high_confidence_failures"]
+        sample = m["faithfulness"]["sample"]
+        assert set(sample) == {"gradcam", "gradcam++", "random"}
+        assert 0 <= sample["gradcam"]["deletion_auc"] <= 1 and 0 <= sample["gradcam"]["insertion_auc"] <= 1
+        assert sample["gradcam"]["verdict"].endswith(("random", "only")) or ", " in sample["gradcam"]["verdict"]
+        assert cached["faithfulness"][name]["sample"]["n"] == 8
+    assert set(cached["drift"]) >= {"fixed", "persisting", "new"}
+    report = (out / "analysis_report.txt").read_text()
+    for text in ("8. Can the explanations and the failures be trusted?", "8a. Faithfulness", "8b. Sanity check",
+                 "8c. Explanation drift", "8d. Failure triage", "9. Summary"):
+        assert text in report, text
+
+
+def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_run, shared_cifar_dir, capsys):
+    args = ["explain", "--profile", "smoke", "--device", "cpu", "--no-progress",
+            "--data-dir", str(shared_cifar_dir), "--out-dir", str(analysed_run)]
+    before = (analysed_run / "explanations.json").read_bytes()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "explanations: reusing" in out and "stress: reusing" in out
+    assert (analysed_run / "explanations.json").read_bytes() == before
+    assert main(args + ["--layer", "layer3"]) == 0
+    after = json.loads((analysed_run / "explanations.json").read_text())
+    assert after["key"]["settings"]["cam_layer"] == "layer3"
+    assert "maps at layer3" in (analysed_run / "analysis_report.txt").read_text()
