@@ -153,24 +153,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_stress(args: argparse.Namespace) -> int:
+def _analysis_command(args: argparse.Namespace, focus: str) -> int:
+    """`stress` / `explain`: load the trained models, run that stage (recomputed
+    with --force), take the other analysis stage from its cache, rewrite the report."""
     import matplotlib
     matplotlib.use("Agg")
-    config = _config(args, stress=True, **_analysis_overrides(args))
-    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus="stress",
+    config = _config(args, **{focus: True}, **_analysis_overrides(args))
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus=focus,
                                    force_focus=args.force, progress=False if args.no_progress else None)
     _print_result(result)
     return 0
+
+
+def cmd_stress(args: argparse.Namespace) -> int:
+    return _analysis_command(args, "stress")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    import matplotlib
-    matplotlib.use("Agg")
-    config = _config(args, explain=True, **_analysis_overrides(args))
-    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus="explain",
-                                   force_focus=args.force, progress=False if args.no_progress else None)
-    _print_result(result)
-    return 0
+    return _analysis_command(args, "explain")
 
 
 COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain": cmd_explain}

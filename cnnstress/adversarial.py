@@ -131,6 +131,13 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return grad
 
 
+def _attack_inputs(model: nn.Module, images: torch.Tensor, labels: Any,
+                   device: Any) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """The attack device, the images as fp32 there and the labels there."""
+    dev = _attack_device(model, device, images.device)
+    return dev, images.detach().to(dev, torch.float32), _labels_on(labels, images.shape[0], dev)
+
+
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
@@ -171,9 +178,7 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     _check_pixels(images)
     if eps == 0:
         return images.detach().clone()
-    dev = _attack_device(model, device, images.device)
-    x = images.detach().to(dev, torch.float32)
-    y = _labels_on(labels, images.shape[0], dev)
+    dev, x, y = _attack_inputs(model, images, labels, device)
     with _eval_mode(model):
         out = _fgsm(model, x, y, eps)
     return out.to(images.device, images.dtype)
@@ -198,9 +203,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     _check_pixels(images)
     if eps == 0:
         return images.detach().clone()
-    dev = _attack_device(model, device, images.device)
-    x = images.detach().to(dev, torch.float32)
-    y = _labels_on(labels, images.shape[0], dev)
+    dev, x, y = _attack_inputs(model, images, labels, device)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     with _eval_mode(model):
         out = _pgd(model, x, y, eps, steps, size, random_start, gen)

@@ -38,7 +38,7 @@ from .label_errors import find_label_issues
 from .sanity import cascading_randomization, spearman, verdict
 from .stress import sample_positions
 
-EXPLAIN_VERSION = 1
+EXPLAIN_VERSION = 2  # 2: sanity summaries carry the signed Spearman too
 FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
 Z_95 = 1.959964  # two-sided 95% normal quantile for the paired intervals
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
@@ -134,6 +134,11 @@ def faithfulness_report(model: nn.Module, test_images: torch.Tensor, preds: Pred
             for name, pos in groups.items()}
 
 
+def _row_medians(scores: np.ndarray) -> list[float | None]:
+    """Median of each row over its finite entries (None for a row with none)."""
+    return [float(np.median(r[np.isfinite(r)])) if np.isfinite(r).any() else None for r in scores]
+
+
 def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Predictions, config: Config,
                   device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cascading randomisation of a copy of `model` for Grad-CAM and Grad-CAM++
@@ -148,8 +153,9 @@ def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Prediction
         results[method] = res
         v = verdict(res, SANITY_THRESHOLD)
         summary[method] = {"steps": list(res.steps), "verdict": v,
-                           "median_spearman": [float(np.nanmedian(r)) if np.isfinite(r).any() else None
-                                               for r in np.abs(res.spearman_abs)],
+                           # |rho| of the absolute maps (the verdict's measure) and the signed rho
+                           "median_spearman": _row_medians(np.abs(res.spearman_abs)),
+                           "median_spearman_signed": _row_medians(res.spearman),
                            "median_ssim": [float(np.median(r)) for r in res.ssim]}
     return summary, results
 

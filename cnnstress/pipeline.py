@@ -195,16 +195,17 @@ class FailureCase:
     label_suspect: bool = False   # confident learning flags the label as possibly wrong
 
 
-SUSPECT_NOTE = "suspected label error (confident learning): the given label may be wrong, not the model"
+SUSPECT_NOTE = "suspected label error (confident learning)"
+SUSPECT_NOTE_WEAK = "label suspect (confident learning; unreliable for this model, see report)"
 
 
 def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: str | Path | None = None, *,
                      k: int | None = None, layer: str = "layer4", save: bool = True,
-                     show: bool = False, suspects=()) -> list[FailureCase]:
+                     show: bool = False, suspects=(), suspects_reliable: bool = True) -> list[FailureCase]:
     """Stage 8: Grad-CAM for the predicted and the true class of the top-k
     failures; writes failure_case_<i>.png (or a 'no failures' figure).
     `suspects`: positions flagged as possible label errors (suspects_for);
-    their figures and cases say so."""
+    their figures and cases say so (with a caveat unless suspects_reliable)."""
     import matplotlib.pyplot as plt
 
     from .gradcam import GradCAM, describe_cam, get_layer
@@ -243,7 +244,7 @@ def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: s
             image, pred_maps[i], true_maps[i], true_name=CLASSES[f.true], pred_name=CLASSES[f.pred],
             confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
             title=f"{trained.name} failure #{i + 1}: test image {f.dataset_index}",
-            note=SUSPECT_NOTE if suspect else None)
+            note=(SUSPECT_NOTE if suspects_reliable else SUSPECT_NOTE_WEAK) if suspect else None)
         if save:
             case.figure = save_figure(fig, out / f"failure_case_{i + 1}.png")
         if not show:
@@ -287,21 +288,29 @@ def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | No
     """model_comparison.png and confusion_matrix.png (a panel per model)."""
     import matplotlib.pyplot as plt
 
-    from .plots import plot_confusion_matrix, plot_model_comparison, save_figure
+    from .plots import plot_confusion_matrix, plot_model_comparison
     out = Path(out_dir or default_out_dir())
-    paths = []
-    fig = plot_model_comparison(summaries)
-    paths.append(save_figure(fig, out / "model_comparison.png"))
-    if not show:
-        plt.close(fig)
     fig, axes = plt.subplots(1, len(summaries), figsize=(7.5 * len(summaries), 6.5), squeeze=False,
                              constrained_layout=True)
     for ax, (name, s) in zip(axes[0], summaries.items()):
         plot_confusion_matrix(np.array(s["confusion_matrix"]), title=f"{name}: confusion matrix "
                               f"(test accuracy {100 * s['test_accuracy']:.2f}%)", ax=ax)
-    paths.append(save_figure(fig, out / "confusion_matrix.png"))
-    if not show:
-        plt.close(fig)
+    figures = {"model_comparison.png": plot_model_comparison(summaries), "confusion_matrix.png": fig}
+    return _save_figures(figures, out, save=True, show=show)
+
+
+def _save_figures(figures: dict, out: Path, *, save: bool, show: bool) -> list[Path]:
+    """Save {file name: Figure} under `out` (when save) and close each figure
+    unless it is to be shown (a notebook displays it)."""
+    import matplotlib.pyplot as plt
+
+    from .plots import save_figure
+    paths = []
+    for filename, fig in figures.items():
+        if save:
+            paths.append(save_figure(fig, out / filename))
+        if not show:
+            plt.close(fig)
     return paths
 
 
@@ -398,10 +407,8 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
 def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions], splits: CifarSplits,
                         config: Config, out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
     """corruption_accuracy.csv and the four stress figures."""
-    import matplotlib.pyplot as plt
-
     from .calibration import apply_temperature, calibration_bins
-    from .plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness, save_figure
+    from .plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
     from .stress import sample_grid_images, write_corruption_csv
 
     out = Path(out_dir)
@@ -422,12 +429,7 @@ def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions],
         "reliability_diagram.png": plot_reliability_diagram(bins, ncols=2),
         "adversarial.png": plot_adversarial({n: r["adversarial"] for n, r in results.items()}),
     }
-    for filename, fig in figures.items():
-        if save:
-            paths.append(save_figure(fig, out / filename))
-        if not show:
-            plt.close(fig)
-    return paths
+    return paths + _save_figures(figures, out, save=save, show=show)
 
 
 # --- explanations and failure triage -----------------------------------------
@@ -521,11 +523,8 @@ def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: 
                              preds: dict[str, Predictions], failures: dict[str, FailureTable], config: Config,
                              out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
     """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
-    import matplotlib.pyplot as plt
-
     from .explain import cam_maps
-    from .plots import (plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check,
-                        save_figure)
+    from .plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
 
     out = Path(out_dir)
     sm = result.get("sanity_maps") or {}
@@ -551,7 +550,8 @@ def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: 
     if not ls["reliable"]:
         title += (f"\nUNRELIABLE: {ls['flagged_fraction']:.0%} of all test images flagged; the model is too weak "
                   "to tell wrong labels from its own mistakes")
-    figures["label_suspects.png"] = plot_label_suspects(entries, title=title)
+    figures["label_suspects.png"] = plot_label_suspects(
+        entries, title=title, totals={True: ls["suspect_failures"], False: ls["failures"] - ls["suspect_failures"]})
     rows = failures[name].rows
     pos = rows[0].position if rows else 0
     model = trained[name].model
@@ -564,13 +564,7 @@ def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: 
         splits.test.images[pos].permute(1, 2, 0).numpy(), maps,
         title=f"{name}, test image {int(splits.test.indices[pos])}: predicted {CLASSES[int(target[0])]}, "
               f"label {CLASSES[int(preds[name].labels[pos])]} (layer3: 8x8 map, layer4: 4x4)")
-    paths = []
-    for filename, fig in figures.items():
-        if save:
-            paths.append(save_figure(fig, out / filename))
-        if not show:
-            plt.close(fig)
-    return paths
+    return _save_figures(figures, out, save=save, show=show)
 
 
 @dataclass
@@ -632,9 +626,10 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
         say(f"{name}: test accuracy {100 * preds[name].accuracy:.2f}%, "
             f"{len(failures[name])} failures above {cfg.failure_threshold:.0%} confidence")
         if name == "baseline":
-            suspects = suspects_for(preds[name], failures[name])["suspect_failure_positions"]
+            suspects = suspects_for(preds[name], failures[name])
             cases = explain_failures(trained[name], splits.test, failures[name], out, layer=config.cam_layer,
-                                     suspects=suspects)
+                                     suspects=suspects["suspect_failure_positions"],
+                                     suspects_reliable=suspects["reliable"])
     comparison = compare_models(preds, failures, config)
     save_comparison_figures(summaries, out)
     stress = None

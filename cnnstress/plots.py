@@ -694,23 +694,28 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     return fig
 
 
-def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", ncols: int = 6) -> Figure:
+def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", ncols: int = 6,
+                        totals: Mapping[bool, int] | None = None) -> Figure:
     """High-confidence failures as image tiles, split into two labelled
     groups. Each entry: image (HWC uint8), given, predicted (class names),
     confidence (0-1), suspect (bool), dataset_index. Suspected label errors get
-    an orange frame, model errors a blue one."""
-    groups = [("Suspected label errors", [e for e in entries if e["suspect"]], OKABE_ITO["orange"]),
-              ("Model errors (label looks right)", [e for e in entries if not e["suspect"]], OKABE_ITO["blue"])]
-    rows = [max(1, -(-len(g[1]) // ncols)) for g in groups]
-    fig = plt.figure(figsize=(1.9 * ncols, 2.35 * sum(rows) + 0.9), layout="constrained")
-    subs = fig.subfigures(2, 1, height_ratios=rows)
-    for sub, (heading, items, color), nrows in zip(subs, groups, rows):
+    an orange frame, model errors a blue one. `totals` {suspect: count}: the
+    group sizes when `entries` shows only some of each."""
+    groups = [("Suspected label errors", [e for e in entries if e["suspect"]], OKABE_ITO["orange"], True),
+              ("Model errors (label looks right)", [e for e in entries if not e["suspect"]], OKABE_ITO["blue"], False)]
+    rows = [-(-len(g[1]) // ncols) for g in groups]
+    heights = [r if r else 0.35 for r in rows]       # an empty group keeps only its heading
+    fig = plt.figure(figsize=(1.9 * ncols, 2.35 * sum(heights) + 0.9), layout="constrained")
+    subs = fig.subfigures(2, 1, height_ratios=heights)
+    for sub, (heading, items, color, flag), nrows in zip(subs, groups, rows):
+        total = len(items) if totals is None else totals[flag]
+        shown = f" ({len(items)} shown)" if total > len(items) else ""
+        sub.suptitle(f"{heading}: {total}{shown}", fontsize=TITLE_SIZE, color=color)
+        if not nrows:
+            continue
         axs = np.ravel(sub.subplots(nrows, ncols, squeeze=False))
-        sub.suptitle(f"{heading}: {len(items)}", fontsize=TITLE_SIZE, color=color)
         for ax in axs:
             ax.axis("off")
-        if not items:
-            axs[0].text(0, 0.5, "none", fontsize=LABEL_SIZE, transform=axs[0].transAxes)
         for ax, e in zip(axs, items):
             ax.axis("on")
             ax.imshow(np.asarray(e["image"]), interpolation="nearest")

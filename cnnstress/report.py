@@ -164,7 +164,9 @@ def _case_lines(result: "RunResult") -> list[str]:
             verdict = "fixed" if p == f.true else "still wrong"
             text += (f" The improved model predicts {CLASSES[p]} ({100 * conf:.1f}%): {verdict}.")
         if case.label_suspect:
-            text += " Confident learning flags this label as a suspected label error."
+            text += " Confident learning flags this label as a suspected label error"
+            reliable = (result.explanations or {}).get("label_suspects", {}).get("baseline", {}).get("reliable", True)
+            text += "." if reliable else " (unreliable for this model: see the failure triage below)."
         lines += _wrap(text, "  ")
         lines.append("")
     return lines
@@ -346,6 +348,12 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any], number: int = 7)
     for i, k in enumerate(a0["eps_255"]):
         lines.append(f"{str(k) + '/255':>6} " + " ".join(f"{_pct(adv[n][atk][i], 1):>14}" for n in adv
                                                           for atk in ("fgsm", "pgd")))
+    for n, r in adv.items():
+        weaker = [f"{k}/255" for k, f, p in zip(r["eps_255"], r["fgsm"], r["pgd"]) if p > f]
+        if weaker:
+            lines += _wrap(f"For the {n} model PGD left more images correct than FGSM at {', '.join(weaker)}: "
+                           f"its {r['steps']} small steps missed what FGSM's one full step found; the lower of the "
+                           f"two is the better estimate of robust accuracy there.")
     lines.append("Figure: adversarial.png.")
 
     lines += ["", f"{number}d. Did the augmentation help beyond clean accuracy?"]
@@ -393,11 +401,12 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
                 verdict = m.get("verdict", "(reference)")
                 lines.append(f"{name:<9} {group + ' (' + str(r['n']) + ')':<15} {method:<11} "
                              f"{m['deletion_auc']:>8.3f} {m['insertion_auc']:>9.3f}  {verdict}")
-    weak = [f"{m} ({name}, {group})" for name, groups in ex["faithfulness"].items() for group, r in groups.items()
-            if r.get("n") for m, v in r["methods"].items() if m != "random" and v["verdict"] != "better than random"]
-    lines += _wrap("Every explanation method beat the random map in every group." if not weak else
-                   "Not better than the random map: " + "; ".join(weak) + ". Those maps should not be read as "
-                   "evidence of what the model used.")
+    weak = [f"{m} ({name}, {group}: {v['verdict']})" for name, groups in ex["faithfulness"].items()
+            for group, r in groups.items() if r.get("n")
+            for m, v in r["methods"].items() if m != "random" and v["verdict"] != "better than random"]
+    lines += _wrap("Every explanation method beat the random map on both measures in every group." if not weak else
+                   "Not clearly better than the random map on both measures: " + "; ".join(weak) + ". Where a "
+                   "method does not beat random, its maps are no evidence of what the model used.")
     lines.append("Figure: faithfulness.png.")
 
     lines += ["", f"{number}b. Sanity check: cascading model-parameter randomisation (Adebayo et al. 2018)"]
@@ -411,7 +420,10 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
         for method in ("gradcam", "gradcam++"):
             v = s[method]["verdict"]
             word = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[v["passed"]]
-            lines += _wrap(f"{word}: {name}, {method}: {v['reason']}; median SSIM there {v['median_ssim']:.3f}.", "  ")
+            signed = s[method]["median_spearman_signed"][v["step_index"]] if v["step_index"] is not None else None
+            signed = "n/a" if signed is None else f"{signed:.3f}"
+            lines += _wrap(f"{word}: {name}, {method}: {v['reason']}; there the signed Spearman median is {signed} "
+                           f"and the median SSIM {v['median_ssim']:.3f}.", "  ")
     lines.append("Figure: sanity_check.png.")
 
     if "drift" in ex:

@@ -61,6 +61,12 @@ def shared_cifar_dir(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar") / "data")
 
 
+def cli(command: str, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    """Arguments for `python -m cnnstress <command>` in the smoke profile on the CPU, quiet."""
+    return [command, "--profile", "smoke", "--device", "cpu", "--no-progress",
+            "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra]
+
+
 @pytest.fixture(scope="session")
 def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
     """`python -m cnnstress run` in the smoke profile with every stage
@@ -68,7 +74,5 @@ def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
     from cnnstress.__main__ import main
 
     out = tmp_path_factory.mktemp("analysed_run")
-    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress",
-                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
-    assert code == 0
+    assert main(cli("run", shared_cifar_dir, out)) == 0
     return out

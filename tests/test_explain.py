@@ -10,6 +10,7 @@ import torch
 
 from cnnstress import explain
 from cnnstress.__main__ import main
+from conftest import cli
 from cnnstress.config import get_config
 from cnnstress.evaluate import Failure, FailureTable, Predictions
 from cnnstress.model import resnet18
@@ -111,8 +112,7 @@ def test_run_writes_explanations(analysed_run):
 
 
 def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_run, shared_cifar_dir, capsys):
-    args = ["explain", "--profile", "smoke", "--device", "cpu", "--no-progress",
-            "--data-dir", str(shared_cifar_dir), "--out-dir", str(analysed_run)]
+    args = cli("explain", shared_cifar_dir, analysed_run)
     before = (analysed_run / "explanations.json").read_bytes()
     assert main(args) == 0
     out = capsys.readouterr().out

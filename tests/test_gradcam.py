@@ -122,6 +122,25 @@ def test_compute_upsample_normalize_are_separate_steps():
 
 # --- agreement with pytorch-grad-cam -----------------------------------------
 
+def _assert_matches_reference(ours, reference_cls, resnet, images, classes, layer_name):
+    """Our CamResult equals the pytorch-grad-cam class `reference_cls` (raw maps
+    at the layer and the upsampled, normalised maps) on a copy of the model."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    theirs_model = copy.deepcopy(resnet)   # pytorch-grad-cam fills .grad and leaves eval mode on
+    targets = [ClassifierOutputTarget(c) for c in classes]
+    with reference_cls(theirs_model, [getattr(theirs_model, layer_name)]) as pgc:
+        maps = pgc(images, targets)
+        acts = pgc.activations_and_grads.activations[0].numpy()
+        grads = pgc.activations_and_grads.gradients[0].numpy()
+        raw = np.maximum(pgc.get_cam_image(images, None, targets, acts, grads), 0)
+    assert raw.shape == tuple(ours.raw.shape)
+    scale = np.abs(raw).max()
+    assert scale > 0 and not ours.zero.any()
+    np.testing.assert_allclose(ours.raw.numpy(), raw, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(ours.maps.numpy(), maps, atol=1e-5)
+
+
 @pytest.mark.parametrize("layer_name", ["layer4", "layer3"])
 def test_matches_pytorch_grad_cam(resnet, images, layer_name):
     """pytorch-grad-cam returns minmax(cv2.resize(minmax(ReLU(cam)))) with
@@ -136,26 +155,13 @@ def test_matches_pytorch_grad_cam(resnet, images, layer_name):
         absolute on [0, 1] (observed <= 2.2e-6; raw: ~5e-7 relative).
     The random-init raw maps are ~1e-4 in magnitude, hence relative tolerances."""
     from pytorch_grad_cam import GradCAM as PGCGradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     # Classes chosen so that, with this random init, every map is non-zero and
     # class 4 is partly clipped by the ReLU (an all-zero map would make the
     # comparison vacuous; several classes are all zero on these images).
     classes = [4, 5, 0]
     ours = GradCAM(resnet, getattr(resnet, layer_name)).attribute(images, targets=classes)
-    theirs_model = copy.deepcopy(resnet)   # pytorch-grad-cam fills .grad and leaves eval mode on
-    targets = [ClassifierOutputTarget(c) for c in classes]
-    with PGCGradCAM(theirs_model, [getattr(theirs_model, layer_name)]) as pgc:
-        maps = pgc(images, targets)
-        acts = pgc.activations_and_grads.activations[0].numpy()
-        grads = pgc.activations_and_grads.gradients[0].numpy()
-        raw = np.maximum(pgc.get_cam_image(images, None, targets, acts, grads), 0)
-
-    assert raw.shape == tuple(ours.raw.shape)
-    scale = np.abs(raw).max()
-    assert scale > 0 and not ours.zero.any()
-    np.testing.assert_allclose(ours.raw.numpy(), raw, rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_allclose(ours.maps.numpy(), maps, atol=1e-5)
+    _assert_matches_reference(ours, PGCGradCAM, resnet, images, classes, layer_name)
     assert (ours.raw[0] == 0).any() and (ours.raw[0] > 0).any()   # the ReLU really clipped
 
 
@@ -452,23 +458,10 @@ def test_plus_plus_matches_pytorch_grad_cam(resnet, images, layer_name):
     (observed <= 1.4e-6). The gradients here are ~3e-3, so the eps = 1e-6 in
     the a_ij denominator matters: matching it is part of what is tested."""
     from pytorch_grad_cam import GradCAMPlusPlus as PGCPlusPlus
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     classes = [4, 5, 0]
     ours = GradCAMPlusPlus(resnet, layer_name).attribute(images, targets=classes)
-    theirs_model = copy.deepcopy(resnet)
-    targets = [ClassifierOutputTarget(c) for c in classes]
-    with PGCPlusPlus(theirs_model, [getattr(theirs_model, layer_name)]) as pgc:
-        maps = pgc(images, targets)
-        acts = pgc.activations_and_grads.activations[0].numpy()
-        grads = pgc.activations_and_grads.gradients[0].numpy()
-        raw = np.maximum(pgc.get_cam_image(images, None, targets, acts, grads), 0)
-
-    assert raw.shape == tuple(ours.raw.shape)
-    scale = np.abs(raw).max()
-    assert scale > 0 and not ours.zero.any()
-    np.testing.assert_allclose(ours.raw.numpy(), raw, rtol=1e-5, atol=1e-5 * scale)
-    np.testing.assert_allclose(ours.maps.numpy(), maps, atol=1e-5)
+    _assert_matches_reference(ours, PGCPlusPlus, resnet, images, classes, layer_name)
     # and it is not just Grad-CAM again
     plain = GradCAM(resnet, layer_name).attribute(images, targets=classes)
     assert (plain.maps - ours.maps).abs().max() > 1e-2

@@ -11,6 +11,7 @@ from torch import nn
 
 from cnnstress import stress
 from cnnstress.__main__ import main
+from conftest import cli
 from cnnstress.config import get_config
 from cnnstress.corruptions import CORRUPTIONS, SEVERITIES
 from cnnstress.data import Split
@@ -159,8 +160,7 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
 
 
 def test_stress_command_reuses_cache_and_force_recomputes(stressed, shared_cifar_dir, capsys):
-    args = ["stress", "--profile", "smoke", "--device", "cpu", "--no-progress",
-            "--data-dir", str(shared_cifar_dir), "--out-dir", str(stressed)]
+    args = cli("stress", shared_cifar_dir, stressed)
     before = (stressed / "stress_baseline.json").read_bytes()
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -175,7 +175,6 @@ def test_stress_command_reuses_cache_and_force_recomputes(stressed, shared_cifar
 
 def test_stress_without_trained_models_is_a_one_line_error(shared_cifar_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
-    assert main(["stress", "--profile", "smoke", "--device", "cpu", "--no-progress",
-                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(empty)]) == 2
+    assert main(cli("stress", shared_cifar_dir, empty)) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "checkpoint" in err and "not found" in err and "cnnstress run" in err
