@@ -15,6 +15,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 EVAL_SCRIPT = ROOT / "benchmarks" / "eval_throughput.py"
+STRESS_SCRIPT = ROOT / "benchmarks" / "stress_throughput.py"
 PER_FILE = 20
 
 
@@ -121,6 +122,20 @@ def test_eval_benchmark_json_smoke(tmp_path, capsys, one_thread):
         assert math.isfinite(result[key]) and result[key] > 0, key
     assert result["predict_img_per_s_min"] <= result["predict_img_per_s"]
     assert result["images"] == 8 and result["repeats"] == 2 and result["device"] == "cpu"
+
+
+def test_stress_benchmark_json_smoke(tmp_path, capsys, one_thread):
+    _write_fixture(tmp_path)
+    bench = _load_script(STRESS_SCRIPT)
+    rc = bench.main(["--data-dir", str(tmp_path), "--device", "cpu", "--images", "4", "--attack-images", "4",
+                     "--pgd-steps", "2", "--repeats", "1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    from cnnstress.corruptions import CORRUPTIONS
+    assert set(result["corruption_img_per_s"]) == set(CORRUPTIONS)
+    for r in [*result["corruption_img_per_s"].values(), *result["attack_img_per_s"].values()]:
+        assert math.isfinite(r["median"]) and 0 < r["min"] <= r["median"]
+    assert set(result["attack_img_per_s"]) == {"fgsm", "pgd2"} and result["attack_images"] == 4
 
 
 if __name__ == "__main__":

@@ -1,0 +1,96 @@
+"""Throughput of the stress stage's parts: corruption generation per type,
+and FGSM / PGD attacks.
+
+    python benchmarks/stress_throughput.py [--data-dir data] [--device auto] [--images 1000]
+                                           [--pgd-steps 10] [--attack-images 256] [--repeats 2] [--json]
+
+Corruptions: `cnnstress.corruptions.corrupt` on the first --images test images,
+all five severities of each type (CPU work, whatever --device says). Attacks:
+`cnnstress.adversarial.fgsm` and `pgd` at eps 8/255 on --attack-images images
+with a seeded random-init ResNet-18 (throughput does not depend on the
+weights). Prints min and median images/second over the repeats (an image
+corrupted at all five severities counts five times); with --json one object.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from cnnstress.adversarial import fgsm, pgd  # noqa: E402
+from cnnstress.augment import to_float  # noqa: E402
+from cnnstress.corruptions import CORRUPTIONS, SEVERITIES, corrupt  # noqa: E402
+from cnnstress.data import load_cifar10  # noqa: E402
+from cnnstress.errors import CnnstressError  # noqa: E402
+from cnnstress.model import resnet18  # noqa: E402
+from cnnstress.runtime import describe_hardware, resolve_device  # noqa: E402
+from benchmarks.timing import images_per_second  # noqa: E402
+
+EPS = 8 / 255
+
+
+def _rates(fn, n: int, device: torch.device, repeats: int) -> dict[str, float]:
+    fn()  # warm-up
+    rates = images_per_second(lambda: (fn(), n)[1], device, repeats)
+    return {"median": statistics.median(rates), "min": min(rates)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--attack-images", type=int, default=256)
+    p.add_argument("--pgd-steps", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        _, (images, labels) = load_cifar10(args.data_dir, download=False)
+    except CnnstressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sample = images[:args.images]
+    n = int(sample.shape[0]) * len(SEVERITIES)
+    corruptions = {name: _rates(lambda name=name: [corrupt(sample, name, s, seed=0) for s in SEVERITIES],
+                                n, torch.device("cpu"), args.repeats) for name in CORRUPTIONS}
+    torch.manual_seed(0)
+    model = resnet18().to(device).to(memory_format=torch.channels_last).eval()
+    x = to_float(images[:args.attack_images]).to(device)
+    y = labels[:args.attack_images].to(device)
+    m = int(y.numel())
+    attacks = {"fgsm": _rates(lambda: fgsm(model, x, y, EPS), m, device, args.repeats),
+               f"pgd{args.pgd_steps}": _rates(lambda: pgd(model, x, y, EPS, steps=args.pgd_steps), m, device,
+                                               args.repeats)}
+    result = {
+        "corruption_img_per_s": corruptions, "attack_img_per_s": attacks,
+        "corruption_all_types_seconds_per_1000_images": sum(1000 * len(SEVERITIES) / r["median"]
+                                                             for r in corruptions.values()),
+        "images": int(sample.shape[0]), "attack_images": m, "pgd_steps": args.pgd_steps, "eps": EPS,
+        "repeats": args.repeats, "device": str(device), "hardware": describe_hardware(device),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(result["hardware"])
+    print(f"corruptions (CPU, {result['images']} images x {len(SEVERITIES)} severities), img/s median / min:")
+    for name, r in corruptions.items():
+        print(f"  {name:<18} {r['median']:8.0f} / {r['min']:.0f}")
+    print(f"  all {len(CORRUPTIONS)} types at every severity: "
+          f"{result['corruption_all_types_seconds_per_1000_images']:.1f} s per 1000 test images")
+    for name, r in attacks.items():
+        print(f"{name.upper()} (eps 8/255, {m} images, {device}): median {r['median']:.1f} img/s, min {r['min']:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
