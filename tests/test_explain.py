@@ -122,3 +122,25 @@ def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_run, sh
     after = json.loads((analysed_run / "explanations.json").read_text())
     assert after["key"]["settings"]["cam_layer"] == "layer3"
     assert "maps at layer3" in (analysed_run / "analysis_report.txt").read_text()
+
+
+def test_bad_explain_options_are_one_line_errors(shared_cifar_dir, tmp_path, capsys):
+    assert main(cli("explain", shared_cifar_dir, tmp_path / "out", "--layer", "layer9")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cam_layer" in err and "layer4" in err
+    with pytest.raises(SystemExit) as exc:                  # argparse refuses it before anything runs
+        main(cli("explain", shared_cifar_dir, tmp_path / "out", "--samples", "0"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--samples" in err
+
+
+def test_unreadable_caches_are_recomputed_not_trusted(tmp_path):
+    from cnnstress.pipeline import _read_stress_cache
+    path = tmp_path / "stress_baseline.json"
+    path.write_text("{ truncated")
+    assert _read_stress_cache(path, {"any": "key"}) is None
+    path.write_text('{"key": {"other": 1}, "results": {"x": 1}}')
+    assert _read_stress_cache(path, {"any": "key"}) is None
+    path.write_text('{"key": {"any": "key"}, "results": {"x": 1}}')
+    assert _read_stress_cache(path, {"any": "key"}) == {"x": 1}
