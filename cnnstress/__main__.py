@@ -12,6 +12,7 @@ from .augment import PRESETS
 from .config import PRECISIONS, PROFILES, get_config
 from .errors import CnnstressError
 from . import pipeline
+from .sanity import verdict_word
 
 
 def _positive_int(text: str) -> int:
@@ -134,9 +135,9 @@ def _print_result(result) -> None:
             ex = result.explanations
             ls = ex["label_suspects"][name]
             faith = ex["faithfulness"][name]["sample"]["methods"]["gradcam"]
-            sanity = ex["sanity"][name]["gradcam"]["verdict"]["passed"]
+            sanity = verdict_word(ex["sanity"][name]["gradcam"]["verdict"]["passed"])
             line += (f"; Grad-CAM deletion/insertion AUC {faith['deletion_auc']:.3f}/{faith['insertion_auc']:.3f} "
-                     f"({faith['verdict']}), sanity check {'pass' if sanity else 'FAIL' if sanity is False else 'undecided'}, "
+                     f"({faith['verdict']}), sanity check {sanity}, "
                      f"{ls['suspect_failures']}/{ls['failures']} failures suspected label errors")
         print(line)
     print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")

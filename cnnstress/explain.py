@@ -38,7 +38,7 @@ from .label_errors import find_label_issues
 from .sanity import cascading_randomization, spearman, verdict
 from .stress import sample_positions
 
-EXPLAIN_VERSION = 2  # 2: sanity summaries carry the signed Spearman too
+EXPLAIN_VERSION = 3  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict
 FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
 Z_95 = 1.959964  # two-sided 95% normal quantile for the paired intervals
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
@@ -153,8 +153,7 @@ def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Prediction
         results[method] = res
         v = verdict(res, SANITY_THRESHOLD)
         summary[method] = {"steps": list(res.steps), "verdict": v,
-                           # |rho| of the absolute maps (the verdict's measure) and the signed rho
-                           "median_spearman": _row_medians(np.abs(res.spearman_abs)),
+                           # the verdict holds the median |rho| per step; the signed rho beside it
                            "median_spearman_signed": _row_medians(res.spearman),
                            "median_ssim": [float(np.median(r)) for r in res.ssim]}
     return summary, results

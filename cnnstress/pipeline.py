@@ -320,7 +320,9 @@ def stress_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"stress_{name}.json"
 
 
-def _read_stress_cache(path: Path, key: dict) -> dict | None:
+def _read_cache(path: Path, key: dict) -> dict | None:
+    """The results of a JSON cache {"key": ..., "results": ...} when its key
+    equals `key`; None when it is missing, unreadable or made otherwise."""
     import json
     try:
         cached = json.loads(path.read_text())
@@ -354,7 +356,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
                    "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
     results: dict[str, dict] = {}
     for name in trained:
-        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_stress_cache(stress_path(out, name), keys[name])
+        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_cache(stress_path(out, name), keys[name])
         if cached is not None:
             results[name] = cached
             say(f"stress: reusing {stress_path(out, name)}")
@@ -456,11 +458,10 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     same checkpoints, test images and settings); writes faithfulness.png,
     sanity_check.png, label_suspects.png and cam_methods.png. With
     cached_only, returns None unless the cache matches."""
-    import json
-
     from .checkpoint import save_json
     from .explain import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
                           label_suspects, sanity_report)
+    from .sanity import verdict_word
 
     out = ensure_writable_dir(out_dir or default_out_dir())
     config = config or next(iter(trained.values())).config
@@ -470,13 +471,9 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
            "test_indices": splits.test.indices.tolist(), "settings": explanation_settings(config)}
     path = out / EXPLANATIONS_FILE
     result = None
-    if not force and all(key["checkpoint_stamps"].values()) and path.exists():
-        try:
-            cached = json.loads(path.read_text())
-        except (OSError, ValueError):
-            cached = {}
-        if cached.get("key") == key:
-            result = cached["results"]
+    if not force and all(key["checkpoint_stamps"].values()):
+        result = _read_cache(path, key)
+        if result is not None:
             say(f"explanations: reusing {path}")
     if result is None and cached_only:
         say("explanations: no cached results match these models and settings; `python -m cnnstress explain` computes them")
@@ -510,7 +507,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
         f = result["faithfulness"][name]
         ls = result["label_suspects"][name]
         verdicts = ", ".join(f"{m} {f['sample']['methods'][m]['verdict']}" for m in ("gradcam", "gradcam++"))
-        sanity = ", ".join(f"{m} {'pass' if result['sanity'][name][m]['verdict']['passed'] else 'FAIL'}"
+        sanity = ", ".join(f"{m} {verdict_word(result['sanity'][name][m]['verdict']['passed'])}"
                            for m in ("gradcam", "gradcam++"))
         say(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "
             f"{ls['suspect_failures']} of {ls['failures']} failures are suspected label errors")

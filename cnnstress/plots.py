@@ -650,7 +650,11 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     """Cascading randomisation: median |Spearman| (solid) and median SSIM
     (dotted) of the randomised maps against the originals, per step, per
     method, one panel per model, with the pass threshold; and, when `maps`
-    (steps, images, H, W) on [0,1] is given, those maps in a grid below."""
+    (steps, images, H, W) on [0,1] is given, those maps in a grid below.
+    `summaries`: model -> method -> cnnstress.explain.sanity_report's entry
+    (steps, verdict with its median_per_step, median_ssim)."""
+    from .sanity import verdict_word
+
     names = list(summaries)
     n_img = 0 if maps is None else maps.shape[1]
     fig = plt.figure(figsize=(max(5.2 * len(names), 1.3 * (len(steps or []) + 1)), 4.2 + 1.35 * n_img),
@@ -666,8 +670,8 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
             x = np.arange(len(m["steps"]))
             color = METHOD_COLORS[method]
             v = m["verdict"]
-            ok = {True: "pass", False: "FAIL", None: "undecided"}[v["passed"]]
-            ax.plot(x, [np.nan if r is None else r for r in m["median_spearman"]], "-o", color=color,
+            ok = verdict_word(v["passed"])
+            ax.plot(x, [v["median_per_step"][t] for t in m["steps"]], "-o", color=color,
                     label=f"{METHOD_LABELS[method]} |Spearman| ({ok})")
             ax.plot(x, m["median_ssim"], ":", marker="s", color=color, label=f"{METHOD_LABELS[method]} SSIM")
             ax.set_xticks(x, labels=["original" if t == "original" else f"+{t}" for t in m["steps"]],

@@ -381,6 +381,8 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any], number: int = 7)
 
 def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) -> list[str]:
     """Explanations: faithfulness, sanity check, drift, label suspects."""
+    from .sanity import verdict_word
+
     ex = result.explanations
     cfg = result.trained["baseline"].config
     lines = _section(f"{number}. Can the explanations and the failures be trusted?")
@@ -419,7 +421,7 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
     for name, s in ex["sanity"].items():
         for method in ("gradcam", "gradcam++"):
             v = s[method]["verdict"]
-            word = {True: "PASS", False: "FAIL", None: "UNDECIDED"}[v["passed"]]
+            word = verdict_word(v["passed"]).upper()
             signed = s[method]["median_spearman_signed"][v["step_index"]] if v["step_index"] is not None else None
             signed = "n/a" if signed is None else f"{signed:.3f}"
             lines += _wrap(f"{word}: {name}, {method}: {v['reason']}; there the signed Spearman median is {signed} "

@@ -347,6 +347,14 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None
         not_reset=sorted(set(not_reset)))
 
 
+VERDICT_WORDS = {True: "pass", False: "FAIL", None: "undecided"}
+
+
+def verdict_word(passed: bool | None) -> str:
+    """How a verdict's `passed` (True, False or None) is written in logs, figures and the report."""
+    return VERDICT_WORDS[passed]
+
+
 def verdict(result: SanityResult, threshold: float = 0.5) -> dict:
     """Pass/fail of the randomisation test.
 
