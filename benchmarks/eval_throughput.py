@@ -24,18 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cnnstress.augment import normalize, to_float  # noqa: E402
-from cnnstress.data import load_cifar10  # noqa: E402
-from cnnstress.errors import CnnstressError  # noqa: E402
 from cnnstress.evaluate import predict  # noqa: E402
 from cnnstress.gradcam import GradCAM  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
-from cnnstress.runtime import describe_hardware, resolve_device, resolve_precision  # noqa: E402
-from benchmarks.timing import images_per_second  # noqa: E402
-
-
-def _time(fn, device: torch.device, repeats: int, n: int) -> list[float]:
-    fn()  # warm-up: kernel selection, allocator
-    return images_per_second(lambda: (fn(), n)[1], device, repeats)
+from cnnstress.runtime import describe_hardware, resolve_precision  # noqa: E402
+from benchmarks.timing import open_test_set, warm_rates  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        _, (images, labels) = load_cifar10(args.data_dir, download=False)
-    except CnnstressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loaded = open_test_set(args.data_dir, args.device)
+    if loaded is None:
         return 2
+    device, images, labels = loaded
     images, labels = images[:args.images], labels[:args.images]
     n = int(labels.numel())
     amp = resolve_precision(args.precision, device)
@@ -71,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             x = normalize(to_float(images[lo:lo + args.cam_batch_size].to(device)))
             cam(x)
 
-    pred_rates = _time(run_predict, device, args.repeats, n)
-    cam_rates = _time(run_gradcam, device, args.repeats, n)
+    pred_rates = warm_rates(run_predict, n, device, args.repeats)
+    cam_rates = warm_rates(run_gradcam, n, device, args.repeats)
     result = {
         "predict_img_per_s": statistics.median(pred_rates), "predict_img_per_s_min": min(pred_rates),
         "gradcam_img_per_s": statistics.median(cam_rates), "gradcam_img_per_s_min": min(cam_rates),

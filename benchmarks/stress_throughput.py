@@ -27,18 +27,15 @@ import torch  # noqa: E402
 from cnnstress.adversarial import fgsm, pgd  # noqa: E402
 from cnnstress.augment import to_float  # noqa: E402
 from cnnstress.corruptions import CORRUPTIONS, SEVERITIES, corrupt  # noqa: E402
-from cnnstress.data import load_cifar10  # noqa: E402
-from cnnstress.errors import CnnstressError  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
-from cnnstress.runtime import describe_hardware, resolve_device  # noqa: E402
-from benchmarks.timing import images_per_second  # noqa: E402
+from cnnstress.runtime import describe_hardware  # noqa: E402
+from benchmarks.timing import open_test_set, warm_rates  # noqa: E402
 
 EPS = 8 / 255
 
 
 def _rates(fn, n: int, device: torch.device, repeats: int) -> dict[str, float]:
-    fn()  # warm-up
-    rates = images_per_second(lambda: (fn(), n)[1], device, repeats)
+    rates = warm_rates(fn, n, device, repeats)
     return {"median": statistics.median(rates), "min": min(rates)}
 
 
@@ -52,12 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        _, (images, labels) = load_cifar10(args.data_dir, download=False)
-    except CnnstressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    loaded = open_test_set(args.data_dir, args.device)
+    if loaded is None:
         return 2
+    device, images, labels = loaded
     sample = images[:args.images]
     n = int(sample.shape[0]) * len(SEVERITIES)
     corruptions = {name: _rates(lambda name=name: [corrupt(sample, name, s, seed=0) for s in SEVERITIES],
