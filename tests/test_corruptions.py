@@ -80,6 +80,61 @@ def test_severity_parameters_spot_checks():
         assert all(C.severity_parameter(name, s) is not None for s in C.SEVERITIES)
 
 
+# Every severity table of hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py
+# (commit ca360085d57889288c4143fddd8a707bbcae01bd, the file's last change; unchanged
+# at the repository's HEAD 8190fe329f5f072a06e3a2aea02bb5dda69aed9f), copied from each
+# function's `c = [...]` line as written there. Frost is left out (see C.UNAVAILABLE).
+# Not make_tinyimagenet_c.py's or make_imagenet_c.py's tables: those differ (e.g.
+# motion blur (10, 1)..(12, 3) for Tiny ImageNet).
+_IMSIZE = 32  # make_cifar_c.elastic_transform's IMSIZE
+MAKE_CIFAR_C = {
+    "gaussian_noise": [0.04, 0.06, .08, .09, .10],
+    "shot_noise": [500, 250, 100, 75, 50],
+    "impulse_noise": [.01, .02, .03, .05, .07],
+    "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+    "glass_blur": [(0.05,1,1), (0.25,1,1), (0.4,1,1), (0.25,1,2), (0.4,1,2)],
+    "motion_blur": [(6,1), (6,1.5), (6,2), (8,2), (9,2.5)],
+    "zoom_blur": [np.arange(1, 1.06, 0.01), np.arange(1, 1.11, 0.01), np.arange(1, 1.16, 0.01),
+                  np.arange(1, 1.21, 0.01), np.arange(1, 1.26, 0.01)],
+    "snow": [(0.1,0.2,1,0.6,8,3,0.95),
+             (0.1,0.2,1,0.5,10,4,0.9),
+             (0.15,0.3,1.75,0.55,10,4,0.9),
+             (0.25,0.3,2.25,0.6,12,6,0.85),
+             (0.3,0.3,1.25,0.65,14,12,0.8)],
+    "fog": [(.2,3), (.5,3), (0.75,2.5), (1,2), (1.5,1.75)],
+    "brightness": [.05, .1, .15, .2, .3],
+    "contrast": [.75, .5, .4, .3, 0.15],
+    "elastic_transform": [(_IMSIZE*0, _IMSIZE*0, _IMSIZE*0.08),
+                          (_IMSIZE*0.05, _IMSIZE*0.2, _IMSIZE*0.07),
+                          (_IMSIZE*0.08, _IMSIZE*0.06, _IMSIZE*0.06),
+                          (_IMSIZE*0.1, _IMSIZE*0.04, _IMSIZE*0.05),
+                          (_IMSIZE*0.1, _IMSIZE*0.03, _IMSIZE*0.03)],
+    "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
+    "jpeg_compression": [80, 65, 58, 50, 40],
+}
+
+
+def _as_numbers(param) -> tuple[float, ...]:
+    """A severity parameter as a flat tuple of numbers: a scalar gives one,
+    a tuple its items, zoom_blur's np.arange its zoom factors in order."""
+    return tuple(float(v) for v in np.atleast_1d(np.asarray(param, dtype=np.float64)))
+
+
+@pytest.mark.parametrize("name", C.CORRUPTIONS)
+def test_severity_table_is_make_cifar_c(name):
+    """The whole table of every corruption equals make_cifar_c.py's, exactly:
+    same number of entries per severity (scalar, 2-, 3- or 7-tuple, 7..26
+    zoom factors) and the same values, bit for bit (both sides do the same
+    float arithmetic: IMSIZE products, np.arange)."""
+    assert set(MAKE_CIFAR_C) == set(C.CORRUPTIONS)
+    ref = MAKE_CIFAR_C[name]
+    assert len(ref) == len(C.SEVERITIES)
+    for s in C.SEVERITIES:
+        ours, theirs = C.severity_parameter(name, s), ref[s - 1]
+        assert np.ndim(ours) == np.ndim(theirs), f"{name} s{s}: {ours!r} vs {theirs!r}"
+        assert _as_numbers(ours) == _as_numbers(theirs), f"{name} s{s}: {ours!r} vs make_cifar_c.py {theirs!r}"
+
+
 @pytest.mark.parametrize("name", ["frost", "speckle_noise", "", "Gaussian_Noise", None])
 def test_bad_name_raises(name, images):
     with pytest.raises(ConfigError, match="gaussian_noise"):
@@ -332,7 +387,11 @@ def _ref_motion_blur(x, radius, sigma, angle):
 def test_motion_blur_matches_imagecorruptions():
     x = smooth_images(9, seed=4).permute(0, 2, 3, 1).numpy().astype(np.float64)
     angles = np.array([-135.0, -90.0, -61.3, -45.0, -7.5, 0.0, 12.25, 45.0, 30.3])
-    for radius, sigma in [(10, 1), (12, 3), (14, 12)]:
+    # Every (radius, sigma) the tables use: motion blur's, and snow's blur of its flake layer.
+    params = {C.severity_parameter("motion_blur", s) for s in C.SEVERITIES}
+    params |= {C.severity_parameter("snow", s)[4:6] for s in C.SEVERITIES}
+    assert len(params) == 9  # snow uses (10, 4) twice
+    for radius, sigma in sorted(params):
         out = C._motion_blur(x, radius, sigma, angles)
         ref = np.stack([_ref_motion_blur(img, radius, sigma, a) for img, a in zip(x, angles)])
         np.testing.assert_allclose(out, ref, atol=1e-9)
