@@ -50,6 +50,7 @@ class Config:
     # --- stress tests (corruptions, calibration, adversarial): runtime too --
     stress: bool = _runtime(True)                 # run the stress stage as part of `run`
     corruption_subset: int | None = _runtime(None)  # test images per corruption x severity cell (stratified); None = all
+    corruption_workers: int | None = _runtime(None)  # processes generating corruptions (same pixels for any count); None = auto
     adv_subset: int | None = _runtime(1000)       # test images attacked (stratified); None = all
     adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8))  # L-inf budgets in grey levels: eps = k/255
     pgd_steps: int = _runtime(10)                 # PGD iterations per budget (step 2.5*eps/steps)
@@ -85,7 +86,7 @@ class Config:
             problems.append(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.val_size < 1:
             problems.append(f"val_size must be >= 1 (got {self.val_size})")
-        for name in ("train_subset", "test_subset", "corruption_subset", "adv_subset"):
+        for name in ("train_subset", "test_subset", "corruption_subset", "corruption_workers", "adv_subset"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 problems.append(f"{name} must be >= 1 or None (got {value})")

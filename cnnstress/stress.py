@@ -27,7 +27,7 @@ from torch import nn
 
 from .calibration import apply_temperature, calibration_bins, fit_temperature
 from .config import Config
-from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt
+from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt, corrupt_cells
 from .data import Split, stratified_split
 from .evaluate import Predictions, infer
 from .runtime import resolve_precision
@@ -117,7 +117,9 @@ def corruption_report(models: Mapping[str, nn.Module], test: Split, config: Conf
                       progress: Callable[[str], None] | None = None) -> dict[str, dict[str, Any]]:
     """Accuracy and ECE of every model at every corruption type and severity,
     on one stratified sample of the test split. Each corrupted batch is made
-    once (seeded by config.seed) and fed to every model."""
+    once (seeded by config.seed) and fed to every model; the batches are made
+    by config.corruption_workers processes (None = auto), which work ahead
+    while the models evaluate earlier types, and do not depend on that count."""
     pos = sample_positions(test.labels, config.corruption_subset, config.seed)
     images, labels = test.images[pos], test.labels[pos]
     amp = resolve_precision(config.precision, device)
@@ -135,9 +137,11 @@ def corruption_report(models: Mapping[str, nn.Module], test: Split, config: Conf
                      "clean_ece": calibration_bins(clean.softmax(1), labels, config.calibration_bins).ece,
                      "accuracy": {}, "ece": {}, "ece_calibrated": {}}
     n = int(labels.shape[0])
+    batches = corrupt_cells(images, [(c, s) for c in CORRUPTIONS for s in SEVERITIES], seed=config.seed,
+                            workers=config.corruption_workers)
     for cname in CORRUPTIONS:
         # All severities of one type in one inference call: full batches even for small samples.
-        x = torch.cat([corrupt(images, cname, severity, seed=config.seed) for severity in SEVERITIES])
+        x = torch.cat([next(batches) for _ in SEVERITIES])
         for name, model in models.items():
             all_logits = logits_of(model, x)
             for key in ("accuracy", "ece", "ece_calibrated"):

@@ -10,11 +10,15 @@
 4. The building blocks against literal transcriptions of the reference code
    (make_cifar_c.py, imagecorruptions' Wand-free motion blur) and, where
    scipy is installed, against scipy.ndimage.
-Small batches only: the file runs in a few seconds on a 2-core CPU.
+5. Batched generation (corrupt_cells): same pixels as corrupt() whatever the
+   number of worker processes and the split into slices or chunks.
+Small batches only: the file runs in 10-20 s on a 2-core CPU, most of it
+starting two worker processes.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import cv2
 import numpy as np
@@ -494,3 +498,59 @@ def test_helpers_match_scipy():
     ref = np.stack([np.stack([ndi.map_coordinates(x[i, ..., ch], [rows[i], cols[i]], order=1, mode="reflect")
                               for ch in range(3)], -1) for i in range(3)])
     np.testing.assert_allclose(C._bilinear_reflect(x, rows, cols), ref, atol=1e-12)
+
+
+# --- 5. batched generation: corrupt_cells, slicing, workers -------------------------------
+
+def test_per_image_corruptions_are_sliced_exactly():
+    """The types that draw no random numbers run in slices of images on large
+    batches; every image must come out as if corrupted alone. The set of such
+    types is the one whose output does not depend on the seed."""
+    assert set(C.CORRUPTIONS) - C._RANDOM == DETERMINISTIC
+    x = smooth_images(C._SLICE * 2 + 5, seed=6)           # three slices, the last one short
+    for name in sorted(DETERMINISTIC):
+        for s in (1, 5):
+            alone = torch.cat([C.corrupt(x[i:i + 1], name, s) for i in range(x.shape[0])])
+            assert torch.equal(C.corrupt(x, name, s), alone), (name, s)
+
+
+def test_corrupt_cells_matches_corrupt_with_any_workers(images):
+    """Two worker processes and tiny chunks give, cell for cell and in order,
+    what corrupt() gives (and so what one worker gives): same pixels whatever
+    the split. Includes a clean (severity 0) cell and a repeated cell."""
+    cells = [(c, s) for c in C.CORRUPTIONS for s in C.SEVERITIES] + [("fog", 0), ("snow", 2)]
+    outs = list(C.corrupt_cells(images, cells, seed=4, workers=2, chunk=5))
+    assert len(outs) == len(cells)
+    for (name, s), out in zip(cells, outs):
+        assert out.dtype == torch.uint8 and out.shape == images.shape
+        assert torch.equal(out, C.corrupt(images, name, s, seed=4)), (name, s)
+    serial = C.corrupt_cells(images, cells[:3], seed=4, workers=1)
+    assert all(torch.equal(a, b) for a, b in zip(serial, outs[:3]))
+
+
+def test_corrupt_cells_validates_before_any_work(images):
+    with pytest.raises(ConfigError, match="unavailable"):
+        C.corrupt_cells(images, [("fog", 1), ("frost", 1)])          # raised at the call, not at next()
+    with pytest.raises(ConfigError, match="0..5"):
+        C.corrupt_cells(images, [("fog", 6)])
+    with pytest.raises(ConfigError, match="seed"):
+        C.corrupt_cells(images, [("fog", 1)], seed=-1)
+    with pytest.raises(ConfigError, match="workers"):
+        C.corrupt_cells(images, [("fog", 1)], workers=0)
+    with pytest.raises(ConfigError, match="chunk"):
+        C.corrupt_cells(images, [("fog", 1)], chunk=0)
+    with pytest.raises(ValueError, match="32"):
+        C.corrupt_cells(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), [("fog", 1)])
+    assert list(C.corrupt_cells(images, [])) == []
+
+
+def test_resolve_workers():
+    assert C.resolve_workers(3, 10, 70) == 3                      # explicit: as given, even for tiny jobs
+    assert C.resolve_workers(None, 10, 70) == 1                   # tiny job: no pool
+    big = C.resolve_workers(None, 10_000, 70)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert big == min(cpus, 70)
+    assert C.resolve_workers(None, 10_000, 2) <= 2                # never more processes than cells
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError):
+            C.resolve_workers(bad, 10, 70)

@@ -120,6 +120,18 @@ def test_corruption_report_bookkeeping():
     assert set(colour["accuracy_by_family"]) == {"noise", "blur", "weather", "digital"}
 
 
+def test_corruption_report_does_not_depend_on_workers():
+    """Two generator processes give the report one in-process generator gives."""
+    split = _split()
+    models = {"colour": _MeanColour()}
+    reports = [stress.corruption_report(models, split, get_config("smoke", corruption_subset=20, channels_last=False,
+                                                                  corruption_workers=w),
+                                        device=torch.device("cpu"), temperatures={"colour": 1.3})
+               for w in (1, 2)]
+    assert reports[0] == reports[1]
+    assert len(set(np.round([a for c in CORRUPTIONS for a in reports[0]["colour"]["accuracy"][c]], 6))) > 1
+
+
 def test_corruption_csv_has_robustbench_layout(tmp_path):
     results = {name: {"accuracy": {c: [0.5 + 0.01 * s + 0.1 * k for s in SEVERITIES] for c in CORRUPTIONS}}
                for k, name in enumerate(("baseline", "improved"))}
