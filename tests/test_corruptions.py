@@ -514,6 +514,17 @@ def test_per_image_corruptions_are_sliced_exactly():
             assert torch.equal(C.corrupt(x, name, s), alone), (name, s)
 
 
+@pytest.mark.parametrize("name", C.CORRUPTIONS)
+def test_slicing_never_changes_pixels(name, monkeypatch):
+    """Random corruptions draw for the whole batch, then apply the draws in
+    slices of C._SLICE images; per-image ones are sliced too. Either way the
+    pixels equal one unsliced pass over the batch."""
+    x = smooth_images(C._SLICE * 2 + 5, seed=7)
+    sliced = [C.corrupt(x, name, s, seed=2) for s in (1, 4)]
+    monkeypatch.setattr(C, "_SLICE", 10 ** 9)
+    assert all(torch.equal(a, C.corrupt(x, name, s, seed=2)) for a, s in zip(sliced, (1, 4)))
+
+
 def test_corrupt_cells_matches_corrupt_with_any_workers(images):
     """Two worker processes and tiny chunks give, cell for cell and in order,
     what corrupt() gives (and so what one worker gives): same pixels whatever
