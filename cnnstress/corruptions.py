@@ -54,6 +54,7 @@ import multiprocessing
 import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterator, Sequence
 
 import cv2
@@ -61,7 +62,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError
+from .errors import CnnstressError, ConfigError
 
 __all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "UNAVAILABLE", "corrupt", "corrupt_cells", "resolve_workers",
            "severity_parameter"]
@@ -191,7 +192,10 @@ def corrupt_cells(images: torch.Tensor, cells: Sequence[tuple[str, int]], seed: 
     digital and colour ones without randomness) act on each image alone and
     are split into tasks of `chunk` images, which balances the load (zoom
     blur at severity 5 is the costliest cell). Every cell is validated
-    before any work starts (ConfigError as for corrupt()).
+    before any work starts (ConfigError as for corrupt()). Spawned workers
+    re-import the caller's main script, so a script must keep its top-level
+    work under `if __name__ == "__main__":` (notebooks and `python -m
+    cnnstress` need nothing); a worker that dies raises CnnstressError.
     """
     cells = [(name, severity) for name, severity in cells]
     for name, severity in cells:
@@ -233,6 +237,11 @@ def _generate(images: torch.Tensor, cells: list[tuple[str, int]], seed: int, wor
                 yield images.clone()
             else:
                 yield torch.from_numpy(np.concatenate([f.result() for f in futures]))
+    except BrokenProcessPool as exc:
+        raise CnnstressError(
+            "a corruption worker process died: out of memory, or the main script could not be re-imported "
+            "(spawned workers import it: put its top-level code under if __name__ == '__main__'); "
+            "set corruption_workers=1 to corrupt in this process") from exc
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

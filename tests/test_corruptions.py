@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -565,3 +567,20 @@ def test_resolve_workers():
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ConfigError):
             C.resolve_workers(bad, 10, 70)
+
+
+def test_dead_worker_is_a_one_line_error(tmp_path):
+    """A script read from stdin cannot be re-imported by spawned workers: the
+    pool breaks, and the caller gets a CnnstressError that names the fix."""
+    script = ("import torch\n"
+              "from cnnstress.corruptions import corrupt_cells\n"
+              "from cnnstress.errors import CnnstressError\n"
+              "try:\n"
+              "    list(corrupt_cells(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), [('fog', 1)] * 2, workers=2))\n"
+              "except CnnstressError as exc:\n"
+              "    print('CAUGHT', exc)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert "CAUGHT" in done.stdout and "corruption_workers=1" in done.stdout, done.stdout + done.stderr
