@@ -15,6 +15,7 @@ from conftest import cli
 from cnnstress.config import get_config
 from cnnstress.corruptions import CORRUPTIONS, SEVERITIES
 from cnnstress.data import Split
+from cnnstress.errors import ConfigError
 from cnnstress.evaluate import Predictions
 
 
@@ -129,6 +130,8 @@ def test_corruption_report_does_not_depend_on_workers():
                                         device=torch.device("cpu"), temperatures={"colour": 1.3})
                for w in (1, 2)]
     assert reports[0] == reports[1]
+    with pytest.raises(ConfigError, match="corruption_workers"):
+        get_config("smoke", corruption_workers=0)
     assert len(set(np.round([a for c in CORRUPTIONS for a in reports[0]["colour"]["accuracy"][c]], 6))) > 1
 
 
