@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        p.error(f"--workers must be >= 1 (got {args.workers})")
     loaded = open_test_set(args.data_dir, args.device)
     if loaded is None:
         return 2
