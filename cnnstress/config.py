@@ -50,7 +50,7 @@ class Config:
     # --- stress tests (corruptions, calibration, adversarial): runtime too --
     stress: bool = _runtime(True)                 # run the stress stage as part of `run`
     corruption_subset: int | None = _runtime(None)  # test images per corruption x severity cell (stratified); None = all
-    corruption_workers: int | None = _runtime(None)  # processes generating corruptions (same pixels for any count); None = auto
+    corruption_workers: int | None = _runtime(None)  # corruption generator processes (any count: same pixels); None = auto
     adv_subset: int | None = _runtime(1000)       # test images attacked (stratified); None = all
     adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8))  # L-inf budgets in grey levels: eps = k/255
     pgd_steps: int = _runtime(10)                 # PGD iterations per budget (step 2.5*eps/steps)
