@@ -7,14 +7,14 @@ from .config import PROFILES, Config, get_config
 from .data import CIFAR_MEAN, CIFAR_STD, CLASSES, load_splits
 from .errors import CnnstressError
 from .evaluate import Predictions, predict
-from .gradcam import GradCAM
+from .gradcam import GradCAM, GradCAMPlusPlus
 from .model import resnet18
 from .runtime import resolve_device, resolve_precision, seed_everything
 from .train import FitResult, fit, load_model
 
 __all__ = [
     "CIFAR_MEAN", "CIFAR_STD", "CLASSES", "PROFILES", "CnnstressError", "Config", "FitResult", "GradCAM",
-    "Predictions", "fit", "get_config", "load_model", "load_splits", "predict", "resnet18",
+    "GradCAMPlusPlus", "Predictions", "fit", "get_config", "load_model", "load_splits", "predict", "resnet18",
     "resolve_device", "resolve_precision", "seed_everything",
 ]
 __version__ = "0.1.0"

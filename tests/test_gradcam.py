@@ -473,6 +473,13 @@ def test_cam_methods_registry():
     assert not issubclass(GradCAMPlusPlus, GradCAM)
 
 
+def test_both_cam_methods_are_public_api():
+    import cnnstress
+    for name, cls in (("GradCAM", GradCAM), ("GradCAMPlusPlus", GradCAMPlusPlus)):
+        assert name in cnnstress.__all__
+        assert getattr(cnnstress, name) is cls
+
+
 @pytest.mark.parametrize("method", sorted(CAM_METHODS))
 def test_every_method_shares_hygiene_and_checks(method):
     cls = CAM_METHODS[method]
