@@ -392,7 +392,8 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
                    f"restored into it (insertion), in {cfg.faithfulness_steps} steps, and the probability of the "
                    f"explained class (the model's prediction) is recorded; AUC over the fraction of pixels. Lower "
                    f"deletion and higher insertion AUC = more faithful. A method counts as better than the random "
-                   f"map only when the paired 95% intervals of both differences exclude zero.")
+                   f"map only when the paired 95% intervals (Student's t over the images) of both differences "
+                   f"exclude zero.")
     lines.append(f"{'model':<9} {'images':<15} {'method':<11} {'deletion':>8} {'insertion':>9}  verdict vs random")
     for name, groups in ex["faithfulness"].items():
         for group, r in groups.items():

@@ -25,7 +25,7 @@ def test_paired_interval_and_verdicts_hand_worked():
     d = explain._paired(np.array([0.1, 0.2, 0.3]), np.array([0.3, 0.3, 0.3]))
     # differences -0.2, -0.1, 0: mean -0.1, sd 0.1, se 0.1/sqrt(3)
     assert d["mean_diff"] == pytest.approx(-0.1)
-    assert d["high"] == pytest.approx(-0.1 + explain.Z_95 * 0.1 / np.sqrt(3))
+    assert d["high"] == pytest.approx(-0.1 + 4.302653 * 0.1 / np.sqrt(3))  # t(0.975, 2 df), not 1.96
     better_del = {"mean_diff": -0.1, "low": -0.2, "high": -0.01}
     better_ins = {"mean_diff": 0.1, "low": 0.01, "high": 0.2}
     unclear = {"mean_diff": 0.0, "low": -0.1, "high": 0.1}
@@ -35,6 +35,31 @@ def test_paired_interval_and_verdicts_hand_worked():
     assert explain._judge(unclear, better_del) == "worse on insertion only"
     assert explain._judge(unclear, unclear) == "not distinguishable from random"
     assert explain._judge(better_del, better_del) == "better on deletion, worse on insertion"
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 32, 200])
+def test_paired_interval_is_students_t_against_scipy(n):
+    from scipy import stats
+    rng = np.random.default_rng(n)
+    a, b = rng.random(n), rng.random(n)
+    d = a - b
+    lo, hi = stats.t.interval(0.95, n - 1, loc=d.mean(), scale=stats.sem(d))
+    r = explain._paired(a, b)
+    assert r["mean_diff"] == pytest.approx(d.mean(), abs=1e-12)
+    assert (r["low"], r["high"]) == (pytest.approx(lo, abs=1e-10), pytest.approx(hi, abs=1e-10))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 8, 31, 99, 1000])
+@pytest.mark.parametrize("p", [0.5, 0.8, 0.975, 0.995, 0.9999])
+def test_t_quantile_matches_scipy(p, df):
+    from scipy import stats
+    assert explain.t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-9, abs=1e-12)
+
+
+def test_t_quantile_rejects_bad_arguments():
+    for p, df in ((0.975, 0), (0.975, 2.5), (1.0, 3), (0.2, 3)):
+        with pytest.raises(ValueError):
+            explain.t_quantile(p, df)
 
 
 def test_label_suspects_split_failures():
