@@ -39,7 +39,7 @@ from .sanity import cascading_randomization, spearman, verdict
 from .stress import sample_positions
 
 EXPLAIN_VERSION = 4  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
-# 4: Student-t paired intervals
+# 4: Student-t paired intervals, prune counts truncated as cleanlab does
 FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
 CONFIDENCE = 0.95  # of the paired intervals (Student's t: the groups hold only 8 to 32 images)
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed

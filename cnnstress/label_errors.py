@@ -200,14 +200,18 @@ def _keep_at_least_n_per_class(prune: np.ndarray, n: int) -> np.ndarray:
     matrix (true, given) = calibrated joint transposed: raise each diagonal
     cell to at least n, taking the increase evenly from the non-zero
     off-diagonal cells of its column, so that pruning leaves n examples of
-    every given label."""
+    every given label. Like cleanlab, the fractional off-diagonal counts are
+    then truncated (its _reduce_prune_counts ends in astype(int); its final
+    round_preserving_row_totals sees integers and changes nothing), so a
+    column may end up pruning fewer examples than before the raise, never
+    more. Checked against cleanlab 2.9.0's function on random matrices."""
     diag = np.diagonal(prune).astype(np.float64)
     new_diag = np.maximum(diag, n)
     per_col = np.maximum(np.count_nonzero(prune, axis=0) - 1.0, 1.0)
     out = prune - (new_diag - diag) / per_col
     out[out < 0] = 0
     np.fill_diagonal(out, new_diag)
-    return _round_preserving_row_totals(out)
+    return np.trunc(out).astype(np.int64)
 
 
 def find_label_issues(probs: Any, labels: Any, *, filter_by: str = "prune_by_noise_rate") -> np.ndarray:
