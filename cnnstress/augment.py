@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -264,15 +265,29 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | Non
     return out
 
 
+HOST_STREAM = 1  # SeedSequence spawn key of the host (jitter-order) stream
+
+
+def host_seed(seed: int) -> int:
+    """The seed of Augmenter's host generator, derived from `seed` through
+    NumPy's SeedSequence (spawn key HOST_STREAM): a CPU generator seeded with
+    `seed` itself would replay the device stream's draws on a CPU run (the
+    jitter order would repeat the first crop offsets)."""
+    ss = np.random.SeedSequence(int(seed) % 2**64, spawn_key=(HOST_STREAM,))
+    return int(ss.generate_state(1, np.uint64)[0])
+
+
 class Augmenter:
     """A preset bound to a device, with its own seeded generators, so that
-    augmentation draws never touch the global RNG."""
+    augmentation draws never touch the global RNG: `gen` (on the device,
+    seeded with `seed`) for the per-image parameters and `host_gen` (CPU,
+    seeded with host_seed(seed), a distinct stream) for the jitter order."""
 
     def __init__(self, spec: AugmentSpec | str, device: torch.device | str, seed: int) -> None:
         self.spec = PRESETS[spec] if isinstance(spec, str) else spec
         self.device = torch.device(device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.host_gen = torch.Generator().manual_seed(seed)
+        self.host_gen = torch.Generator().manual_seed(host_seed(seed))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return augment_batch(x, self.spec, self.gen, self.host_gen)

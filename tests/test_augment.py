@@ -246,6 +246,19 @@ def test_jitter_order_varies_between_batches(monkeypatch):
     assert len(orders) > 3
 
 
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_augmenter_streams_are_distinct(seed):
+    # seeded alike, a CPU run's jitter-order draws would replay the crop/flip draws
+    aug = A.Augmenter("enhanced", "cpu", seed)
+    dev, host = torch.rand(256, generator=aug.gen), torch.rand(256, generator=aug.host_gen)
+    assert not torch.isclose(dev, host).any()
+    # each stream still follows the seed alone
+    again = A.Augmenter("enhanced", "cpu", seed)
+    assert torch.equal(torch.rand(256, generator=again.gen), dev)
+    assert torch.equal(torch.rand(256, generator=again.host_gen), host)
+    assert A.host_seed(seed) != A.host_seed(seed + 1)
+
+
 def test_only_enabled_ops_run(monkeypatch):
     calls: list = []
     for name in ("crop", "hflip", "rotate", "adjust_brightness", "adjust_contrast",
