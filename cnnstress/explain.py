@@ -235,8 +235,13 @@ def label_suspects(preds: Predictions, failures: FailureTable) -> dict[str, Any]
 
 def agreed_suspects(suspects: Mapping[str, dict], preds: Mapping[str, Predictions]) -> dict[str, Any]:
     """Images flagged under *both* models' probabilities, with both models
-    predicting the same other class: two independently trained models agreeing
-    on a different label is stronger evidence than either alone."""
+    predicting the same other class. The two models are *not* independent:
+    they start from the same initial weights and see the same batch order
+    (the same seed, by design: augmentation is the only change), so they
+    tend to share mistakes. Their agreement is therefore weaker evidence of
+    a wrong label than agreement between independently trained models would
+    be; it mainly drops the suspects that only one augmentation regime
+    produces."""
     a, b = (set(suspects[n]["suspect_positions"]) for n in ("baseline", "improved"))
     pa, pb = preds["baseline"].preds, preds["improved"].preds
     both = sorted(p for p in a & b if int(pa[p]) == int(pb[p]))

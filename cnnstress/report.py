@@ -460,9 +460,11 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
                        f"{100 * ls['flagged_fraction']:.1f}%).", "  ")
     agree = ex.get("label_agreement")
     if agree:
-        lines += _wrap(f"Both models (trained independently) flag {agree['count']} test images and predict the same "
-                       f"other class for them: the stronger suspects. Among the baseline's failures "
-                       f"{len(agree['failures']['baseline'])}, among the improved model's "
+        lines += _wrap(f"Both models flag {agree['count']} test images and predict the same other class for them. "
+                       f"The two models are not independent (same initial weights, same batch order: only the "
+                       f"augmentation differs), so they share many mistakes and this agreement is weaker evidence "
+                       f"of a wrong label than two independently trained models would give. Among the baseline's "
+                       f"failures {len(agree['failures']['baseline'])}, among the improved model's "
                        f"{len(agree['failures']['improved'])}.", "  ")
     weak = [name for name, ls in ex["label_suspects"].items() if not ls["reliable"]]
     if weak:

@@ -87,6 +87,20 @@ def test_label_suspects_split_failures():
     assert agree["positions"] == r["suspect_positions"]     # a model agrees with itself
 
 
+def test_the_two_models_are_not_independent():
+    # what agreed_suspects' docstring and the report say: same initial weights,
+    # same batch order; only the augmentation draws differ
+    from cnnstress.train import build_model, epoch_seed
+    config = get_config("smoke")
+    base, imp = config.replace(augment="baseline"), config.replace(augment="enhanced")
+    assert base.diff(imp) == {"augment": ("baseline", "enhanced")}
+    a, b = (build_model(c, torch.device("cpu")).state_dict() for c in (base, imp))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(epoch_seed(base.seed, e, 0) == epoch_seed(imp.seed, e, 0) for e in range(base.epochs))
+    doc = " ".join(explain.agreed_suspects.__doc__.split())
+    assert "*not* independent" in doc and "same initial weights" in doc and "same batch order" in doc
+
+
 def test_sanity_report_leaves_the_model_alone_and_drift_of_a_model_with_itself():
     config = get_config("smoke", sanity_samples=4, faithfulness_samples=4)
     torch.manual_seed(0)
@@ -131,6 +145,9 @@ def test_run_writes_explanations(analysed_run):
         assert cached["faithfulness"][name]["sample"]["n"] == 8
     assert set(cached["drift"]) >= {"fixed", "persisting", "new"}
     report = (out / "analysis_report.txt").read_text()
+    flat = " ".join(report.split())
+    assert "label_agreement" in cached and "trained independently" not in flat
+    assert "The two models are not independent (same initial weights, same batch order" in flat
     for text in ("8. Can the explanations and the failures be trusted?", "8a. Faithfulness", "8b. Sanity check",
                  "8c. Explanation drift", "8d. Failure triage", "9. Summary"):
         assert text in report, text
