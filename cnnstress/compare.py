@@ -3,7 +3,8 @@
 - mcnemar: is the difference in error rates significant (paired test)?
 - bootstrap_accuracy_diff: a paired bootstrap interval for acc_b - acc_a.
 - compare_failures: which high-confidence failures of A were fixed by B,
-  which persist, and which are new.
+  which persist, and which of B's are new (A was right) or newly confident
+  (A was wrong with less confidence).
 
 (Differences between two configs: see cnnstress.config.Config.diff.)
 """
@@ -107,17 +108,23 @@ def bootstrap_accuracy_diff(correct_a: Any, correct_b: Any, n_boot: int = 2000, 
 
 
 def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b: Any,
-                     labels: Any) -> dict[str, Any]:
-    """How A's high-confidence failures fared under B (by position in the split).
+                     labels: Any, *, preds_a: Any) -> dict[str, Any]:
+    """How A's high-confidence failures fared under B, and where B's came from
+    (by position in the split; preds_a, preds_b, labels: int (N,)).
 
     fixed: A's failures that B predicts correctly; persisting: A's failures B
     still gets wrong, split into still_high_confidence (also in B's table) and
-    wrong_low_confidence (not in B's table); new: B's failures that are not in
-    A's table. Positions are sorted lists; counts holds their sizes."""
+    wrong_low_confidence (not in B's table). B's failures that are not in A's
+    table split by A's prediction: new (A predicted the image correctly) and
+    newly_confident (A was wrong too, but below the threshold). So
+    b = still_high_confidence + new + newly_confident. Positions are sorted
+    lists; counts holds their sizes."""
+    preds_a = _as_int_vector(preds_a, "preds_a")
     preds_b = _as_int_vector(preds_b, "preds_b")
     labels = _as_int_vector(labels, "labels")
-    if preds_b.shape != labels.shape:
-        raise ValueError(f"preds_b and labels differ in length ({preds_b.size} vs {labels.size})")
+    if preds_b.shape != labels.shape or preds_a.shape != labels.shape:
+        raise ValueError(f"preds_a, preds_b and labels differ in length "
+                         f"({preds_a.size}, {preds_b.size} and {labels.size})")
     pos_a = np.unique(failures_a.positions)
     pos_b = np.unique(failures_b.positions)
     for name, pos in (("failures_a", pos_a), ("failures_b", pos_b)):
@@ -129,13 +136,15 @@ def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b
     in_b = np.isin(persisting, pos_b)
     still_high = persisting[in_b]
     wrong_low = persisting[~in_b]
-    new = np.setdiff1d(pos_b, pos_a)
+    only_b = np.setdiff1d(pos_b, pos_a)
+    a_correct = preds_a[only_b] == labels[only_b]
     out: dict[str, Any] = {
         "fixed": fixed.tolist(),
         "persisting": persisting.tolist(),
         "still_high_confidence": still_high.tolist(),
         "wrong_low_confidence": wrong_low.tolist(),
-        "new": new.tolist(),
+        "new": only_b[a_correct].tolist(),
+        "newly_confident": only_b[~a_correct].tolist(),
     }
     out["counts"] = {"a": int(pos_a.size), "b": int(pos_b.size),
                      **{k: len(v) for k, v in out.items()}}

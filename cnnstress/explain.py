@@ -12,7 +12,8 @@
 * **Explanation drift**: for the same images, the rank correlation between the
   baseline's and the improved model's Grad-CAM (each explaining its own
   prediction) and the change of map mass in the central quarter, for the
-  fixed, persisting and new failures separately.
+  fixed, persisting, new (the baseline was right) and newly confident (the
+  baseline was wrong too, with less confidence) failures separately.
 * **Label suspects**: confident learning (cnnstress.label_errors) on the test
   probabilities, which are out-of-sample for a model trained on the training
   split; a high-confidence failure that is also a suspect may be a wrong label
@@ -38,10 +39,11 @@ from .label_errors import find_label_issues
 from .sanity import cascading_randomization, spearman, verdict
 from .stress import sample_positions
 
-EXPLAIN_VERSION = 4  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
-# 4: Student-t paired intervals, prune counts truncated as cleanlab does
+EXPLAIN_VERSION = 5  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
+# 4: Student-t paired intervals, prune counts truncated as cleanlab does; 5: drift of newly confident failures
 FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
 CONFIDENCE = 0.95  # of the paired intervals (Student's t: the groups hold only 8 to 32 images)
+DRIFT_GROUPS = ("fixed", "persisting", "new", "newly_confident")  # compare_failures' groups
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
 
 
@@ -253,11 +255,12 @@ def agreed_suspects(suspects: Mapping[str, dict], preds: Mapping[str, Prediction
 def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, preds: Mapping[str, Predictions],
                  comparison_failures: Mapping[str, Any], config: Config, device: torch.device) -> dict[str, Any]:
     """Baseline vs improved Grad-CAM on the same images, per failure group
-    (fixed, persisting, new), each model explaining its own prediction:
+    (fixed, persisting, new, newly_confident: see compare.compare_failures),
+    each model explaining its own prediction:
     median rank correlation of the maps, and the mean share of map mass in the
     central quarter for each model."""
     out: dict[str, Any] = {"layer": config.cam_layer}
-    for group in ("fixed", "persisting", "new"):
+    for group in DRIFT_GROUPS:
         pos = torch.as_tensor(list(comparison_failures[group])[:config.faithfulness_samples * 4], dtype=torch.long)
         if pos.numel() == 0:
             out[group] = {"n": 0}

@@ -269,7 +269,8 @@ def compare_models(preds: dict[str, Predictions], failures: dict[str, FailureTab
                    config: Config, n_boot: int = 2000) -> dict:
     """Stages 10-11: paired comparison of baseline and improved on the same
     test images: accuracy difference with a bootstrap CI, McNemar's test, and
-    which baseline failures were fixed, persist or are new."""
+    which baseline failures were fixed or persist, and which of the improved
+    model's are new (the baseline was right) or newly confident."""
     a, b = preds["baseline"], preds["improved"]
     if not torch.equal(a.labels, b.labels):
         raise ValueError("the two models were evaluated on different test images")
@@ -278,7 +279,7 @@ def compare_models(preds: dict[str, Predictions], failures: dict[str, FailureTab
     return {
         "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=n_boot, seed=config.seed),
         "mcnemar": mcnemar(correct_a, correct_b),
-        "failures": compare_failures(failures["baseline"], failures["improved"], b.preds, b.labels),
+        "failures": compare_failures(failures["baseline"], failures["improved"], b.preds, b.labels, preds_a=a.preds),
         "threshold": failures["baseline"].threshold,
     }
 

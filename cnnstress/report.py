@@ -249,7 +249,10 @@ def render_report(result: "RunResult", metrics: dict[str, Any]) -> str:
         f"High-confidence failures {fc['a']} -> {fc['b']}. Of the baseline's {fc['a']}: {fc['fixed']} fixed "
         f"(now correct), {fc['persisting']} still wrong ({fc['still_high_confidence']} still above "
         f"{threshold:.0%} confidence, {fc['wrong_low_confidence']} wrong with less confidence). "
-        f"{fc['new']} failures are new to the improved model.")
+        f"Of the improved model's {fc['b']}: {fc['still_high_confidence']} are those still above the threshold, "
+        f"{fc['new']} are new (the baseline predicted those images correctly) and "
+        f"{fc['newly_confident']} newly confident (the baseline got them wrong too, with at most "
+        f"{threshold:.0%} confidence).")
     gains = sorted(((imp["per_class_accuracy"][c] or 0) - (base["per_class_accuracy"][c] or 0), c) for c in CLASSES)
     lines += _wrap(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                    f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points).")
@@ -435,15 +438,16 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
         lines += _wrap("Each model explains its own prediction. Rank correlation of the two maps (1 = same order of "
                        "importance) and the mean share of map mass in the central quarter of the image, where CIFAR "
                        "objects usually sit.")
-        lines.append(f"{'failures':<11} {'images':>6} {'median rho':>10} {'centre: baseline':>16} {'improved':>8} "
+        lines.append(f"{'failures':<15} {'images':>6} {'median rho':>10} {'centre: baseline':>16} {'improved':>8} "
                      f"{'moved onto centre':>17}")
-        for group in ("fixed", "persisting", "new"):
+        for group in ("fixed", "persisting", "new", "newly_confident"):
             g = d[group]
+            label = group.replace("_", " ")
             if not g["n"]:
-                lines.append(f"{group:<11} {0:>6}")
+                lines.append(f"{label:<15} {0:>6}")
                 continue
             rho = "n/a" if g["median_spearman"] is None else f"{g['median_spearman']:.3f}"
-            lines.append(f"{group:<11} {g['n']:>6} {rho:>10} {_pct(g['centre_fraction']['baseline'], 1):>16} "
+            lines.append(f"{label:<15} {g['n']:>6} {rho:>10} {_pct(g['centre_fraction']['baseline'], 1):>16} "
                          f"{_pct(g['centre_fraction']['improved'], 1):>8} {g['moved_onto_centre']:>10} of {g['n']}")
 
     lines += ["", f"{number}{'d' if 'drift' in ex else 'c'}. Failure triage: suspected label errors (confident learning)"]

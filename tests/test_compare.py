@@ -134,29 +134,57 @@ def probs_for(labels, wrong):
 
 def test_compare_failures_fixed_persisting_new():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    probs_a = probs_for(labels, {1: (0, 0.9), 2: (0, 0.9), 3: (1, 0.9), 4: (2, 0.95)})
+    probs_a = probs_for(labels, {1: (0, 0.9), 2: (0, 0.9), 3: (1, 0.9), 4: (2, 0.95),
+                                 8: (1, 0.6)})   # wrong, below the threshold
     probs_b = probs_for(labels, {3: (2, 0.5),    # still wrong, low confidence
                                  4: (2, 0.95),   # still wrong, high confidence
-                                 7: (2, 0.85),   # new high-confidence failure
+                                 7: (2, 0.85),   # new: A got it right
+                                 8: (0, 0.9),    # newly confident: A wrong too, with less confidence
                                  5: (0, 0.6)})   # wrong for B only, low: in no list
     fa = mine_failures(probs_a, labels)
     fb = mine_failures(probs_b, labels)
     assert sorted(fa.positions.tolist()) == [1, 2, 3, 4]
-    assert sorted(fb.positions.tolist()) == [4, 7]
-    r = compare_failures(fa, fb, probs_b.argmax(1), labels)
+    assert sorted(fb.positions.tolist()) == [4, 7, 8]
+    r = compare_failures(fa, fb, probs_b.argmax(1), labels, preds_a=probs_a.argmax(1))
     assert r["fixed"] == [1, 2]
     assert r["persisting"] == [3, 4]
     assert r["still_high_confidence"] == [4]
     assert r["wrong_low_confidence"] == [3]
     assert r["new"] == [7]
-    assert r["counts"] == {"a": 4, "b": 2, "fixed": 2, "persisting": 2,
-                           "still_high_confidence": 1, "wrong_low_confidence": 1, "new": 1}
+    assert r["newly_confident"] == [8]
+    assert r["counts"] == {"a": 4, "b": 3, "fixed": 2, "persisting": 2, "still_high_confidence": 1,
+                           "wrong_low_confidence": 1, "new": 1, "newly_confident": 1}
+
+
+def test_compare_failures_groups_match_a_per_image_classification():
+    # independent check: classify every image from its own predictions and confidences
+    rng = np.random.default_rng(4)
+    n, c, thr = 600, 4, 0.7
+    labels = rng.integers(0, c, n)
+    probs_a, probs_b = (rng.dirichlet(np.full(c, 0.4), n) for _ in range(2))
+    fa, fb = mine_failures(probs_a, labels, thr), mine_failures(probs_b, labels, thr)
+    r = compare_failures(fa, fb, probs_b.argmax(1), labels, preds_a=probs_a.argmax(1))
+    want: dict = {k: [] for k in ("fixed", "still_high_confidence", "wrong_low_confidence", "new",
+                                  "newly_confident")}
+    for i in range(n):
+        a_wrong, b_wrong = probs_a[i].argmax() != labels[i], probs_b[i].argmax() != labels[i]
+        a_high, b_high = a_wrong and probs_a[i].max() > thr, b_wrong and probs_b[i].max() > thr
+        if a_high:
+            want["fixed" if not b_wrong else "still_high_confidence" if b_high else "wrong_low_confidence"].append(i)
+        elif b_high:
+            want["newly_confident" if a_wrong else "new"].append(i)
+    for k, v in want.items():
+        assert r[k] == v, k
+    assert min(len(v) for v in want.values()) > 0       # every group is exercised
+    assert r["counts"]["b"] == len(want["still_high_confidence"]) + len(want["new"]) + len(want["newly_confident"])
 
 
 def test_compare_failures_rejects_mismatched_inputs():
     labels = np.array([0, 1, 2])
     fa = mine_failures(probs_for(labels, {2: (0, 0.9)}), labels)
     with pytest.raises(ValueError, match="outside"):
-        compare_failures(fa, fa, np.array([0]), np.array([0]))
+        compare_failures(fa, fa, np.array([0]), np.array([0]), preds_a=np.array([0]))
     with pytest.raises(ValueError, match="length"):
-        compare_failures(fa, fa, np.array([0, 1]), labels)
+        compare_failures(fa, fa, np.array([0, 1]), labels, preds_a=labels)
+    with pytest.raises(ValueError, match="length"):
+        compare_failures(fa, fa, labels, labels, preds_a=np.array([0, 1]))

@@ -117,8 +117,9 @@ def test_sanity_report_leaves_the_model_alone_and_drift_of_a_model_with_itself()
         assert summary[method]["steps"][0] == "original" and len(summary[method]["median_ssim"]) == 7
         assert summary[method]["verdict"]["passed"] in (True, False, None)
     d = explain.drift_report({"baseline": model, "improved": model}, images, {"baseline": preds, "improved": preds},
-                             {"fixed": [0, 1, 2], "persisting": [3, 4], "new": []}, config, torch.device("cpu"))
-    assert d["new"] == {"n": 0}
+                             {"fixed": [0, 1, 2], "persisting": [3, 4], "new": [], "newly_confident": [5]},
+                             config, torch.device("cpu"))
+    assert d["new"] == {"n": 0} and d["newly_confident"]["n"] == 1
     for group in ("fixed", "persisting"):
         assert d[group]["centre_shift"] == pytest.approx(0.0)
         assert d[group]["moved_onto_centre"] == 0
@@ -143,7 +144,9 @@ def test_run_writes_explanations(analysed_run):
         assert 0 <= sample["gradcam"]["deletion_auc"] <= 1 and 0 <= sample["gradcam"]["insertion_auc"] <= 1
         assert sample["gradcam"]["verdict"].endswith(("random", "only")) or ", " in sample["gradcam"]["verdict"]
         assert cached["faithfulness"][name]["sample"]["n"] == 8
-    assert set(cached["drift"]) >= {"fixed", "persisting", "new"}
+    assert set(cached["drift"]) >= {"fixed", "persisting", "new", "newly_confident"}
+    assert cached["drift"]["newly_confident"]["n"] == min(len(metrics["comparison"]["failures"]["newly_confident"]),
+                                                           4 * cached["faithfulness"]["baseline"]["sample"]["n"])
     report = (out / "analysis_report.txt").read_text()
     flat = " ".join(report.split())
     assert "label_agreement" in cached and "trained independently" not in flat

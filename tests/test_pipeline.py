@@ -50,7 +50,26 @@ def test_run_writes_every_output(run_out):
     cmp = metrics["comparison"]
     assert cmp["config_diff"] == {"augment": ["baseline", "enhanced"]}
     assert {"accuracy_diff", "mcnemar", "failures"} <= set(cmp)
+    # the failure groups, recomputed per image from the saved predictions
+    npz = {m: np.load(run_out / f"predictions_{m}.npz") for m in ("baseline", "improved")}
+    labels = npz["baseline"]["labels"]
+    wrong = {m: npz[m]["preds"] != labels for m in npz}
+    high = {m: wrong[m] & (npz[m]["probs"].max(1) > cmp["threshold"]) for m in npz}
+    groups = {"fixed": high["baseline"] & ~wrong["improved"],
+              "still_high_confidence": high["baseline"] & high["improved"],
+              "wrong_low_confidence": high["baseline"] & wrong["improved"] & ~high["improved"],
+              "new": high["improved"] & ~wrong["baseline"],
+              "newly_confident": high["improved"] & wrong["baseline"] & ~high["baseline"]}
+    for group, mask in groups.items():
+        assert cmp["failures"][group] == np.flatnonzero(mask).tolist(), group
+        assert cmp["failures"]["counts"][group] == int(mask.sum()), group
     report = (run_out / "analysis_report.txt").read_text()
+    flat = " ".join(report.split())
+    c = cmp["failures"]["counts"]
+    assert (f"Of the improved model's {c['b']}: {c['still_high_confidence']} are those still above the threshold, "
+            f"{c['new']} are new (the baseline predicted those images correctly) and {c['newly_confident']} newly "
+            f"confident (the baseline got them wrong too") in flat
+    assert "new to the improved model" not in flat
     for heading in ("1. Configuration", "3. Test results", "McNemar", "High-confidence failures"):
         assert heading in report
     assert "nan" not in report.lower().replace("nanmean", "")
