@@ -137,7 +137,8 @@ def _print_result(result) -> None:
             faith = ex["faithfulness"][name]["sample"]["methods"]["gradcam"]
             sanity = verdict_word(ex["sanity"][name]["gradcam"]["verdict"]["passed"])
             line += (f"; Grad-CAM deletion/insertion AUC {faith['deletion_auc']:.3f}/{faith['insertion_auc']:.3f} "
-                     f"({faith['verdict']}), sanity check {sanity}, "
+                     f"({faith['verdict']} vs pixel noise, {faith['verdict_smooth']} vs smooth random), "
+                     f"sanity check {sanity}, "
                      f"{ls['suspect_failures']}/{ls['failures']} failures suspected label errors")
         print(line)
     print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")

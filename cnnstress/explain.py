@@ -1,11 +1,13 @@
 """Can the explanations and the failures be trusted? The explanation stage.
 
 * **Faithfulness** (Petsiuk et al. 2018): deletion and insertion AUC of
-  Grad-CAM, Grad-CAM++ and a random map, explaining each image's predicted
-  class, on two groups of test images: the model's high-confidence failures
-  (the most confident first) and a fixed stratified sample. A method is
-  "better than random" only when its paired difference to the random map is
-  clear (95% interval away from zero) for deletion *and* insertion.
+  Grad-CAM, Grad-CAM++ and two random maps (pixel noise, and smooth noise at
+  the CAM's resolution upsampled like the CAM), explaining each image's
+  predicted class, on two groups of test images: the model's high-confidence
+  failures (the most confident first) and a fixed stratified sample. A method
+  is "better than random" only when its paired difference to a random map is
+  clear (95% Student-t interval away from zero) for deletion *and*
+  insertion; it gets one verdict against each random map.
 * **Sanity check** (Adebayo et al. 2018): cascading model-parameter
   randomisation on a copy of the model; the maps must change once the target
   layer and everything above it are re-initialised.
@@ -39,9 +41,17 @@ from .label_errors import find_label_issues
 from .sanity import cascading_randomization, spearman, verdict
 from .stress import sample_positions
 
-EXPLAIN_VERSION = 5  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
-# 4: Student-t paired intervals, prune counts truncated as cleanlab does; 5: drift of newly confident failures
-FAITHFULNESS_METHODS = ("gradcam", "gradcam++", "random")
+EXPLAIN_VERSION = 6  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
+# 4: Student-t paired intervals, prune counts truncated as cleanlab does; 5: drift of newly confident failures;
+# 6: smooth random baseline, random tie-breaking
+CAM_EXPLAINERS = ("gradcam", "gradcam++")
+# The chance levels: "random" = pixel noise; "random_smooth" = noise at the CAM layer's
+# resolution upsampled like the CAM, so that beating it is not just being smooth.
+RANDOM_BASELINES = ("random", "random_smooth")
+FAITHFULNESS_METHODS = CAM_EXPLAINERS + RANDOM_BASELINES
+# Seeds, as offsets from config.seed (2 and 3 pick the faithfulness and sanity samples)
+SMOOTH_SEED_OFFSET = 4   # the smooth random maps (not the pixel maps' stream)
+TIE_SEED_OFFSET = 5      # tie-breaking in every map's pixel order (not a random map's stream)
 CONFIDENCE = 0.95  # of the paired intervals (Student's t: the groups hold only 8 to 32 images)
 DRIFT_GROUPS = ("fixed", "persisting", "new", "newly_confident")  # compare_failures' groups
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
@@ -142,34 +152,48 @@ def _judge(deletion: dict, insertion: dict) -> str:
     return " and ".join(parts) + " only" if len(parts) == 1 else ", ".join(parts)
 
 
+def cam_resolution(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[int, int]:
+    """(h, w) of the CAM at `layer` for inputs like x (N,3,H,W), e.g. (4, 4)
+    for a CIFAR ResNet-18's layer4: the raw map's size, from one image."""
+    raw = CAM_METHODS["gradcam"](model, get_layer(model, layer)).attribute(x[:1]).raw
+    return int(raw.shape[1]), int(raw.shape[2])
+
+
 def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch.Tensor, config: Config,
                        device: torch.device) -> dict[str, Any]:
     """Deletion/insertion of every method on one group of images (targets: the
-    classes explained). Returns per method the mean AUCs, mean curves, per-image
-    AUCs and the paired comparison with the random map."""
+    classes explained). Returns per method the mean AUCs, mean curves and
+    per-image AUCs; per CAM method also the paired comparison and verdict
+    against each random baseline: pixel noise ("vs_random", "verdict") and
+    smooth noise at the CAM's resolution ("vs_random_smooth",
+    "verdict_smooth"). Ties in every map are broken at random (seeded)."""
     n = int(targets.shape[0])
     if n == 0:
         return {"n": 0}
     x = _inputs(images_u8, device)
     h, w = x.shape[2:]
-    maps = {m: cam_maps(model, x, targets, m, config.cam_layer)[0] for m in FAITHFULNESS_METHODS if m != "random"}
+    maps = {m: cam_maps(model, x, targets, m, config.cam_layer)[0] for m in CAM_EXPLAINERS}
+    res = cam_resolution(model, x, config.cam_layer)
     maps["random"] = random_maps(n, h, w, seed=config.seed)
-    out: dict[str, Any] = {"n": n, "methods": {}}
+    maps["random_smooth"] = random_maps(n, h, w, seed=config.seed + SMOOTH_SEED_OFFSET, resolution=res)
+    out: dict[str, Any] = {"n": n, "cam_resolution": list(res), "methods": {}}
     for method, m in maps.items():
         r = deletion_insertion(model, x, m.to(device), targets.to(device), steps=config.faithfulness_steps,
-                               baseline=config.faithfulness_baseline, batch_size=config.eval_batch_size)
+                               baseline=config.faithfulness_baseline, batch_size=config.eval_batch_size,
+                               seed=config.seed + TIE_SEED_OFFSET)
         out["fractions"] = r.fractions.tolist()
         out["methods"][method] = {
             "deletion_auc": float(r.deletion_auc.mean()), "insertion_auc": float(r.insertion_auc.mean()),
             "deletion_curve": r.deletion.mean(0).tolist(), "insertion_curve": r.insertion.mean(0).tolist(),
             "deletion_aucs": r.deletion_auc.tolist(), "insertion_aucs": r.insertion_auc.tolist()}
-    rnd = out["methods"]["random"]
-    for method in FAITHFULNESS_METHODS[:-1]:
+    for method in CAM_EXPLAINERS:
         me = out["methods"][method]
-        me["vs_random"] = {
-            "deletion": _paired(np.array(me["deletion_aucs"]), np.array(rnd["deletion_aucs"])),
-            "insertion": _paired(np.array(me["insertion_aucs"]), np.array(rnd["insertion_aucs"]))}
-        me["verdict"] = _judge(me["vs_random"]["deletion"], me["vs_random"]["insertion"])
+        for baseline, suffix in zip(RANDOM_BASELINES, ("", "_smooth")):
+            rnd = out["methods"][baseline]
+            vs = {"deletion": _paired(np.array(me["deletion_aucs"]), np.array(rnd["deletion_aucs"])),
+                  "insertion": _paired(np.array(me["insertion_aucs"]), np.array(rnd["insertion_aucs"]))}
+            me[f"vs_random{suffix}"] = vs
+            me[f"verdict{suffix}"] = _judge(vs["deletion"], vs["insertion"])
     return out
 
 
@@ -197,7 +221,7 @@ def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Prediction
     pos = sample_positions(preds.labels, config.sanity_samples, config.seed + 3)
     x = _inputs(test_images[pos], device)
     summary, results = {"n": int(pos.numel()), "dataset_positions": pos.tolist()}, {}
-    for method in FAITHFULNESS_METHODS[:-1]:
+    for method in CAM_EXPLAINERS:
         res = cascading_randomization(model, x, preds.preds[pos].to(device), method=method, layer=config.cam_layer,
                                       seed=config.seed)
         results[method] = res

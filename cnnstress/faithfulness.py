@@ -1,9 +1,10 @@
 """Deletion / insertion faithfulness of saliency maps (Petsiuk et al. 2018, RISE).
 
 Given images, one importance map per image and the class to explain, pixels
-are ranked by decreasing importance (ties: lower pixel index first, i.e. a
-stable sort on -map in row-major order). Then, in `steps` equal chunks of
-pixels:
+are ranked by decreasing importance. Ties are broken at random (a seeded
+permutation per image), not in raster order: a Grad-CAM map is zero after the
+ReLU over whole blocks, and removing those blocks top row first would score
+the raster order, not the map. Then, in `steps` equal chunks of pixels:
 
     deletion:  start from the image and replace the most important pixels
                (all channels of a pixel) by the baseline image;
@@ -17,7 +18,11 @@ divide H*W, e.g. 16 steps at 32x32). The area under each curve (trapezoid
 rule over the fraction, 0..1) scores the map: a faithful map makes the
 probability drop fast under deletion (low deletion AUC) and rise fast under
 insertion (high insertion AUC). Compare against `random_maps` of the same
-shape, the chance level.
+shape, the chance level, in two variants: pixel noise (independent per
+pixel) and smooth noise (drawn at the CAM layer's resolution, e.g. 4x4, and
+upsampled exactly as the CAM is). A CAM map is smooth, and smooth maps
+remove connected regions, which alone changes the curves; beating the smooth
+baseline separates faithfulness from smoothness.
 
 Baselines, in the normalised input space the model sees:
     "blur": a Gaussian blur of the image (sigma `blur_sigma` = 5 px, radius
@@ -42,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CnnstressError
-from .gradcam import _eval_mode
+from .gradcam import _eval_mode, upsample
 
 __all__ = ["BASELINES", "FaithfulnessError", "FaithfulnessResult", "baseline_images",
-           "deletion_insertion", "gaussian_blur", "random_maps", "trapezoid_auc"]
+           "deletion_insertion", "gaussian_blur", "importance_order", "random_maps", "trapezoid_auc"]
 
 BASELINES = ("blur", "mean")
 
@@ -89,16 +94,29 @@ def trapezoid_auc(curves: torch.Tensor, fractions: torch.Tensor) -> torch.Tensor
     return torch.trapezoid(curves, fractions.to(curves), dim=-1)
 
 
-def random_maps(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """Random importance maps, float32 (N,H,W) on [0, 1), CPU: uniform noise
-    from a private torch.Generator seeded with `seed` (the global RNG is not
-    touched; the same arguments give the same maps). The chance-level
-    baseline for `deletion_insertion`."""
-    for name, v in (("n", n), ("h", h), ("w", w)):
+def random_maps(n: int, h: int, w: int, seed: int = 0, *,
+                resolution: tuple[int, int] | None = None) -> torch.Tensor:
+    """Random importance maps, float32 (N,H,W) on [0, 1), CPU, from a private
+    torch.Generator seeded with `seed` (the global RNG is not touched; the
+    same arguments give the same maps). The chance-level baseline for
+    `deletion_insertion`.
+
+    resolution=None: pixel noise, uniform and independent per pixel.
+    resolution=(h', w'): smooth noise, uniform (N,h',w') upsampled to (H,W)
+    by gradcam.upsample, exactly as a CAM at a layer of that resolution is
+    (e.g. (4, 4) for a ResNet-18's layer4 on 32x32 inputs)."""
+    sizes = [("n", n), ("h", h), ("w", w)]
+    if resolution is not None:
+        if not isinstance(resolution, (tuple, list)) or len(resolution) != 2:
+            raise FaithfulnessError(f"resolution must be (h, w); got {resolution!r}")
+        sizes += [("resolution[0]", resolution[0]), ("resolution[1]", resolution[1])]
+    for name, v in sizes:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FaithfulnessError(f"random_maps needs positive int sizes; got {name}={v!r}")
     gen = torch.Generator().manual_seed(int(seed))
-    return torch.rand(n, h, w, generator=gen)
+    if resolution is None:
+        return torch.rand(n, h, w, generator=gen)
+    return upsample(torch.rand(n, *resolution, generator=gen), (h, w))
 
 
 def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
@@ -167,10 +185,28 @@ def _check_inputs(images, maps, targets, steps, batch_size) -> None:
         raise FaithfulnessError(f"batch_size must be a positive int; got {batch_size!r}")
 
 
+def importance_order(maps: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
+    """Pixel indices (row-major) of maps (N,H,W) by decreasing value, int64
+    (N,H*W), on the maps' device. Ties: seed=None keeps the lower pixel index
+    first (a stable sort, raster order); an int breaks them by a uniformly
+    random permutation per image from a private CPU generator seeded with
+    `seed` (the same order on every device). Image i's order depends on the
+    seed and on i, not on the other maps' values."""
+    n = maps.shape[0]
+    flat = maps.detach().reshape(n, -1)
+    key = -flat.double() if flat.is_floating_point() else -flat.long()
+    if seed is None:
+        return torch.argsort(key, dim=1, stable=True)
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.argsort(torch.rand(flat.shape, generator=gen, dtype=torch.float64), dim=1).to(flat.device)
+    # a stable sort of the randomly permuted values: equal values keep their random order
+    return perm.gather(1, torch.argsort(key.gather(1, perm), dim=1, stable=True))
+
+
 def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
                        targets: torch.Tensor, *, steps: int = 16, baseline: str = "blur",
                        device: torch.device | str | None = None, batch_size: int = 256,
-                       blur_sigma: float = 5.0) -> FaithfulnessResult:
+                       blur_sigma: float = 5.0, seed: int | None = 0) -> FaithfulnessResult:
     """Deletion and insertion curves and AUCs (see the module docstring).
 
     model:   a classifier returning logits (B,C) for inputs (B,3,H,W); put in
@@ -178,13 +214,15 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
              also on errors), run under no_grad, parameters never written.
     images:  float (N,3,H,W) NCHW, normalised (normalize(to_float(uint8))).
     maps:    (N,H,W) importance per pixel, any real scale (only the order
-             matters; ties broken by lower row-major pixel index first).
+             matters; ties broken as `importance_order` does with `seed`).
     targets: integer (N,) class per image (e.g. the class the map explains).
     steps:   number of equal pixel chunks (curves have steps+1 points).
     baseline: "blur" (Gaussian blur, sigma `blur_sigma` px) or "mean" (zeros).
     device:  where to run; default the model's (first parameter's) device.
              The model is not moved: its parameters must already be there.
     batch_size: perturbed inputs per forward pass.
+    seed:    tie-breaking between equal map values: an int = a seeded random
+             order, None = raster order (lower pixel index first).
     Returns a FaithfulnessResult (CPU float32 tensors).
     """
     _check_inputs(images, maps, targets, steps, batch_size)
@@ -207,9 +245,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
     with torch.no_grad(), _eval_mode(model):
         x = images.detach().to(device=dev, dtype=dtype)
         base = baseline_images(x, baseline, blur_sigma=blur_sigma)
-        flat = maps.detach().to(dev).reshape(n, npix)
-        order = torch.argsort(-flat.double() if flat.is_floating_point() else -flat.long(),
-                              dim=1, stable=True)                 # (N,P) most important first
+        order = importance_order(maps.detach().to(dev), seed)     # (N,P) most important first
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(npix, device=dev).expand(n, npix))
         tgt = targets.detach().to(device=dev, dtype=torch.long)

@@ -507,7 +507,8 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     for name in trained:
         f = result["faithfulness"][name]
         ls = result["label_suspects"][name]
-        verdicts = ", ".join(f"{m} {f['sample']['methods'][m]['verdict']}" for m in ("gradcam", "gradcam++"))
+        verdicts = ", ".join(f"{m} {f['sample']['methods'][m]['verdict']} (pixel noise) / "
+                             f"{f['sample']['methods'][m]['verdict_smooth']} (smooth)" for m in ("gradcam", "gradcam++"))
         sanity = ", ".join(f"{m} {verdict_word(result['sanity'][name][m]['verdict']['passed'])}"
                            for m in ("gradcam", "gradcam++"))
         say(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "

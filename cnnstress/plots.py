@@ -603,16 +603,28 @@ def close(fig: Figure) -> None:
 
 # --------------------------------------------------------------------------- explanations
 
-METHOD_STYLES = {"gradcam": ("-", "o"), "gradcam++": ("--", "s"), "random": (":", "^")}
-METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "random": "random map"}
-METHOD_COLORS = {"gradcam": OKABE_ITO["blue"], "gradcam++": OKABE_ITO["orange"], "random": "#777777"}
+METHOD_STYLES = {"gradcam": ("-", "o"), "gradcam++": ("--", "s"), "random": (":", "^"),
+                 "random_smooth": ("-.", "v")}
+METHOD_LABELS = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "random": "random (pixel noise)",
+                 "random_smooth": "random (smooth)"}
+METHOD_COLORS = {"gradcam": OKABE_ITO["blue"], "gradcam++": OKABE_ITO["orange"], "random": "#777777",
+                 "random_smooth": "#222222"}
+
+
+def _short_verdict(verdict: str) -> str:
+    """'better than random' -> 'better', 'not distinguishable from random' -> 'n.s.', ..."""
+    if verdict == "not distinguishable from random":
+        return "n.s."
+    return verdict.replace(" than random", "").replace("deletion", "del.").replace("insertion", "ins.")
 
 
 def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figure:
     """Mean deletion and insertion curves (target-class probability against
     the fraction of pixels removed / inserted in order of importance) per
-    method, with mean AUCs in the legend. One row per model; columns:
-    deletion and insertion for each image group ('failures', 'sample').
+    method, with mean AUCs in the legend and, in the insertion panel, each
+    CAM method's verdicts against the pixel-noise and the smooth random map.
+    One row per model; columns: deletion and insertion for each image group
+    ('failures', 'sample').
     `results`: model -> group -> cnnstress.explain.faithfulness_group output."""
     names = list(results)
     groups = [g for g in ("failures", "sample") if any(results[n].get(g, {}).get("n") for n in names)] or ["sample"]
@@ -636,12 +648,17 @@ def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Fi
                     continue
                 for method, m in r["methods"].items():
                     style, marker = METHOD_STYLES.get(method, ("-", None))
+                    label = f"{METHOD_LABELS.get(method, method)} AUC {m[f'{kind}_auc']:.3f}"
+                    if kind == "insertion" and "verdict" in m:
+                        label += f" [{_short_verdict(m['verdict'])} | {_short_verdict(m['verdict_smooth'])}]"
                     ax.plot(r["fractions"], m[f"{kind}_curve"], linestyle=style, marker=marker, markersize=3,
-                            color=METHOD_COLORS.get(method), label=f"{METHOD_LABELS.get(method, method)} "
-                            f"AUC {m[f'{kind}_auc']:.3f}")
+                            color=METHOD_COLORS.get(method), label=label)
                 ax.set_ylim(0, 1)
                 ax.grid(alpha=0.3)
-                ax.legend(fontsize=TICK_SIZE - 1, title=f"{better} AUC = more faithful", title_fontsize=TICK_SIZE - 1)
+                title = f"{better} AUC = more faithful"
+                if kind == "insertion":
+                    title += "\n[verdict vs pixel noise | vs smooth random]"
+                ax.legend(fontsize=TICK_SIZE - 1, title=title, title_fontsize=TICK_SIZE - 1)
     return fig
 
 

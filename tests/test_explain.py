@@ -13,6 +13,7 @@ from cnnstress.__main__ import main
 from conftest import cli
 from cnnstress.config import get_config
 from cnnstress.evaluate import Failure, FailureTable, Predictions
+from cnnstress.label_errors import find_label_issues
 from cnnstress.model import resnet18
 
 
@@ -115,7 +116,14 @@ def test_sanity_report_leaves_the_model_alone_and_drift_of_a_model_with_itself()
     assert not model.training
     for method in ("gradcam", "gradcam++"):
         assert summary[method]["steps"][0] == "original" and len(summary[method]["median_ssim"]) == 7
-        assert summary[method]["verdict"]["passed"] in (True, False, None)
+        # the documented rule, from the raw scores: median |spearman_abs| over finite images at the
+        # first step that randomises the layer, passed when below the threshold
+        res = raw[method]
+        row = np.abs(np.asarray(res.spearman_abs, dtype=np.float64)[res.layer_step])
+        finite = row[np.isfinite(row)]
+        want = None if finite.size == 0 else bool(np.median(finite) < explain.SANITY_THRESHOLD)
+        assert summary[method]["verdict"]["passed"] is want
+        assert summary[method]["verdict"]["step"] == res.steps[res.layer_step] == "layer4"
     d = explain.drift_report({"baseline": model, "improved": model}, images, {"baseline": preds, "improved": preds},
                              {"fixed": [0, 1, 2], "persisting": [3, 4], "new": [], "newly_confident": [5]},
                              config, torch.device("cpu"))
@@ -129,6 +137,31 @@ def test_sanity_report_leaves_the_model_alone_and_drift_of_a_model_with_itself()
 
 # --- the stage through the command line -----------------------------------------------------
 
+def _rule_verdict(method: dict, random: dict) -> str:
+    """The verdict rule of the report, from per-image AUCs: a 95% Student-t
+    interval of the paired differences per measure (deletion: lower is
+    better; insertion: higher), then the words."""
+    from scipy import stats
+
+    def side(key: str, better_if_negative: bool) -> str | None:
+        d = np.array(method[key]) - np.array(random[key])
+        lo, hi = stats.t.interval(0.95, d.size - 1, loc=d.mean(), scale=stats.sem(d))
+        if hi < 0:
+            return "better" if better_if_negative else "worse"
+        if lo > 0:
+            return "worse" if better_if_negative else "better"
+        return None
+
+    d, i = side("deletion_aucs", True), side("insertion_aucs", False)
+    words = {("better", "better"): "better than random", ("worse", "worse"): "worse than random",
+             (None, None): "not distinguishable from random",
+             ("better", None): "better on deletion only", ("worse", None): "worse on deletion only",
+             (None, "better"): "better on insertion only", (None, "worse"): "worse on insertion only",
+             ("better", "worse"): "better on deletion, worse on insertion",
+             ("worse", "better"): "worse on deletion, better on insertion"}
+    return words[(d, i)]
+
+
 def test_run_writes_explanations(analysed_run):
     out = analysed_run
     for png in ("faithfulness.png", "sanity_check.png", "label_suspects.png", "cam_methods.png"):
@@ -138,12 +171,29 @@ def test_run_writes_explanations(analysed_run):
     for name in ("baseline", "improved"):
         m = metrics[name]
         assert set(m["sanity_check"]) == {"gradcam", "gradcam++"}
-        assert m["label_suspect_failures"] + m["model_error_failures"] == m["high_confidence_failures"]
+        # label suspects among the failures, recomputed from the saved predictions
+        with np.load(out / f"predictions_{name}.npz") as npz:
+            probs, labels = npz["probs"], npz["labels"]
+        flags = find_label_issues(probs, labels)
+        failing = (probs.argmax(1) != labels) & (probs.max(1) > metrics["comparison"]["threshold"])
+        assert m["high_confidence_failures"] == int(failing.sum())
+        assert m["label_suspect_failures"] == int((failing & flags).sum())
+        assert m["model_error_failures"] == int((failing & ~flags).sum())
+        assert m["label_suspects_test"] == int(flags.sum())
         sample = m["faithfulness"]["sample"]
-        assert set(sample) == {"gradcam", "gradcam++", "random"}
+        assert set(sample) == {"gradcam", "gradcam++", "random", "random_smooth"}
         assert 0 <= sample["gradcam"]["deletion_auc"] <= 1 and 0 <= sample["gradcam"]["insertion_auc"] <= 1
-        assert sample["gradcam"]["verdict"].endswith(("random", "only")) or ", " in sample["gradcam"]["verdict"]
+        # the verdicts, recomputed from the per-image AUCs with SciPy's t interval and the documented rule
+        for group, r in cached["faithfulness"][name].items():
+            if not r.get("n"):
+                continue
+            for method in ("gradcam", "gradcam++"):
+                for key, rnd in (("verdict", "random"), ("verdict_smooth", "random_smooth")):
+                    want = _rule_verdict(r["methods"][method], r["methods"][rnd])
+                    assert r["methods"][method][key] == want, (name, group, method, key)
+                    assert m["faithfulness"][group][method][key] == want
         assert cached["faithfulness"][name]["sample"]["n"] == 8
+        assert cached["faithfulness"][name]["sample"]["cam_resolution"] == [4, 4]     # layer4 on 32x32
     assert set(cached["drift"]) >= {"fixed", "persisting", "new", "newly_confident"}
     assert cached["drift"]["newly_confident"]["n"] == min(len(metrics["comparison"]["failures"]["newly_confident"]),
                                                            4 * cached["faithfulness"]["baseline"]["sample"]["n"])

@@ -12,7 +12,8 @@ from torch import nn
 
 from cnnstress.errors import CnnstressError
 from cnnstress.faithfulness import (FaithfulnessError, FaithfulnessResult, baseline_images,
-                                    deletion_insertion, gaussian_blur, random_maps, trapezoid_auc)
+                                    deletion_insertion, gaussian_blur, importance_order, random_maps,
+                                    trapezoid_auc)
 
 PATCH = (slice(8, 16), slice(16, 24))     # rows 8..15, cols 16..23 of channel 0
 
@@ -134,15 +135,93 @@ def test_hand_checked_curves_and_trapezoid_auc():
     two = deletion_insertion(MeanModel(), x, x[:, 0].clone(), zeros_t(1), steps=2, baseline="mean")
     assert two.deletion_auc.item() == pytest.approx(0.075, abs=1e-7)
 
-    # a flat map: ties broken by pixel index (row-major), so pixel 0 goes first, then 1, 2, 3
+    # a flat map with seed=None: ties broken by pixel index (row-major), so pixel 0 goes first, then 1, 2, 3
     x[0, 0] = torch.tensor([[0.1, 0.4], [0.2, 0.1]])
-    flat = deletion_insertion(MeanModel(), x, torch.zeros(1, 2, 2), zeros_t(1), steps=4, baseline="mean")
+    flat = deletion_insertion(MeanModel(), x, torch.zeros(1, 2, 2), zeros_t(1), steps=4, baseline="mean",
+                              seed=None)
     torch.testing.assert_close(flat.deletion[0], torch.tensor([0.8, 0.7, 0.3, 0.1, 0.0]) / 4)
 
     f = torch.tensor([0.0, 0.5, 1.0])
     assert trapezoid_auc(torch.tensor([1.0, 0.5, 0.0]), f).item() == pytest.approx(0.5)
     torch.testing.assert_close(trapezoid_auc(torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), f),
                                torch.tensor([0.25, 1.0]))
+
+
+# --- ties and the random baselines ---------------------------------------------------
+
+def test_ties_are_broken_at_random_not_in_raster_order():
+    """A map that is zero everywhere (a CAM with no positive evidence, after
+    the ReLU) on images whose evidence is the bottom half: raster order would
+    delete the empty top half first and keep p(class 0) at 0.495 halfway; a
+    random order removes evidence in proportion, p about 0.25."""
+    n, side = 64, 16
+    x = torch.full((n, 3, side, side), 0.01)
+    x[:, 0, side // 2:] = 0.99
+    flat = torch.zeros(n, side, side)
+    raster = deletion_insertion(MeanModel(), x, flat, zeros_t(n), steps=2, baseline="mean", seed=None)
+    rand = deletion_insertion(MeanModel(), x, flat, zeros_t(n), steps=2, baseline="mean", seed=0)
+    torch.testing.assert_close(raster.deletion[:, 1], torch.full((n,), 0.99 / 2))
+    # halfway, the random half holds a hypergeometric share of the evidence: mean 0.25, sd ~0.016
+    half = rand.deletion[:, 1].double()
+    assert abs(half.mean().item() - 0.25) < 0.01 and half.std().item() > 0.005
+    # the curve is the one of the order importance_order gives, checked by hand
+    order = importance_order(flat, seed=0)
+    kept = torch.ones(n, side * side, dtype=torch.bool)
+    kept.scatter_(1, order[:, :side * side // 2], False)
+    expect = (x[:, 0].reshape(n, -1) * kept).mean(1)
+    torch.testing.assert_close(rand.deletion[:, 1], expect)
+    again = deletion_insertion(MeanModel(), x, flat, zeros_t(n), steps=2, baseline="mean", seed=0)
+    assert torch.equal(again.deletion, rand.deletion)
+
+
+def test_importance_order_sorts_values_and_shuffles_only_ties():
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randint(0, 4, (6, 5, 5), generator=g).float()      # many ties
+    for seed in (None, 0, 1):
+        order = importance_order(maps, seed)
+        vals = maps.reshape(6, -1).gather(1, order)
+        assert (vals[:, :-1] >= vals[:, 1:]).all()                    # decreasing
+        assert torch.equal(order.sort(1).values, torch.arange(25).expand(6, 25))   # a permutation
+    assert torch.equal(importance_order(maps, None), torch.argsort(-maps.reshape(6, -1), dim=1, stable=True))
+    assert not torch.equal(importance_order(maps, 0), importance_order(maps, None))
+    assert not torch.equal(importance_order(maps, 0), importance_order(maps, 1))
+    # an image's order does not depend on the images after it
+    assert torch.equal(importance_order(maps[:2], 0), importance_order(maps, 0)[:2])
+    distinct = torch.randperm(25, generator=g).float().view(1, 5, 5)   # no ties: the seed is irrelevant
+    assert torch.equal(importance_order(distinct, 0), importance_order(distinct, None))
+
+
+def _span_residual(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Largest distance of each map (N,32,32) from the span of the bilinear
+    upsamplings of the h*w unit impulses (a CAM's possible maps at h x w)."""
+    from cnnstress.gradcam import upsample
+    basis = upsample(torch.eye(h * w).view(h * w, h, w), (32, 32)).reshape(h * w, -1).double()
+    flat = maps.reshape(maps.shape[0], -1).double()
+    coef = torch.linalg.lstsq(basis.T, flat.T).solution
+    return (basis.T @ coef - flat.T).abs().amax(0)
+
+
+@pytest.mark.parametrize("res", [(4, 4), (8, 8)])
+def test_smooth_random_maps_have_the_cam_block_structure(res):
+    from cnnstress.gradcam import GradCAM
+    from cnnstress.model import resnet18
+    smooth = random_maps(5, 32, 32, seed=2, resolution=res)
+    assert smooth.shape == (5, 32, 32) and smooth.dtype == torch.float32
+    assert smooth.min() >= 0 and smooth.max() < 1
+    assert torch.equal(smooth, random_maps(5, 32, 32, seed=2, resolution=res))
+    assert _span_residual(smooth, *res).max() < 1e-5                    # h x w numbers, upsampled
+    assert _span_residual(random_maps(5, 32, 32, seed=2), *res).min() > 0.3   # pixel noise is not
+    # a real Grad-CAM map at the layer of that resolution lies in the same span
+    torch.manual_seed(0)
+    model = resnet18().eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cam = GradCAM(model, "layer4" if res == (4, 4) else "layer3").attribute(x)
+    assert tuple(cam.raw.shape[1:]) == res
+    assert _span_residual(cam.maps, *res).max() < 1e-5
+    with pytest.raises(FaithfulnessError, match="resolution"):
+        random_maps(2, 32, 32, resolution=(4,))
+    with pytest.raises(FaithfulnessError, match="positive int"):
+        random_maps(2, 32, 32, resolution=(0, 4))
 
 
 # --- batching -------------------------------------------------------------------

@@ -66,9 +66,9 @@ def test_run_writes_every_output(run_out):
     report = (run_out / "analysis_report.txt").read_text()
     flat = " ".join(report.split())
     c = cmp["failures"]["counts"]
-    assert (f"Of the improved model's {c['b']}: {c['still_high_confidence']} are those still above the threshold, "
-            f"{c['new']} are new (the baseline predicted those images correctly) and {c['newly_confident']} newly "
-            f"confident (the baseline got them wrong too") in flat
+    assert (f"Of the improved model's {c['b']}: {c['still_high_confidence']} persist from the baseline's, "
+            f"{c['new']} new (the baseline predicted the image correctly) and {c['newly_confident']} newly "
+            f"confident (the baseline got the image wrong too") in flat
     assert "new to the improved model" not in flat
     for heading in ("1. Configuration", "3. Test results", "McNemar", "High-confidence failures"):
         assert heading in report

@@ -295,3 +295,24 @@ def test_reliability_diagram_one_panel_per_model_and_given_axes():
     with pytest.raises(ValueError, match="needs 2 axes"):
         plot_reliability_diagram(bins, axes=axes[:1])
     plt.close(fig2)
+
+
+def test_faithfulness_shows_both_random_baselines_and_both_verdicts():
+    curve = [0.9, 0.5, 0.1]
+
+    def method(auc, **verdicts):
+        return {"deletion_auc": auc, "insertion_auc": auc, "deletion_curve": curve, "insertion_curve": curve[::-1],
+                **verdicts}
+
+    group = {"n": 8, "fractions": [0.0, 0.5, 1.0], "methods": {
+        "gradcam": method(0.2, verdict="better than random", verdict_smooth="not distinguishable from random"),
+        "gradcam++": method(0.3, verdict="better on deletion only", verdict_smooth="worse than random"),
+        "random": method(0.5), "random_smooth": method(0.45)}}
+    fig = plots.plot_faithfulness({"baseline": {"failures": {"n": 0}, "sample": group}})
+    assert isinstance(fig, Figure)
+    by_title = {ax.get_title(): ax for ax in fig.axes}
+    insertion = [t.get_text() for t in by_title["baseline, sample (n=8): insertion"].get_legend().get_texts()]
+    assert insertion == ["Grad-CAM AUC 0.200 [better | n.s.]", "Grad-CAM++ AUC 0.300 [better on del. only | worse]",
+                         "random (pixel noise) AUC 0.500", "random (smooth) AUC 0.450"]
+    deletion = [t.get_text() for t in by_title["baseline, sample (n=8): deletion"].get_legend().get_texts()]
+    assert "random (smooth) AUC 0.450" in deletion and not any("[" in t for t in deletion)
