@@ -149,6 +149,29 @@ def test_corruption_csv_has_robustbench_layout(tmp_path):
 
 # --- the stage through the command line ---------------------------------------------------
 
+def _plain_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    """Guo et al.'s ECE written out: bins (k/15, (k+1)/15], the first also
+    holding 0; sum over bins of (share of images) * |accuracy - mean confidence|."""
+    conf, correct = probs.max(1), probs.argmax(1) == labels
+    total = 0.0
+    for k in range(n_bins):
+        lo, hi = k / n_bins, (k + 1) / n_bins
+        inside = (conf <= hi) & ((conf > lo) if k else True)
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(total)
+
+
+def test_plain_ece_hand_worked():
+    # confidences 0.1 (right), 0.5 (wrong), 0.95 twice (right, wrong), 4 classes
+    probs = np.array([[0.1, 0.3, 0.3, 0.3], [0.5, 0.5 / 3, 0.5 / 3, 0.5 / 3],
+                      [0.95, 0.05 / 3, 0.05 / 3, 0.05 / 3], [0.95, 0.05 / 3, 0.05 / 3, 0.05 / 3]])
+    labels = np.array([1, 1, 0, 2])
+    # conf 0.3 (argmax 1, right) in bin 4, 0.5 wrong in bin 7, the 0.95 pair in bin 14 with accuracy 1/2:
+    # (1/4)|1 - 0.3| + (1/4)|0 - 0.5| + (2/4)|0.5 - 0.95|
+    assert _plain_ece(probs, labels) == pytest.approx(0.25 * 0.7 + 0.25 * 0.5 + 0.5 * 0.45)
+
+
 @pytest.fixture
 def stressed(analysed_run):
     return analysed_run
@@ -162,8 +185,13 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
             assert key in m, key
         assert 0 <= m["ece"] <= 1 and 0 <= m["mean_corruption_accuracy"] <= 1
         assert set(m["pgd_accuracy"]) == {"2/255", "8/255"}
-        cached = json.loads((stressed / f"stress_{name}.json").read_text())["results"]
-        assert m["ece"] == pytest.approx(cached["calibration"]["uncalibrated"]["ece"])
+        # ECE recomputed from the saved test predictions, bin by bin
+        with np.load(stressed / f"predictions_{name}.npz") as npz:
+            probs, labels, logits = npz["probs"].astype(np.float64), npz["labels"], npz["logits"].astype(np.float64)
+        assert m["ece"] == pytest.approx(_plain_ece(probs, labels), abs=1e-9)
+        z = logits / m["temperature"]
+        scaled = np.exp(z - z.max(1, keepdims=True))
+        assert m["ece_calibrated"] == pytest.approx(_plain_ece(scaled / scaled.sum(1, keepdims=True), labels), abs=1e-6)
     rows = list(csv.reader((stressed / "corruption_accuracy.csv").open()))
     assert [r[0] for r in rows[2:]] == ["baseline", "improved"]
     report = (stressed / "analysis_report.txt").read_text()
