@@ -285,8 +285,9 @@ def compare_models(preds: dict[str, Predictions], failures: dict[str, FailureTab
 
 
 def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | None = None,
-                            show: bool = False) -> list[Path]:
-    """model_comparison.png and confusion_matrix.png (a panel per model)."""
+                            show: bool = False, comparison: dict | None = None) -> list[Path]:
+    """model_comparison.png (failure bars split by group when `comparison`,
+    compare_models' result, is given) and confusion_matrix.png (a panel per model)."""
     import matplotlib.pyplot as plt
 
     from .plots import plot_confusion_matrix, plot_model_comparison
@@ -296,7 +297,8 @@ def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | No
     for ax, (name, s) in zip(axes[0], summaries.items()):
         plot_confusion_matrix(np.array(s["confusion_matrix"]), title=f"{name}: confusion matrix "
                               f"(test accuracy {100 * s['test_accuracy']:.2f}%)", ax=ax)
-    figures = {"model_comparison.png": plot_model_comparison(summaries), "confusion_matrix.png": fig}
+    groups = comparison["failures"]["counts"] if comparison is not None else None
+    figures = {"model_comparison.png": plot_model_comparison(summaries, failure_groups=groups), "confusion_matrix.png": fig}
     return _save_figures(figures, out, save=True, show=show)
 
 
@@ -630,7 +632,7 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
                                      suspects=suspects["suspect_failure_positions"],
                                      suspects_reliable=suspects["reliable"])
     comparison = compare_models(preds, failures, config)
-    save_comparison_figures(summaries, out)
+    save_comparison_figures(summaries, out, comparison=comparison)
     stress = None
     if config.stress:
         say("== stress tests: calibration, corruptions, adversarial ==")

@@ -318,9 +318,43 @@ def _bar_labels(ax, bars, labels: Sequence[str]) -> None:
     ax.bar_label(bars, labels=labels, padding=3, fontsize=TEXT_SIZE)
 
 
-def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] = CLASSES, axes=None) -> Figure:
+# Where the high-confidence failures went / came from (cnnstress.compare.compare_failures' groups):
+# the first model's bar splits into its first three, the second model's into the last three.
+FAILURE_GROUPS = (("fixed", "fixed", OKABE_ITO["bluish_green"]),
+                  ("wrong_low_confidence", "wrong, less sure", OKABE_ITO["sky_blue"]),
+                  ("still_high_confidence", "in both", "#777777"),
+                  ("newly_confident", "newly confident", OKABE_ITO["yellow"]),
+                  ("new", "new (baseline right)", OKABE_ITO["vermillion"]))
+
+
+def _failure_stacks(ax, x: np.ndarray, fails: np.ndarray, groups: Mapping[str, int]) -> None:
+    """The two failure bars stacked by group; checks the groups add up to the bars."""
+    stacks = (("fixed", "wrong_low_confidence", "still_high_confidence"),
+              ("still_high_confidence", "newly_confident", "new"))
+    style = {key: (label, color) for key, label, color in FAILURE_GROUPS}
+    for xi, total, keys in zip(x, fails, stacks):
+        if sum(int(groups[k]) for k in keys) != total:
+            raise ValueError(f"failure_groups {dict(groups)} do not add up to the failure counts {fails.tolist()}")
+        bottom = 0
+        for key in keys:
+            label, color = style[key]
+            v = int(groups[key])
+            shown = label if label not in ax.get_legend_handles_labels()[1] else None
+            ax.bar(xi, v, bottom=bottom, color=color, width=0.6, edgecolor="#333333", linewidth=0.6, label=shown)
+            if v and v >= 0.08 * max(1, int(fails.max())):
+                ax.text(xi, bottom + v / 2, str(v), ha="center", va="center", fontsize=TEXT_SIZE - 1)
+            bottom += v
+    ax.legend(fontsize=TICK_SIZE - 2, loc="upper left", framealpha=0.9)
+
+
+def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] = CLASSES, axes=None,
+                          failure_groups: Mapping[str, int] | None = None) -> Figure:
     """Test accuracy, high-confidence failure count and per-class accuracy
-    per model. `axes`: three axes in that order."""
+    per model. `axes`: three axes in that order. `failure_groups`: for two
+    models (baseline, improved), compare_failures' counts; the failure bars
+    are then stacked: the baseline's into fixed / still wrong with less
+    confidence / in both tables, the improved model's into in both tables /
+    newly confident / new."""
     if axes is None:
         fig, (ax_acc, ax_fail, ax_cls) = _new_axes(1, 3, (15, 4.8),
                                                    gridspec_kw={"width_ratios": [1, 1, 3.6]})
@@ -341,9 +375,14 @@ def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] 
     _style(ax_acc, "Test accuracy", None, "Accuracy (%)")
 
     fails = np.array([int(summaries[n].get("high_confidence_failures", 0)) for n in names])
-    bars = ax_fail.bar(x, fails, color=colors, width=0.6, edgecolor="#333333", linewidth=0.6)
+    if failure_groups is not None and len(names) != 2:
+        raise ValueError(f"failure_groups needs exactly two models, got {len(names)}")
+    bars = ax_fail.bar(x, fails, color="none" if failure_groups is not None else colors, width=0.6,
+                       edgecolor="#333333", linewidth=0.6)
     _bar_labels(ax_fail, bars, [str(f) for f in fails])
-    ax_fail.set_ylim(0, max(1, int(fails.max(initial=0))) * 1.18)
+    if failure_groups is not None:
+        _failure_stacks(ax_fail, x, fails, failure_groups)
+    ax_fail.set_ylim(0, max(1, int(fails.max(initial=0))) * (1.6 if failure_groups is not None else 1.18))
     ax_fail.yaxis.set_major_locator(MaxNLocator(integer=True))
     _style(ax_fail, "High-confidence failures", None, "Test images")
 

@@ -316,3 +316,19 @@ def test_faithfulness_shows_both_random_baselines_and_both_verdicts():
                          "random (pixel noise) AUC 0.500", "random (smooth) AUC 0.450"]
     deletion = [t.get_text() for t in by_title["baseline, sample (n=8): deletion"].get_legend().get_texts()]
     assert "random (smooth) AUC 0.450" in deletion and not any("[" in t for t in deletion)
+
+
+def test_model_comparison_stacks_the_failure_groups():
+    summaries = {"baseline": _summary(0.9, 10), "improved": _summary(0.92, 9)}
+    groups = {"a": 10, "b": 9, "fixed": 4, "persisting": 6, "still_high_confidence": 5, "wrong_low_confidence": 1,
+              "new": 3, "newly_confident": 1}
+    fig = plots.plot_model_comparison(summaries, failure_groups=groups)
+    ax_fail = fig.axes[1]
+    heights = [round(p.get_height()) for p in ax_fail.patches]
+    assert heights == [10, 9, 4, 1, 5, 5, 1, 3]          # two outlines, then the stacked segments
+    labels = ax_fail.get_legend_handles_labels()[1]
+    assert labels == ["fixed", "wrong, less sure", "in both", "newly confident", "new (baseline right)"]
+    with pytest.raises(ValueError, match="add up"):
+        plots.plot_model_comparison(summaries, failure_groups={**groups, "new": 4})
+    with pytest.raises(ValueError, match="two models"):
+        plots.plot_model_comparison({"baseline": summaries["baseline"]}, failure_groups=groups)
