@@ -19,7 +19,7 @@ from .config import Config
 from .errors import CheckpointError, CnnstressError
 from .model import ARCH
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: RNG states as tensors (weights_only-loadable); 1: numpy's as an ndarray
 
 
 def ensure_writable_dir(path: str | Path) -> Path:
@@ -72,13 +72,61 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save({"format": FORMAT_VERSION, "arch": ARCH, **state}, tmp))
 
 
+class _UnsafeCheckpoint(Exception):
+    """torch.load(weights_only=True) refused a global outside its allow-list."""
+
+
+def _numpy_array_globals() -> list:
+    """What format-1 checkpoints (numpy's RNG state as an ndarray) need beyond
+    tensors: numpy's array reconstructor, ndarray and the uint32 dtype."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    import numpy as np
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _load_safely(path: Path, map_location) -> Any:
+    """torch.load with weights_only=True (tensors, containers, numbers,
+    strings: nothing can run code); format-1 checkpoints additionally hold a
+    numpy array, which is allow-listed for them alone."""
+    import pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(str(exc))
+        if refused is None:
+            raise  # not a refusal: a damaged file
+        if not refused.startswith("numpy"):
+            raise _UnsafeCheckpoint(refused) from None
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(str(exc))
+        if refused is None:
+            raise
+        raise _UnsafeCheckpoint(refused) from None
+
+
+def _refused_global(message: str) -> str | None:
+    """The `module.name` torch's weights-only unpickler names in its refusal, if any."""
+    import re
+    found = re.search(r"(?:GLOBAL|global) ([\w.]+)", message)
+    return found.group(1) if found else None
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint dict, checking it is one of ours for this architecture."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; train first (python -m cnnstress train)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = _load_safely(path, map_location)
+    except _UnsafeCheckpoint as exc:
+        raise CheckpointError(f"checkpoint {path} was not read: it asks to run code ({exc}), which a cnnstress "
+                              "checkpoint never does; delete it and retrain with --force") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}); "
                               "it is truncated or not a cnnstress checkpoint: delete it or retrain with --force") from None

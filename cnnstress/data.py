@@ -6,6 +6,7 @@ batch (see cnnstress.augment), so the same uint8 tensors serve every model.
 """
 from __future__ import annotations
 
+import codecs
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,47 @@ def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     return folder
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle referring to something outside the allow-list (its message: module.name)."""
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """_codecs.encode as Python 3's protocol-2 pickles use it for bytes, latin-1 only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise _ForbiddenGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _numpy_globals() -> dict[tuple[str, str], object]:
+    """What pickled numpy arrays need: the reconstructor (numpy 1 and 2 module
+    names, as the official files and numpy 2 writers name it), ndarray, dtype
+    and protocol 5's buffer constructor."""
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    found = {}
+    for module in ("numpy.core", "numpy._core"):
+        found[(f"{module}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        found[(f"{module}.numeric", "_frombuffer")] = numeric._frombuffer
+    found[("numpy", "ndarray")] = np.ndarray
+    found[("numpy", "dtype")] = np.dtype
+    found[("_codecs", "encode")] = _latin1_encode
+    return found
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 python batch contains (dicts, lists,
+    bytes/str, numbers, numpy arrays): any other global, which is how a pickle
+    runs code, is refused before anything is called."""
+
+    def find_class(self, module: str, name: str):
+        allowed = _numpy_globals()
+        if (module, name) not in allowed:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return allowed[(module, name)]
+
+
 def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one python-format batch: images uint8 (N,3,32,32), labels int64 (N,).
 
@@ -87,7 +129,10 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: file not found; put the CIFAR-10 python batches there")
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
+            entry = _BatchUnpickler(f, encoding="bytes").load()
+    except _ForbiddenGlobal as exc:
+        raise DataError(f"{path}: refused to read, the file asks to run {exc} (a CIFAR-10 batch holds only "
+                        "dicts, lists, bytes and numpy arrays): replace it with a fresh copy") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot be unpickled ({type(exc).__name__}); the file is truncated "
                         "or not a CIFAR-10 batch: replace it with a fresh copy") from None

@@ -89,7 +89,13 @@ def build_optimizer(model: nn.Module, config: Config):
 
 
 def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors, numbers and tuples only, so the checkpoint
+    loads with torch.load(weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+              "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -97,7 +103,11 @@ def _rng_states() -> dict[str, Any]:
 
 def _restore_rng(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    state = states["numpy"]
+    if isinstance(state, dict):
+        state = (state["name"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)  # a tuple: format-1 checkpoints
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

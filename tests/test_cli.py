@@ -152,7 +152,7 @@ def test_unfinished_checkpoint_needs_resume(capsys, shared_cifar_dir, tmp_path):
 ])
 def test_checkpoint_for_another_model_is_refused(trained_out, shared_cifar_dir, capsys, tmp_path, tamper, needle):
     import torch
-    ckpt = torch.load(trained_out / "baseline" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(trained_out / "baseline" / "checkpoint.pt", weights_only=True)
     tamper(ckpt)
     out = tmp_path / "out"
     (out / "baseline").mkdir(parents=True)

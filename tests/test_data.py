@@ -83,3 +83,51 @@ def test_bad_batch_contents(tmp_path, data, labels, match):
     write_batch(path, data, labels)
     with pytest.raises(DataError, match=match):
         read_batch(path)
+
+
+class _RunsCode:
+    """Unpickling this calls `func(*args)`: how a crafted pickle runs code."""
+
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+@pytest.mark.parametrize("payload", ["open", "system"])
+def test_batch_that_would_run_code_is_refused_and_runs_nothing(tmp_path, payload):
+    import os
+    marker = tmp_path / "marker"
+    call = (open, (str(marker), "w")) if payload == "open" else (os.system, (f"touch {marker}",))
+    path = tmp_path / "data_batch_1"
+    write_batch(path, np.zeros((2, 3072), np.uint8), [0, 1], extra=_RunsCode(*call))
+    # the payload is live: a plain unpickler runs it
+    with open(path, "rb") as f:
+        pickle.load(f, encoding="bytes")
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(DataError) as err:
+        read_batch(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "data_batch_1" in msg and "refused" in msg and "fresh copy" in msg
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol, numpy_module", [(2, "numpy.core"), (2, "numpy._core"),
+                                                    (4, "numpy._core"), (5, "numpy._core")])
+def test_batches_pickled_by_numpy_1_and_2_are_read(tmp_path, protocol, numpy_module):
+    """The official files (protocol 2) name numpy 1's module numpy.core.multiarray;
+    files written with numpy 2 name numpy._core; protocol 5 uses _frombuffer."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 256, size=(5, 3072)).astype(np.uint8)
+    blob = pickle.dumps({b"data": data, b"labels": [0, 1, 2, 3, 9], b"batch_label": b"x"}, protocol=protocol)
+    other = "numpy._core" if numpy_module == "numpy.core" else "numpy.core"
+    if protocol == 2:  # GLOBAL names are newline-terminated text: rename numpy's module as the other version does
+        blob = blob.replace(f"c{other}.multiarray\n".encode(), f"c{numpy_module}.multiarray\n".encode())
+    assert numpy_module.encode() in blob
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(blob)
+    images, labels = read_batch(path)
+    np.testing.assert_array_equal(images.reshape(5, -1), data)
+    np.testing.assert_array_equal(labels, [0, 1, 2, 3, 9])

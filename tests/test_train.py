@@ -6,7 +6,7 @@ import torch
 from cnnstress.checkpoint import read_checkpoint
 from cnnstress.config import get_config
 from cnnstress.data import load_splits
-from cnnstress.errors import TrainingDiverged
+from cnnstress.errors import CheckpointError, TrainingDiverged
 from cnnstress.evaluate import predict
 from cnnstress.train import fit
 
@@ -94,3 +94,43 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(splits, tmp_path, monkeyp
     ckpt = read_checkpoint(path)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_checkpoint_is_weights_only_and_format_1_still_resumes_identically(splits, tmp_path):
+    """Checkpoints hold only tensors, numbers, strings and containers; one in
+    the old format (numpy's RNG state as an ndarray) still resumes bit-identically."""
+    import numpy as np
+    cfg = _config(epochs=2)
+    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
+    fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
+    ckpt = torch.load(tmp_path / "b.pt", weights_only=True)   # no allow-list needed
+    assert ckpt["format"] == 2
+    rng = ckpt["rng"]["numpy"]
+    ckpt["rng"]["numpy"] = (rng["name"], rng["keys"].numpy().astype(np.uint32), rng["pos"], rng["has_gauss"],
+                            rng["cached_gaussian"])
+    ckpt["format"] = 1
+    torch.save(ckpt, tmp_path / "b.pt")
+    resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    assert resumed.resumed_from_epoch == 1 and _weights_equal(whole.model, resumed.model)
+
+
+def test_checkpoint_that_would_run_code_is_refused_and_runs_nothing(splits, tmp_path):
+    import os
+
+    class RunsCode:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    marker = tmp_path / "marker"
+    fit(_config(epochs=1), splits, checkpoint_path=tmp_path / "c.pt", log=None)
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    ckpt["history"] = [RunsCode()]
+    torch.save(ckpt, tmp_path / "c.pt")
+    torch.load(tmp_path / "c.pt", weights_only=False)  # the payload is live
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(tmp_path / "c.pt")
+    msg = str(err.value)
+    assert "\n" not in msg and "c.pt" in msg and "system" in msg and "--force" in msg
+    assert not marker.exists()
