@@ -13,6 +13,7 @@ from .config import PRECISIONS, PROFILES, get_config
 from .errors import CnnstressError
 from . import pipeline
 from .sanity import verdict_word
+from .weights import analysis_config
 
 
 def _positive_int(text: str) -> int:
@@ -35,6 +36,12 @@ def _common(p: argparse.ArgumentParser, force_help: str = "retrain even when a c
     p.add_argument("--precision", default=None, help=f"autocast precision: {', '.join(PRECISIONS)} (default: auto)")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="analyse the models published in DIR (e.g. results/full) instead of training: hashes "
+                        "verified, config checked against --profile (default full), CPU-sized analysis samples")
 
 
 def _threshold(p: argparse.ArgumentParser) -> None:
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "tests, explanation checks, report")
     _common(run)
     _threshold(run)
+    _weights(run)
     run.add_argument("--no-stress", action="store_true",
                      help="skip the stress stage (corruptions, calibration, adversarial)")
     run.add_argument("--no-explain", action="store_true",
@@ -90,16 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
                                            "adversarial) and refresh the report; never trains")
     _common(stress, force_help="recompute the stress results even when cached ones match")
     _threshold(stress)
+    _weights(stress)
     _stress_options(stress)
     explain = sub.add_parser("explain", help="check the explanations (faithfulness, sanity check, drift) and "
                                              "triage the failures (label suspects); refresh the report; never trains")
     _common(explain, force_help="recompute the explanation results even when cached ones match")
     _threshold(explain)
+    _weights(explain)
     _explain_options(explain)
     return parser
 
 
 def _config(args: argparse.Namespace, **extra):
+    if getattr(args, "weights", None):
+        if args.epochs is not None:
+            raise CnnstressError("--epochs does not apply to published weights (--weights): they are not trained here")
+        return analysis_config(args.profile or pipeline.default_profile("full"), device=args.device,
+                               precision=args.precision, **extra)
     return get_config(pipeline.default_profile(args.profile), device=args.device, epochs=args.epochs,
                       precision=args.precision, **extra)
 
@@ -149,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # headless: files only
     config = _config(args, stress=False if args.no_stress else None, explain=False if args.no_explain else None,
                      **_analysis_overrides(args))
-    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force,
+    result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force, weights=args.weights,
                                    progress=False if args.no_progress else None)
     _print_result(result)
     return 0
@@ -162,7 +177,8 @@ def _analysis_command(args: argparse.Namespace, focus: str) -> int:
     matplotlib.use("Agg")
     config = _config(args, **{focus: True}, **_analysis_overrides(args))
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus=focus,
-                                   force_focus=args.force, progress=False if args.no_progress else None)
+                                   force_focus=args.force, weights=args.weights,
+                                   progress=False if args.no_progress else None)
     _print_result(result)
     return 0
 

@@ -23,7 +23,7 @@ from .checkpoint import atomic_write, check_config_matches, ensure_writable_dir,
 from .compare import bootstrap_accuracy_diff, compare_failures, mcnemar
 from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
-from .errors import CheckpointError
+from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .corruptions import CORRUPTIONS
 from .runtime import resolve_device, resolve_precision
@@ -67,6 +67,8 @@ class Trained:
     name: str
     result: FitResult
     checkpoint: Path
+    stamp: str | None = None        # a stable identity for caches (published weights: SHA-256s)
+    reference: dict | None = None   # published weights: the source run's test numbers
 
     @property
     def model(self):
@@ -84,13 +86,24 @@ def load_data(config: Config, data_dir: str | Path | None = None) -> CifarSplits
 
 def train_model(config: Config, splits: CifarSplits, out_dir: str | Path | None = None, *,
                 force: bool = False, resume: bool = True, progress: bool | None = None,
-                log: Callable[[str], None] | None = print) -> Trained:
-    """Stages 5 and 9: train one model, or reuse its finished checkpoint.
+                log: Callable[[str], None] | None = print, weights: str | Path | None = None) -> Trained:
+    """Stages 5 and 9: train one model, or reuse its finished checkpoint, or
+    with weights=DIR load the published model instead (never trains; see
+    published_model).
 
     An unfinished checkpoint with the same training config is continued
     (resume=True) or refused (resume=False); one with another config is
     refused unless force=True, which starts over and replaces it.
     """
+    if weights is not None:
+        if out_dir is not None and Path(out_dir).resolve() == Path(weights).resolve():
+            raise CnnstressError(f"the output folder {out_dir} is the published weights folder; "
+                                 "choose another --out-dir (outputs never go beside published weights)")
+        trained = published_model(config, weights)
+        if log:
+            log(f"{trained.name}: published weights {trained.checkpoint.parent} ({trained.result.resumed_from_epoch} "
+                f"epochs, {trained.stamp[:19]}...), not trained here")
+        return trained
     out_dir = Path(out_dir or default_out_dir())
     path = checkpoint_path(out_dir, config)
     ensure_writable_dir(path.parent)
@@ -118,6 +131,26 @@ def load_trained(config: Config, out_dir: str | Path | None = None) -> Trained:
     return Trained(name=run_name(config), result=result, checkpoint=path)
 
 
+def published_model(config: Config, weights_dir: str | Path) -> Trained:
+    """A published model (cnnstress.weights) for `config`'s augmentation
+    preset, never trained: its hashes must verify and its training config must
+    be config.profile's. The analysis uses `config` (device, sizes)."""
+    from .config import PROFILES
+    from .errors import ConfigError
+    from .weights import METADATA_FILE, load_published
+
+    if config.profile not in PROFILES:
+        raise ConfigError(f"published weights need the profile they were trained with (one of {', '.join(PROFILES)}), "
+                          f"got {config.profile!r}")
+    name = run_name(config)
+    pub = load_published(weights_dir, expect_profile=config.profile, device=resolve_device(config.device),
+                         names=(name,))[name]
+    result = FitResult(model=pub.model, history=pub.history, config=config, resumed_from_epoch=pub.epochs,
+                       reused=True)
+    return Trained(name=name, result=result, checkpoint=Path(weights_dir) / METADATA_FILE, stamp=pub.stamp,
+                   reference=pub.reference)
+
+
 def evaluate_split(trained: Trained, split) -> Predictions:
     """Predictions of a trained model on one split (test set for the analysis)."""
     config = trained.config
@@ -135,6 +168,13 @@ def _checkpoint_stamp(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def model_stamp(trained: Trained) -> str:
+    """What a cache made from this model is keyed by ("" = no identity, never cached)."""
+    if trained.stamp:
+        return trained.stamp
+    return _checkpoint_stamp(trained.checkpoint) if trained.checkpoint.exists() else ""
+
+
 def predictions_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"predictions_{name}.npz"
 
@@ -146,7 +186,7 @@ def evaluate_model(trained: Trained, split, out_dir: str | Path | None = None, *
     when it was made from this very checkpoint file and these test images."""
     out_dir = Path(out_dir or default_out_dir())
     path = predictions_path(out_dir, trained.name)
-    stamp = _checkpoint_stamp(trained.checkpoint) if trained.checkpoint.exists() else ""
+    stamp = model_stamp(trained)
     indices = split.indices.numpy()
     if path.exists() and not force and stamp:
         with np.load(path) as cached:
@@ -355,7 +395,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
     settings = stress_settings(config)
     say = log or (lambda _msg: None)
     test_indices = splits.test.indices.tolist()
-    keys = {name: {"checkpoint_stamp": _checkpoint_stamp(t.checkpoint) if t.checkpoint.exists() else "",
+    keys = {name: {"checkpoint_stamp": model_stamp(t),
                    "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
     results: dict[str, dict] = {}
     for name in trained:
@@ -469,8 +509,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     out = ensure_writable_dir(out_dir or default_out_dir())
     config = config or next(iter(trained.values())).config
     say = log or (lambda _msg: None)
-    key = {"checkpoint_stamps": {n: _checkpoint_stamp(t.checkpoint) if t.checkpoint.exists() else ""
-                                 for n, t in trained.items()},
+    key = {"checkpoint_stamps": {n: model_stamp(t) for n, t in trained.items()},
            "test_indices": splits.test.indices.tolist(), "settings": explanation_settings(config)}
     path = out / EXPLANATIONS_FILE
     result = None
@@ -588,14 +627,17 @@ ANALYSIS_STAGES = ("stress", "explain")
 
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
                  force: bool = False, train: bool = True, focus: str | None = None, force_focus: bool = False,
-                 progress: bool | None = None, log: Callable[[str], None] | None = print) -> RunResult:
+                 weights: str | Path | None = None, progress: bool | None = None,
+                 log: Callable[[str], None] | None = print) -> RunResult:
     """The whole study in one call: baseline, curves, evaluation, failures,
     Grad-CAM, improved model (only the augmentation preset changed),
     comparison, figures, the stress stage (config.stress), the explanation
     stage (config.explain), metrics.json and analysis_report.txt.
 
     train=False never trains: both models must already have finished
-    checkpoints. force retrains and recomputes everything. focus="stress" or
+    checkpoints. weights=DIR never trains either: it analyses the models
+    published in DIR (cnnstress.weights). force retrains (not with weights)
+    and recomputes everything. focus="stress" or
     "explain" (the commands of those names) runs that stage, recomputed when
     force_focus, and includes the other analysis stage only from its cache."""
     if focus is not None and focus not in ANALYSIS_STAGES:
@@ -609,23 +651,32 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
     say = log or (lambda _msg: None)
     out = ensure_writable_dir(out_dir or default_out_dir())
     configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
+    if weights is not None:  # check the published files (hashes, profile) before reading any data
+        from .weights import check_published
+        check_published(weights, expect_profile=config.profile)
     splits = load_data(configs["baseline"], data_dir)
     say(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images")
     trained, preds, failures, summaries = {}, {}, {}, {}
     cases: list[FailureCase] = []
     for name, cfg in configs.items():
         say(f"== {name} model (augment preset {cfg.augment!r}) ==")
-        if not train and not checkpoint_path(out, cfg).exists():
+        if weights is None and not train and not checkpoint_path(out, cfg).exists():
             raise CheckpointError(f"no trained {name} model: checkpoint {checkpoint_path(out, cfg)} not found; "
                                   f"train both models first (python -m cnnstress run) or pass the right --out-dir")
-        trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log) if train
-                         else load_trained(cfg, out))
+        trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log, weights=weights)
+                         if train or weights is not None else load_trained(cfg, out))
         save_training_curves({n: t.result.history for n, t in trained.items()}, out)
         preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
         failures[name] = find_failures(preds[name], splits.test, cfg, name, out)
         summaries[name] = summarize(preds[name], cfg.failure_threshold)
         say(f"{name}: test accuracy {100 * preds[name].accuracy:.2f}%, "
             f"{len(failures[name])} failures above {cfg.failure_threshold:.0%} confidence")
+        if trained[name].reference:
+            from .weights import describe_reference
+            device = resolve_device(cfg.device)
+            precision = resolve_precision(cfg.precision, device)
+            say(f"{name}: " + describe_reference(trained[name].reference, summaries[name],
+                                                 f"{device}, {str(precision or 'fp32').replace('torch.', '')}"))
         if name == "baseline":
             suspects = suspects_for(preds[name], failures[name])
             cases = explain_failures(trained[name], splits.test, failures[name], out, layer=config.cam_layer,

@@ -37,6 +37,7 @@ def _model_metrics(result: "RunResult", name: str) -> dict[str, Any]:
         "augment": trained.config.augment,
         "checkpoint": str(trained.checkpoint),
         "reused_checkpoint": bool(trained.result.reused),  # True: loaded, not trained in this run
+        **({"published_run": trained.reference} if getattr(trained, "reference", None) else {}),  # --weights
         **_stress_metrics(result, name),
         **_explain_metrics(result, name),
     }

@@ -206,11 +206,12 @@ def check_profile(saved: Config, profile: str, where: str | Path) -> None:
                               f"publish weights of a {profile} run or name their profile with --profile")
 
 
-def load_published(dest: str | Path, *, expect_profile: str | None = "full",
-                   device: torch.device | str = "cpu") -> dict[str, PublishedModel]:
-    """{"baseline": ..., "improved": ...} from a published folder. Every hash
-    is verified first; the saved training config must be `expect_profile`'s
-    (None: any). Models are fp32 in eval mode on `device`."""
+def check_published(dest: str | Path, *, expect_profile: str | None = "full"
+                    ) -> tuple[dict[str, str], dict[str, tuple[dict[str, Any], Config]]]:
+    """Verify a published folder without loading its tensors: every hash, the
+    metadata's format and architecture, and (unless None) that both models'
+    training config is `expect_profile`'s. Returns ({file: sha256},
+    {model name: (metadata entry, Config)}); raises one-line CheckpointErrors."""
     dest = Path(dest)
     sums = verify_published(dest)
     meta_path = dest / METADATA_FILE
@@ -228,7 +229,7 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full",
     missing = [n for n in MODEL_NAMES if n not in models]
     if missing:
         raise CheckpointError(f"{meta_path} lacks the {missing[0]} model; export both models of a run")
-    loaded = {}
+    checked = {}
     for name in MODEL_NAMES:
         entry = models[name]
         try:
@@ -238,6 +239,20 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full",
                                   "export the weights again") from None
         if expect_profile is not None:
             check_profile(config, expect_profile, f"{dest} ({name})")
+        checked[name] = (entry, config)
+    return sums, checked
+
+
+def load_published(dest: str | Path, *, expect_profile: str | None = "full", device: torch.device | str = "cpu",
+                   names: tuple[str, ...] = MODEL_NAMES) -> dict[str, PublishedModel]:
+    """{"baseline": ..., "improved": ...} (or just `names`) from a published
+    folder. Every hash is verified first; the saved training config must be
+    `expect_profile`'s (None: any). Models are fp32 in eval mode on `device`."""
+    dest = Path(dest)
+    sums, models = check_published(dest, expect_profile=expect_profile)
+    loaded = {}
+    for name in names:
+        entry, config = models[name]
         unlisted = [s for s in entry["shards"] if s not in sums]
         if unlisted:
             raise CheckpointError(f"shard {dest / unlisted[0]} is not listed in {SUMS_FILE}; export the weights again")
@@ -266,3 +281,35 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full",
                                       stamp=f"sha256:{stamp}", files=[dest / s for s in entry["shards"]],
                                       reference=entry.get("reference"))
     return loaded
+
+
+# Analysis sizes for published weights on a CPU (`run --weights`): each caps the
+# profile's value (None = all images counts as above any cap). Sized so the whole
+# command stays within 10 minutes on 2 CPU cores (README, "Published weights").
+CPU_ANALYSIS = {"corruption_subset": 64, "adv_subset": 64, "faithfulness_samples": 32, "sanity_samples": 16}
+
+
+def analysis_config(profile: str = "full", **overrides: Any) -> Config:
+    """The config for analysing published `profile` weights: that profile's
+    training fields, the whole test set, and CPU-sized analysis samples
+    (CPU_ANALYSIS caps); `overrides` (None values ignored) come last."""
+    base = get_config(profile)
+    capped = {k: cap if getattr(base, k) is None else min(cap, getattr(base, k)) for k, cap in CPU_ANALYSIS.items()}
+    return base.replace(**{"test_subset": None, **capped, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def describe_reference(reference: dict[str, Any] | None, summary: dict[str, Any], where: str) -> str | None:
+    """One line setting the published run's test accuracy and failure count
+    beside the ones recomputed now (`summary` from evaluate.summarize)."""
+    if not reference:
+        return None
+    acc, ref_acc = summary["test_accuracy"], reference.get("test_accuracy")
+    n, ref_n = summary["n"], reference.get("n")
+    line = (f"published run ({reference.get('hardware') or 'unknown hardware'}, precision "
+            f"{reference.get('precision')}): test accuracy {100 * ref_acc:.2f}% on {ref_n} images, "
+            f"{reference.get('high_confidence_failures')} failures above {reference.get('threshold')}; "
+            f"recomputed here ({where}): {100 * acc:.2f}% on {n}, {summary['high_confidence_failures']} "
+            f"failures above {summary['threshold']}")
+    if ref_n == n and ref_acc is not None:
+        line += f" (accuracy differs by {round(abs(acc - ref_acc) * n)} images)"
+    return line

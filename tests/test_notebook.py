@@ -76,7 +76,7 @@ def test_committed_notebook_has_no_outputs_and_fourteen_stages():
         assert _stage_cell(nb, n).source.strip()
     assert sum(THRESHOLD_LINE in c.source for c in nb.cells) == 1
     setup = _stage_cell(nb, 1).source
-    for name in ("PROFILE", "DATA_DIR", "OUT_DIR", "FORCE = False", "%matplotlib inline"):
+    for name in ("PROFILE", "DATA_DIR", "OUT_DIR", "FORCE = False", "WEIGHTS = None", "%matplotlib inline"):
         assert name in setup
 
 
@@ -173,3 +173,32 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run):
     assert metrics["baseline"]["high_confidence_failures"] == round(100 * (1 - metrics["baseline"]["test_accuracy"]))
     report = " ".join((out / "analysis_report.txt").read_text().split())
     assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report
+
+
+@pytest.mark.slow
+def test_weights_variable_analyses_published_models_without_training(notebook_env, analysed_run, tmp_path,
+                                                                      monkeypatch):
+    """WEIGHTS = <published folder> in the setup cell: the training stages load
+    the published models (nothing is trained or checkpointed) and every later
+    stage runs on them; metrics.json sets the source run's numbers beside."""
+    from cnnstress.weights import export_weights
+
+    published = tmp_path / "published"
+    export_weights(analysed_run, published)
+    out = tmp_path / "out"
+    monkeypatch.setenv("CNNSTRESS_OUT_DIR", str(out))
+    nb = _read_notebook()
+    setup = _stage_cell(nb, 1)
+    setup.source = setup.source.replace("WEIGHTS = None", f"WEIGHTS = {str(published)!r}", 1)
+    nb = _execute(nb)
+    assert not (out / "baseline").exists() and not (out / "improved").exists()
+    for stage in (5, 9):
+        text = _text(_stage_cell(nb, stage))
+        assert "not trained here" in text and "train loss" not in text
+    for name in FIGURES:
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    source = json.loads((analysed_run / "metrics.json").read_text())
+    for name in ("baseline", "improved"):
+        assert metrics[name]["published_run"]["test_accuracy"] == source[name]["test_accuracy"]
+        assert metrics[name]["checkpoint"] == str(published / "weights.json")
