@@ -18,6 +18,10 @@ PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
 FAITHFULNESS_BASELINES = ("blur", "mean")
 CAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")  # the ResNet stages with a spatial map
+# torch.compile of the model in the training step: off, or a torch.compile mode
+# ("reduce-overhead" adds CUDA graphs). Every mode learns the same function.
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+FUSED_ADAM = ("auto", "on", "off")  # auto = the fused kernel on CUDA, torch's default elsewhere
 
 
 def _runtime(default: Any) -> Any:
@@ -41,7 +45,8 @@ class Config:
     # --- runtime: does not change what a checkpoint means ----------------
     device: str = _runtime("auto")               # auto | cpu | cuda | cuda:N
     channels_last: bool = _runtime(True)          # NHWC memory layout for conv speed
-    compile: bool = _runtime(False)               # torch.compile the training step
+    compile: str = _runtime("off")                # torch.compile the model in the training step (COMPILE_MODES)
+    fused_adam: str = _runtime("auto")            # Adam's fused kernel: auto (on CUDA) | on | off; same Adam
     eval_batch_size: int = _runtime(512)          # images per inference batch
     test_subset: int | None = _runtime(None)      # cap on test images (smoke only); None = all
     failure_threshold: float = _runtime(0.8)      # confidence above which a wrong prediction is a failure
@@ -67,6 +72,8 @@ class Config:
         # JSON round trips turn tuples into lists; keep the config hashable and frozen.
         if isinstance(self.adv_eps, list):
             object.__setattr__(self, "adv_eps", tuple(self.adv_eps))
+        if isinstance(self.compile, bool):  # configs saved when `compile` was a switch
+            object.__setattr__(self, "compile", "default" if self.compile else "off")
         problems = []
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
@@ -106,6 +113,10 @@ class Config:
                             f"{', '.join(FAITHFULNESS_BASELINES)}")
         if self.cam_layer not in CAM_LAYERS:
             problems.append(f"unknown cam_layer {self.cam_layer!r}; choose one of {', '.join(CAM_LAYERS)}")
+        if self.compile not in COMPILE_MODES:
+            problems.append(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
+        if self.fused_adam not in FUSED_ADAM:
+            problems.append(f"unknown fused_adam {self.fused_adam!r}; choose one of {', '.join(FUSED_ADAM)}")
         if self.calibration_bins < 1:
             problems.append(f"calibration_bins must be >= 1 (got {self.calibration_bins})")
         if problems:

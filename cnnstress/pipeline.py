@@ -25,7 +25,7 @@ from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
-from .corruptions import CORRUPTIONS
+from .corruptions import CORRUPTIONS, SEVERITIES
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -628,7 +628,7 @@ ANALYSIS_STAGES = ("stress", "explain")
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
                  force: bool = False, train: bool = True, focus: str | None = None, force_focus: bool = False,
                  weights: str | Path | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] | None = print) -> RunResult:
+                 log: Callable[[str], None] | None = print, timer=None) -> RunResult:
     """The whole study in one call: baseline, curves, evaluation, failures,
     Grad-CAM, improved model (only the augmentation preset changed),
     comparison, figures, the stress stage (config.stress), the explanation
@@ -639,16 +639,21 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
     published in DIR (cnnstress.weights). force retrains (not with weights)
     and recomputes everything. focus="stress" or
     "explain" (the commands of those names) runs that stage, recomputed when
-    force_focus, and includes the other analysis stage only from its cache."""
+    force_focus, and includes the other analysis stage only from its cache.
+    Each stage is timed (cnnstress.runlog; pass a StageTimer to share one) and
+    the timings, hardware and versions are written to run_log.json."""
     if focus is not None and focus not in ANALYSIS_STAGES:
         raise ValueError(f"focus must be one of {ANALYSIS_STAGES} or None, got {focus!r}")
 
     def mode(stage: str) -> dict:
         return {"force": force or (focus == stage and force_focus), "cached_only": focus not in (None, stage)}
     from .report import write_report
+    from .runlog import StageTimer
 
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
+    timer = timer if timer is not None else StageTimer(log=log)
+    timer.restart()
     out = ensure_writable_dir(out_dir or default_out_dir())
     configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
     if weights is not None:  # check the published files (hashes, profile) before reading any data
@@ -656,6 +661,7 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
         check_published(weights, expect_profile=config.profile)
     splits = load_data(configs["baseline"], data_dir)
     say(f"data: {len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images")
+    timer.lap("data", len(splits.train) + len(splits.val) + len(splits.test), "images loaded")
     trained, preds, failures, summaries = {}, {}, {}, {}
     cases: list[FailureCase] = []
     for name, cfg in configs.items():
@@ -665,8 +671,10 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
                                   f"train both models first (python -m cnnstress run) or pass the right --out-dir")
         trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log, weights=weights)
                          if train or weights is not None else load_trained(cfg, out))
+        timer.lap(f"train {name}", *trained_images(trained[name].result, len(splits.train)))
         save_training_curves({n: t.result.history for n, t in trained.items()}, out)
         preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
+        timer.lap(f"evaluate {name}", len(splits.test), "test images, or read from the cache")
         failures[name] = find_failures(preds[name], splits.test, cfg, name, out)
         summaries[name] = summarize(preds[name], cfg.failure_threshold)
         say(f"{name}: test accuracy {100 * preds[name].accuracy:.2f}%, "
@@ -682,20 +690,47 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
             cases = explain_failures(trained[name], splits.test, failures[name], out, layer=config.cam_layer,
                                      suspects=suspects["suspect_failure_positions"],
                                      suspects_reliable=suspects["reliable"])
+        timer.lap(f"failures {name}", what="failure mining" + (", Grad-CAM figures" if name == "baseline" else ""))
     comparison = compare_models(preds, failures, config)
     save_comparison_figures(summaries, out, comparison=comparison)
+    timer.lap("compare")
     stress = None
     if config.stress:
         say("== stress tests: calibration, corruptions, adversarial ==")
         stress = stress_test(trained, splits, preds, out, config, progress=progress, log=log, **mode("stress"))
+        timer.lap("stress", *stress_images(config, len(splits.test), len(trained)))
     explanations = None
     if config.explain:
         say("== explanations: faithfulness, sanity check, drift, label suspects ==")
         explanations = explain_models(trained, splits, preds, failures, comparison, out, config,
                                       log=log, **mode("explain"))
+        timer.lap("explain")
     result = RunResult(config=config, trained=trained, predictions=preds, failures=failures,
                        summaries=summaries, cases=cases, comparison=comparison, outputs=out,
                        seconds=time.perf_counter() - t0, stress=stress, explanations=explanations)
     report = write_report(result)
+    timer.lap("report", what="metrics.json, analysis_report.txt")
+    timer.write(out / RUN_LOG, resolve_device(config.device), profile=config.profile, config=config.to_dict())
     say(f"report: {report}  ({result.seconds:.0f}s in all)")
     return result
+
+
+RUN_LOG = "run_log.json"
+
+
+def trained_images(result: FitResult, train_size: int) -> tuple[int | None, str]:
+    """(images trained in this call, what) for a train stage's timing: epochs
+    run now x training images (validation and checkpoints are in the time)."""
+    epochs = len(result.history) - result.resumed_from_epoch
+    if result.reused or epochs <= 0:
+        return None, "finished checkpoint reused"
+    return epochs * train_size, f"{epochs} epochs x {train_size} training images, incl. validation"
+
+
+def stress_images(config: Config, test_size: int, models: int) -> tuple[int | None, str]:
+    """(corrupted images classified, what) for the stress stage's timing: the
+    count the stage classifies when it computes (a cached stage takes less)."""
+    per_cell = min(config.corruption_subset or test_size, test_size)
+    return models * len(CORRUPTIONS) * len(SEVERITIES) * per_cell, (
+        f"{models} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x {per_cell} images; "
+        f"attacks and calibration in the time too")

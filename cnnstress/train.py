@@ -79,13 +79,41 @@ def build_model(config: Config, device: torch.device) -> nn.Module:
     return model
 
 
+def use_fused_adam(config: Config, device: torch.device) -> bool:
+    """Whether Adam runs as one fused kernel: config.fused_adam "on"/"off", or
+    "auto" = on CUDA only. Fused Adam is the same algorithm (L2 weight decay
+    added to the gradient, as torch.optim.Adam) in fewer kernel launches; on
+    the CPU `auto` keeps torch's default so CPU results stay as they were."""
+    if config.fused_adam == "auto":
+        return device.type == "cuda"
+    return config.fused_adam == "on"
+
+
 def build_optimizer(model: nn.Module, config: Config):
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    device = next(model.parameters()).device
+    fused = use_fused_adam(config, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                 **({"fused": True} if fused else {}))
     if config.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     return optimizer, scheduler
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load an Adam state saved by a fused or an unfused optimizer into this
+    one, keeping this run's implementation: load_state_dict would take the
+    saved `fused`/`foreach` flags, and fused Adam keeps `step` on the device."""
+    impl = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, impl):
+        group.update(flags)
+        for p in group["params"]:
+            st = optimizer.state.get(p, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = (st["step"].to(p.device, torch.float32) if flags["fused"]
+                              else st["step"].to("cpu", torch.float32))
 
 
 def _rng_states() -> dict[str, Any]:
@@ -166,7 +194,7 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
         ckpt = read_checkpoint(ckpt_path, map_location=device)
         check_config_matches(ckpt, config, ckpt_path)
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         _restore_rng(ckpt["rng"])
         history = list(ckpt["history"])
@@ -178,7 +206,7 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     if result.reused:
         return _finish(result)
 
-    step_fn = make_step(model, optimizer, device, amp_dtype, config.compile)
+    step_fn = make_step(model, optimizer, device, amp_dtype, config.compile, log=log)
     train_x = splits.train.images.to(device)
     train_y = splits.train.labels.to(device)
     total_steps = len(batch_bounds(train_x.shape[0], config.batch_size))
@@ -253,7 +281,9 @@ def train_epoch(model: nn.Module, step: Callable, images: torch.Tensor, labels: 
     device = images.device
     model.train()
     n = images.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, 0)))
+    # Drawn on the CPU (the same order on every device), moved once: slicing a
+    # device tensor per step needs no host-to-device copy in the loop.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(config.seed, epoch, 0))).to(device)
     bounds = batch_bounds(n, config.batch_size)
     if augmenter is None:
         augmenter = Augmenter(PRESETS[config.augment], device, epoch_seed(config.seed, epoch, 1))
@@ -265,7 +295,7 @@ def train_epoch(model: nn.Module, step: Callable, images: torch.Tensor, labels: 
     for i in range(steps):
         lo = bounds[i]
         hi = bounds[i + 1] if i + 1 < len(bounds) else n
-        idx = order[lo:hi].to(device, non_blocking=True)
+        idx = order[lo:hi]
         x = augmenter(images[idx])
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -288,22 +318,59 @@ def _finish(result: FitResult) -> FitResult:
     return result
 
 
-def make_step(model: nn.Module, optimizer, device: torch.device, amp_dtype, compile_model: bool = False):
+def make_step(model: nn.Module, optimizer, device: torch.device, amp_dtype, compile_mode: str | bool = "off",
+              log: Callable[[str], None] | None = print):
     """A function doing one optimiser step on a prepared batch (normalised
     float, in the model's memory format) -> (loss, correct count), both on
-    the device; nothing is read back to the host."""
-    forward = torch.compile(model) if compile_model else model
+    the device; nothing is read back to the host.
 
-    def step(x: torch.Tensor, y: torch.Tensor):
+    compile_mode: "off" (eager) or a torch.compile mode for the model
+    (Config.compile; True means "default"). Compiling is lazy: when it fails
+    (an old torch, no compiler, an unsupported backend) the step says so once
+    through `log` and runs eagerly from then on, repeating the failed batch
+    from scratch (gradients are cleared before every backward)."""
+    mode = ("default" if compile_mode else "off") if isinstance(compile_mode, bool) else compile_mode
+    forward = model
+    compiled = None
+    if mode != "off":
+        try:
+            compiled = torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+        except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+            _compile_failed(mode, exc, log)
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    graphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda" and mark_step is not None
+
+    def forward_backward(fwd, x: torch.Tensor, y: torch.Tensor):
         with autocast(device, amp_dtype):
-            logits = forward(x)
+            logits = fwd(x)
             loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # Read the CUDA-graph outputs before the next replay overwrites them.
+        return loss.detach(), (logits.detach().argmax(1) == y).sum()
+
+    def step(x: torch.Tensor, y: torch.Tensor):
+        nonlocal compiled
+        if compiled is not None:
+            try:
+                if graphs:
+                    mark_step()
+                loss, correct = forward_backward(compiled, x, y)
+            except Exception as exc:  # noqa: BLE001 - compile errors surface at the first call
+                _compile_failed(mode, exc, log)
+                compiled = None
+                loss, correct = forward_backward(forward, x, y)
+        else:
+            loss, correct = forward_backward(forward, x, y)
         optimizer.step()
-        return loss, (logits.argmax(1) == y).sum()
+        return loss, correct
 
     return step
+
+
+def _compile_failed(mode: str, exc: BaseException, log: Callable[[str], None] | None) -> None:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    (log or print)(f"torch.compile (mode {mode}) failed, training eagerly instead: {type(exc).__name__}: {first}")
 
 
 def _progress_bar(total: int, desc: str, show: bool):
