@@ -11,6 +11,11 @@ Measures, in one run and on the same CIFAR-10 training files (images/second):
 * the step-only ceiling: the same model, precision, channels_last and optimiser
   step fed ONE pre-made normalised batch over and over, so whatever the data
   path, augmentation and bookkeeping cost shows as the gap to it;
+* cnnstress variants of the baseline step, to measure each speed switch both
+  ways: `fused` / `unfused` (Adam's fused kernel on / off; by default it is on
+  on CUDA only), `compile` (torch.compile of the model, mode "default") and
+  `cudagraphs` (mode "reduce-overhead": CUDA graphs); compile time is paid in
+  the warm-up and reported separately;
 * seed-style baseline / enhanced: torchvision's CIFAR10 dataset + DataLoader
   (shuffle, num_workers=2 on >= 2 cores else 0) with PIL transforms, a plain
   fp32 NCHW ResNet-18 (cnnstress.resnet18), Adam(lr 1e-3, wd 1e-4), and the
@@ -21,9 +26,16 @@ ratios cnnstress/seed-style and cnnstress/ceiling (medians). DataLoader worker
 start-up is paid during warm-up and left out of the timing (a real epoch pays
 it once per ~390 steps), which if anything favours the seed-style figure.
 
-    python benchmarks/train_throughput.py                   # readable table
+The defaults are short (the figures are ratios within one run): 6 timed steps
+x 2 repeats after 2 warm-up steps, and the variants that answer "what does each
+switch buy here" (baseline, enhanced, ceiling, the fused-Adam variant that is
+not the device's default, compile; cudagraphs on CUDA). `--all` adds the
+seed-style loop (and cudagraphs anywhere), `--long` the old 30 x 3 after 5.
+
+    python benchmarks/train_throughput.py                   # readable table, a few minutes on 2 CPU cores
     python benchmarks/train_throughput.py --json            # one JSON object
-    python benchmarks/train_throughput.py --steps 3 --warmup 1 --repeats 1   # smoke
+    python benchmarks/train_throughput.py --long --all      # the long form: every variant, 30 steps x 3
+    python benchmarks/train_throughput.py --variants baseline,fused --steps 3 --warmup 1 --repeats 1
 """
 from __future__ import annotations
 
@@ -53,14 +65,28 @@ from cnnstress.train import build_model, build_optimizer, make_step, train_epoch
 from benchmarks.timing import images_per_second  # noqa: E402
 
 PRESETS = ("baseline", "enhanced")
+# variant -> Config changes on the cnnstress baseline step
+SWITCHES = {"fused": {"fused_adam": "on"}, "unfused": {"fused_adam": "off"},
+            "compile": {"compile": "default"}, "cudagraphs": {"compile": "reduce-overhead"}}
+VARIANTS = ("baseline", "enhanced", "ceiling", "seed_style", *SWITCHES)
+LONG = {"steps": 30, "warmup": 5, "repeats": 3}
 OFFLINE_TOOL = "python ../shared/tools/cifar10_offline.py"
 
 
 # --- cnnstress: the real training path --------------------------------------
 
+def default_variants(device: torch.device) -> list[str]:
+    """baseline, enhanced, ceiling, the Adam implementation that is not this
+    device's default, compile; and CUDA graphs on CUDA."""
+    chosen = ["baseline", "enhanced", "ceiling", "unfused" if device.type == "cuda" else "fused", "compile"]
+    return chosen + (["cudagraphs"] if device.type == "cuda" else [])
+
+
 def bench_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device,
-                    precision: str, batch_size: int, steps: int, warmup: int, repeats: int) -> list[float]:
-    config = Config(augment=preset, batch_size=batch_size, precision=precision, device=str(device))
+                    precision: str, batch_size: int, steps: int, warmup: int, repeats: int,
+                    switches: dict[str, str] | None = None, warmup_seconds: list[float] | None = None) -> list[float]:
+    config = Config(augment=preset, batch_size=batch_size, precision=precision, device=str(device),
+                    **(switches or {}))
     amp_dtype = resolve_precision(config.precision, device)
     model = build_model(config, device)
     optimizer, _ = build_optimizer(model, config)
@@ -73,8 +99,11 @@ def bench_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *
         epoch += 1  # a fresh batch order and augmentation draw each call, as in fit
         return int(stats["seen"])
 
+    t0 = time.perf_counter()
     if warmup:
         run(warmup)
+    if warmup_seconds is not None:  # includes compilation for the compiled variants
+        warmup_seconds.append(time.perf_counter() - t0)
     return images_per_second(lambda: run(steps), device, repeats)
 
 
@@ -200,12 +229,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="autocast precision of the cnnstress runs (seed-style is always fp32)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default data)")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per repeat (default 30)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed steps before the repeats (default 5)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per variant (default 3)")
-    ap.add_argument("--skip-seed-style", action="store_true", help="measure only cnnstress and the ceiling")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 6; --long 30)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the repeats (default 2; --long 5)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 2; --long 3)")
+    ap.add_argument("--long", action="store_true", help="the long form: 30 steps x 3 repeats after 5 warm-up steps")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, from {', '.join(VARIANTS)} (default: see above)")
+    ap.add_argument("--all", action="store_true", help="every variant (seed-style included)")
+    ap.add_argument("--skip-seed-style", action="store_true", help="leave the seed-style variants out")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)
+    short = {"steps": 6, "warmup": 2, "repeats": 2}
+    for name in ("steps", "warmup", "repeats"):
+        if getattr(args, name) is None:
+            setattr(args, name, (LONG if args.long else short)[name])
+    if args.variants is not None:
+        args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in args.variants if v not in VARIANTS]
+        if unknown or not args.variants:
+            ap.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    elif args.all:
+        args.variants = list(VARIANTS)
+    if args.skip_seed_style and args.variants:
+        args.variants = [v for v in args.variants if v != "seed_style"]
     for name in ("batch_size", "steps", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -244,23 +290,39 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     (train_x, train_y), _ = load_cifar10(data_dir, download=False)
     train_x, train_y = train_x.to(device), train_y.to(device)
     train_images = int(train_x.shape[0])
+    variants = args.variants or default_variants(device)
     common = dict(device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   repeats=args.repeats)
     started = time.perf_counter()
     raw: dict[str, list[float] | None] = {}
-    log(f"step-only ceiling ({precision}) ...")
-    raw["step_ceiling"] = bench_ceiling(train_x, train_y, precision=args.precision, **common)
+    warmups: dict[str, float] = {}
+    raw["step_ceiling"] = None
+    if "ceiling" in variants:
+        log(f"step-only ceiling ({precision}) ...")
+        raw["step_ceiling"] = bench_ceiling(train_x, train_y, precision=args.precision, **common)
     for preset in PRESETS:
-        log(f"cnnstress {preset} ({precision}) ...")
-        raw[f"cnnstress_{preset}"] = bench_cnnstress(preset, train_x, train_y, precision=args.precision,
-                                                     **common)
+        raw[f"cnnstress_{preset}"] = None
+        if preset in variants:
+            log(f"cnnstress {preset} ({precision}) ...")
+            spent: list[float] = []
+            raw[f"cnnstress_{preset}"] = bench_cnnstress(preset, train_x, train_y, precision=args.precision,
+                                                         warmup_seconds=spent, **common)
+            warmups[f"cnnstress_{preset}"] = spent[0]
+    for name, switches in SWITCHES.items():
+        raw[f"cnnstress_baseline_{name}"] = None
+        if name in variants:
+            log(f"cnnstress baseline, {name} {switches} ({precision}) ...")
+            spent = []
+            raw[f"cnnstress_baseline_{name}"] = bench_cnnstress("baseline", train_x, train_y,
+                                                                precision=args.precision, switches=switches,
+                                                                warmup_seconds=spent, **common)
+            warmups[f"cnnstress_baseline_{name}"] = spent[0]
     del train_x, train_y
     for preset in PRESETS:
-        if args.skip_seed_style:
-            raw[f"seed_style_{preset}"] = None
-            continue
-        log(f"seed-style {preset} (fp32, DataLoader num_workers={seed_style_workers()}) ...")
-        raw[f"seed_style_{preset}"] = bench_seed_style(preset, data_dir, **common)
+        raw[f"seed_style_{preset}"] = None
+        if "seed_style" in variants:
+            log(f"seed-style {preset} (fp32, DataLoader num_workers={seed_style_workers()}) ...")
+            raw[f"seed_style_{preset}"] = bench_seed_style(preset, data_dir, **common)
 
     result: dict[str, Any] = {}
     for name, rates in raw.items():
@@ -271,7 +333,13 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         mine = result[f"cnnstress_{preset}_img_per_s"]
         result[f"ratio_{preset}_cnnstress_vs_seed_style"] = _ratio(mine, result[f"seed_style_{preset}_img_per_s"])
         result[f"ratio_{preset}_cnnstress_vs_ceiling"] = _ratio(mine, result["step_ceiling_img_per_s"])
+    for name in SWITCHES:
+        result[f"ratio_baseline_{name}_vs_baseline"] = _ratio(result[f"cnnstress_baseline_{name}_img_per_s"],
+                                                              result["cnnstress_baseline_img_per_s"])
     result.update({
+        "variants": variants,
+        "warmup_seconds": warmups,
+        "default_fused_adam": device.type == "cuda",
         "repeats_img_per_s": raw,
         "device": str(device),
         "hardware": describe_hardware(device),
@@ -281,7 +349,7 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
         "torchvision_version": _torchvision_version(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "seed_style_num_workers": None if args.skip_seed_style else seed_style_workers(),
+        "seed_style_num_workers": seed_style_workers() if "seed_style" in variants else None,
         "batch_size": args.batch_size,
         "steps": args.steps,
         "warmup": args.warmup,
@@ -311,6 +379,10 @@ def format_table(r: dict[str, Any]) -> str:
         ("seed-style baseline", "seed_style_baseline"),
         ("seed-style enhanced", "seed_style_enhanced"),
         ("step-only ceiling", "step_ceiling"),
+        ("baseline, fused Adam", "cnnstress_baseline_fused"),
+        ("baseline, unfused Adam", "cnnstress_baseline_unfused"),
+        ("baseline, compiled", "cnnstress_baseline_compile"),
+        ("baseline, CUDA graphs", "cnnstress_baseline_cudagraphs"),
     ]
     lines = [
         f"CIFAR-10 ResNet-18 training throughput, images/second "
@@ -322,11 +394,19 @@ def format_table(r: dict[str, Any]) -> str:
            f"seed-style fp32 NCHW, DataLoader num_workers={r['seed_style_num_workers']}")
         + f"; {r['date']}",
         "",
-        f"{'':22}{'median':>9}  {'min':>9}",
+        f"{'':24}{'median':>9}  {'min':>9}",
     ]
     for label, key in rows:
-        lines.append(f"{label:22}{num(r[f'{key}_img_per_s'])}  {num(r[f'{key}_img_per_s_min'])}")
+        if r[f"{key}_img_per_s"] is None:
+            continue
+        warm = r["warmup_seconds"].get(key)
+        lines.append(f"{label:24}{num(r[f'{key}_img_per_s'])}  {num(r[f'{key}_img_per_s_min'])}"
+                     + (f"   warm-up {warm:.1f} s" if warm is not None else ""))
     lines.append("")
+    for name in SWITCHES:
+        ratio = r[f"ratio_baseline_{name}_vs_baseline"]
+        if ratio is not None:
+            lines.append(f"baseline {name} / baseline {ratio:6.2f}")
     for preset in PRESETS:
         vs_seed = r[f"ratio_{preset}_cnnstress_vs_seed_style"]
         vs_ceil = r[f"ratio_{preset}_cnnstress_vs_ceiling"]
@@ -338,7 +418,7 @@ def format_table(r: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data_dir = Path(args.data_dir)
-    problem = _missing_data(data_dir, need_meta=not args.skip_seed_style)
+    problem = _missing_data(data_dir, need_meta="seed_style" in (args.variants or ()))
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -724,7 +724,8 @@ def trained_images(result: FitResult, train_size: int) -> tuple[int | None, str]
     epochs = len(result.history) - result.resumed_from_epoch
     if result.reused or epochs <= 0:
         return None, "finished checkpoint reused"
-    return epochs * train_size, f"{epochs} epochs x {train_size} training images, incl. validation"
+    return epochs * train_size, (f"{epochs} epoch{'s' if epochs != 1 else ''} x {train_size} training images, "
+                                 "incl. validation")
 
 
 def stress_images(config: Config, test_size: int, models: int) -> tuple[int | None, str]:

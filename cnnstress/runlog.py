@@ -98,8 +98,10 @@ def _cpu_count() -> int | None:
 
 @dataclass
 class StageTimer:
-    """Times stages as laps and logs each through `log` in StageTime.line's format."""
+    """Times stages as laps and logs each through `log` in StageTime.line's
+    format; `prefix` is put before every stage name (e.g. "seed 43 ")."""
     log: Callable[[str], None] | None = print
+    prefix: str = ""
     stages: list[StageTime] = field(default_factory=list)
     started: float = field(default_factory=time.time)
     _lap_start: float = field(default_factory=time.perf_counter, repr=False)
@@ -112,7 +114,7 @@ class StageTimer:
     def lap(self, name: str, images: int | None = None, what: str = "") -> StageTime:
         """Close the stage that ran since the previous lap, log and keep it."""
         now, wall = time.perf_counter(), time.time()
-        stage = StageTime(name=name, started=utc_stamp(self._lap_wall), ended=utc_stamp(wall),
+        stage = StageTime(name=self.prefix + name, started=utc_stamp(self._lap_wall), ended=utc_stamp(wall),
                           seconds=now - self._lap_start, images=images or None, what=what)
         self.stages.append(stage)
         self._lap_start, self._lap_wall = now, wall

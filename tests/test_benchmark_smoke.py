@@ -81,7 +81,8 @@ def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
     _write_fixture(tmp_path)
     bench = _load_script()
     rc = bench.main(["--data-dir", str(tmp_path), "--device", "cpu", "--steps", "2", "--warmup", "1",
-                     "--repeats", "1", "--batch-size", "8", "--json"])
+                     "--repeats", "1", "--batch-size", "8", "--json",
+                     "--variants", "baseline,enhanced,ceiling,seed_style,fused,unfused"])
     out = capsys.readouterr().out
     assert rc == 0
     result = json.loads(out)  # stdout is exactly one JSON object
@@ -90,6 +91,8 @@ def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
                             "seed_style_enhanced", "step_ceiling")]
     numeric += [f"ratio_{p}_cnnstress_vs_{ref}" for p in ("baseline", "enhanced")
                 for ref in ("seed_style", "ceiling")]
+    numeric += [f"cnnstress_baseline_{v}_img_per_s" for v in ("fused", "unfused")]
+    numeric += [f"ratio_baseline_{v}_vs_baseline" for v in ("fused", "unfused")]
     for key in numeric:
         value = result[key]
         assert isinstance(value, (int, float)) and not isinstance(value, bool), key
@@ -99,8 +102,29 @@ def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
     assert result["batch_size"] == 8 and result["steps"] == 2 and result["repeats"] == 1
     assert result["train_images"] == 5 * PER_FILE
     assert result["threads"] == 1
+    assert result["cnnstress_baseline_compile_img_per_s"] is None  # not asked for
+    assert set(result["warmup_seconds"]) == {"cnnstress_baseline", "cnnstress_enhanced",
+                                             "cnnstress_baseline_fused", "cnnstress_baseline_unfused"}
     for key in ("torch_version", "threads", "date"):
         assert result[key]
+
+
+def test_benchmark_defaults_are_short_and_long_is_a_flag():
+    bench = _load_script()
+    short = bench.parse_args([])
+    assert (short.steps, short.warmup, short.repeats, short.variants) == (6, 2, 2, None)
+    assert bench.default_variants(torch.device("cpu")) == ["baseline", "enhanced", "ceiling", "fused", "compile"]
+    assert "cudagraphs" in bench.default_variants(torch.device("cuda"))
+    long = bench.parse_args(["--long", "--all"])
+    assert (long.steps, long.warmup, long.repeats) == (30, 5, 3) and "seed_style" in long.variants
+    assert bench.parse_args(["--long", "--steps", "7"]).steps == 7
+
+
+def test_benchmark_unknown_variant_is_one_line(capsys):
+    bench = _load_script()
+    with pytest.raises(SystemExit) as exc:
+        bench.parse_args(["--variants", "baseline,warp"])
+    assert exc.value.code == 2 and "warp" in capsys.readouterr().err
 
 
 def test_benchmark_missing_data_names_the_tool(tmp_path, capsys):
