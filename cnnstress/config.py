@@ -46,6 +46,7 @@ class Config:
     device: str = _runtime("auto")               # auto | cpu | cuda | cuda:N
     channels_last: bool = _runtime(True)          # NHWC memory layout for conv speed
     compile: str = _runtime("off")                # torch.compile the model in the training step (COMPILE_MODES)
+    checkpoint_every: int = _runtime(1)           # epochs between checkpoint writes (the last epoch always)
     fused_adam: str = _runtime("auto")            # Adam's fused kernel: auto (on CUDA) | on | off; same Adam
     eval_batch_size: int = _runtime(512)          # images per inference batch
     test_subset: int | None = _runtime(None)      # cap on test images (smoke only); None = all
@@ -79,6 +80,8 @@ class Config:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.checkpoint_every < 1:
+            problems.append(f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
         if self.eval_batch_size < 1:
             problems.append(f"eval_batch_size must be >= 1 (got {self.eval_batch_size})")
         if not self.lr > 0:

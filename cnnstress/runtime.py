@@ -19,6 +19,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def tune_backend(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per input shape
+    and keep the fastest (the shapes repeat every step). GPU training is not
+    bit-reproducible anyway; the CPU path is left as it is."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """'auto' -> cuda when available, else cpu; a CUDA device this machine
     lacks is an error naming the fix."""

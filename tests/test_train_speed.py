@@ -138,3 +138,32 @@ def test_failed_compile_falls_back_to_the_eager_step(monkeypatch):
         assert torch.equal(a, b)
     for (la, ca), (lb, cb) in zip(eager[1], compiled[1]):
         assert torch.equal(la, lb) and torch.equal(ca, cb)
+
+
+def test_checkpoint_every_writes_on_schedule_and_at_the_end(shared_cifar_dir, tmp_path, monkeypatch):
+    """checkpoint_every=2 over 3 epochs writes after epochs 2 and 3; a run
+    stopped early still writes its last epoch, and resuming from it gives the
+    uninterrupted run's weights (CPU: bit-identical)."""
+    import cnnstress.train as train_module
+    from cnnstress.checkpoint import read_checkpoint
+    from cnnstress.data import load_splits
+    from cnnstress.train import fit
+
+    cfg = get_config("smoke", val_size=50, train_subset=64, device="cpu", batch_size=32, epochs=3,
+                     precision="fp32", checkpoint_every=2)
+    splits = load_splits(shared_cifar_dir, cfg, download=False)
+    written: list[int] = []
+    real_save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint",
+                        lambda path, ckpt: (written.append(ckpt["epoch"]), real_save(path, ckpt)))
+    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
+    assert written == [2, 3]
+    written.clear()
+    fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
+    assert written == [1] and read_checkpoint(tmp_path / "b.pt")["epoch"] == 1
+    resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    assert written == [1, 2, 3]
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        Config(checkpoint_every=0)
