@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from .augment import PRESETS
-from .config import PRECISIONS, PROFILES, get_config
+from .config import COMPILE_MODES, PRECISIONS, PROFILES, get_config
 from .errors import CnnstressError
 from . import pipeline
 from .sanity import verdict_word
@@ -34,6 +34,8 @@ def _common(p: argparse.ArgumentParser, force_help: str = "retrain even when a c
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epoch count")
     p.add_argument("--precision", default=None, help=f"autocast precision: {', '.join(PRECISIONS)} (default: auto)")
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the model in the training step (default off; reduce-overhead adds CUDA graphs)")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -116,7 +118,7 @@ def _config(args: argparse.Namespace, **extra):
         return analysis_config(args.profile or pipeline.default_profile("full"), device=args.device,
                                precision=args.precision, **extra)
     return get_config(pipeline.default_profile(args.profile), device=args.device, epochs=args.epochs,
-                      precision=args.precision, **extra)
+                      precision=args.precision, compile=args.compile, **extra)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -65,15 +65,16 @@ def library_versions() -> dict[str, str | None]:
                                        "cuda": torch.version.cuda, "cudnn": None}
     if torch.backends.cudnn.is_available():
         versions["cudnn"] = str(torch.backends.cudnn.version())
-    for name in ("torchvision", "numpy", "scipy", "cv2", "PIL", "matplotlib"):
+    for label, name in (("torchvision", "torchvision"), ("numpy", "numpy"), ("scipy", "scipy"),
+                        ("opencv", "cv2"), ("pillow", "PIL"), ("matplotlib", "matplotlib")):
         module = sys.modules.get(name)
         if module is None:
             try:
                 module = __import__(name)
             except Exception:  # noqa: BLE001 - a missing optional library is recorded as None
-                versions[name] = None
+                versions[label] = None
                 continue
-        versions[name] = getattr(module, "__version__", None)
+        versions[label] = getattr(module, "__version__", None)
     return versions
 
 

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -122,13 +123,16 @@ def pack_results(work_dir: str | Path, dest: str | Path, *, name: str = RESULTS_
     for extra in ((), *DROP_ORDER):
         drop.extend(extra)
         members = _members(work, drop)
-        tmp = dest / f".{name}.building"
+        # Built in the work folder (skipped by _members: a dot file), so a run
+        # killed while compressing leaves nothing half-written in dest.
+        tmp = work / f".{name}.building"
         with tarfile.open(tmp, "w:gz", compresslevel=6) as tar:
             for p in members:
                 tar.add(p, arcname=str(Path(work.name) / p.relative_to(work)), recursive=False)
         size = tmp.stat().st_size
         if size <= max_bytes:
-            atomic_write(dest / name, lambda t: os.replace(tmp, t))
+            atomic_write(dest / name, lambda t: shutil.copyfile(tmp, t))
+            tmp.unlink()
             return PackResult(path=dest / name, bytes=size, members=len(members), dropped=tuple(drop))
         tmp.unlink()
         if log:
@@ -330,6 +334,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--checkpoint-every", type=int, default=None,
                     help="epochs between checkpoint writes in the main and seed runs (default 10 on CUDA, "
                          "where a 135 MB write is a sizeable share of an epoch; 1 on the CPU)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds this command may take: an extra seed or the benchmark starts only when "
+                         "it is expected to end in time (estimated from the main run's training)")
     ap.add_argument("--no-preflight", action="store_true", help="skip the smoke run on the device")
     return ap.parse_args(argv)
 
@@ -423,20 +430,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         timer.lap("publish weights with metrics")
         pack("main study")
         runs = [seed_run(result)]
+        # An extra seed costs about the main run's training and evaluation again.
+        per_seed = sum(s.seconds for s in timer.stages
+                       if s.name.startswith(("main train ", "main analysis evaluate ")))
         for seed in args.seeds:
             if seed in [r.seed for r in runs]:
                 continue
+            if not fits(args.budget_s, timer, 1.2 * per_seed + 30, f"seed {seed}"):
+                break
             _say(f"== seed {seed} ==")
             timer.prefix = f"seed {seed} "
             seeded = config.replace(seed=seed, stress=args.seeds_stress, explain=False)
-            runs.append(seed_run(pipeline.run_pipeline(seeded, data_dir, work / f"seed_{seed}", progress=False,
-                                                       log=_say, timer=timer)))
+            try:
+                runs.append(seed_run(pipeline.run_pipeline(seeded, data_dir, work / f"seed_{seed}",
+                                                           progress=False, log=_say, timer=timer)))
+            except Exception as exc:  # noqa: BLE001 - the main study is packed; keep what the seeds gave
+                problems_seen.append(f"seed {seed} failed: {type(exc).__name__}: {exc}")
+                _say(f"warning: {problems_seen[-1]}")
+                timer.prefix = ""
+                continue
             timer.prefix = ""
             summary = summarize_seeds(runs)
             write_seeds_summary(summary, work)
             _say(summary.to_text())
             pack(f"seed {seed}")
-        if args.bench:
+        if args.bench and fits(args.budget_s, timer, BENCH_SECONDS, "the benchmark"):
             _say("== training throughput benchmark ==")
             bench(device, work / BENCH_JSON)
             timer.lap("bench", what=BENCH_JSON)
@@ -462,6 +480,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     _say(f"OUT_DIR keeps the transfer rules ({MAX_FILES} files, {MAX_FILE_BYTES // 2**20} MiB each at most)")
     return 0
+
+
+BENCH_SECONDS = 150.0   # the benchmark's defaults on a GPU, compile time included (an estimate)
+
+
+def fits(budget_s: float | None, timer, needed_s: float, what: str) -> bool:
+    """Whether `what`, expected to take needed_s, ends within the budget."""
+    import time
+    if budget_s is None:
+        return True
+    left = budget_s - (time.time() - timer.started)
+    if needed_s <= left:
+        return True
+    _say(f"skipping {what} and what follows: about {needed_s:.0f} s needed, {max(left, 0):.0f} s of "
+         f"--budget-s {budget_s:.0f} left")
+    return False
 
 
 def bench(device, dest: Path) -> None:

@@ -185,3 +185,14 @@ def test_study_end_to_end_on_fixture_data(shared_cifar_dir, tmp_path, capsys):
     from cnnstress.weights import load_published
     models = load_published(out, expect_profile="smoke")
     assert set(models) == {"baseline", "improved"}
+
+
+def test_budget_decides_what_still_fits(capsys):
+    from cnnstress.study import fits
+    timer = StageTimer(log=None)
+    timer.started -= 100.0                      # 100 s spent
+    assert fits(None, timer, 1e9, "anything")
+    assert fits(300.0, timer, 150.0, "seed 43")
+    assert not fits(200.0, timer, 150.0, "seed 44")
+    out = capsys.readouterr().out
+    assert "skipping seed 44" in out and "150 s needed" in out and "seed 43" not in out
