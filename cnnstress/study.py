@@ -88,13 +88,15 @@ class PackResult:
     path: Path
     bytes: int
     members: int
-    dropped: tuple[str, ...]        # patterns left out to stay under the size limit
+    dropped: tuple[str, ...]        # patterns left out (ALWAYS_DROP, then DROP_ORDER's to stay under the limit)
 
 
 # Left out, in this order, when the archive would exceed its limit: per-image
 # arrays of the extra seeds first, then the main run's (every figure in the
 # report and metrics.json is kept).
 DROP_ORDER = (("seed_*/predictions_*.npz",), ("*/predictions_*.npz", "predictions_*.npz"))
+# The preflight (smoke) run travels as its numbers and logs only.
+ALWAYS_DROP = ("preflight/*.png", "preflight/*.npz", "preflight/explanations.json")
 
 
 def _members(work: Path, drop: Sequence[str]) -> list[Path]:
@@ -119,7 +121,7 @@ def pack_results(work_dir: str | Path, dest: str | Path, *, name: str = RESULTS_
 
     work, dest = Path(work_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    drop: list[str] = []
+    drop: list[str] = list(ALWAYS_DROP)
     for extra in ((), *DROP_ORDER):
         drop.extend(extra)
         members = _members(work, drop)
@@ -459,16 +461,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench(device, work / BENCH_JSON)
             timer.lap("bench", what=BENCH_JSON)
             pack("bench")
-    except CnnstressError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        write_log(failed=str(exc))
-        return 2 if timer.prefix != "preflight " else 3
     except Exception as exc:
-        if timer.prefix == "preflight ":
+        stage = timer.prefix.strip() or "study"
+        write_log(failed=f"{stage}: {type(exc).__name__}: {exc}")
+        if stage == "preflight":
             print(f"error: the smoke run on {device} failed ({type(exc).__name__}: {exc}); "
                   "fix the device path before the full study", file=sys.stderr)
-            write_log(failed=f"preflight: {type(exc).__name__}: {exc}")
             return 3
+        if (work / "main").is_dir():  # whatever the main run wrote so far is worth the trip back
+            try:
+                pack(f"failure in {stage}")
+            except Exception as pack_exc:  # noqa: BLE001
+                _say(f"warning: could not pack after the failure: {pack_exc}")
+        if isinstance(exc, CnnstressError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         raise
     write_log()
     _say(f"[{utc_stamp()}] study finished in {timer.to_dict()['seconds']:.0f} s; OUT_DIR {out}:")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnnstress.runlog import StageTime, StageTimer
-from cnnstress.study import (DROP_ORDER, MAX_FILES, SeedFigures, SeedRun, check_out_dir, main, pack_results,
+from cnnstress.study import (ALWAYS_DROP, DROP_ORDER, MAX_FILES, SeedFigures, SeedRun, check_out_dir, main, pack_results,
                              pinned_versions, summarize_seeds)
 
 
@@ -42,9 +42,10 @@ def test_pack_keeps_everything_but_checkpoints_and_temporaries(tmp_path):
     _fixture_outputs(work)
     packed = pack_results(work, out, log=None)
     names = _names(packed.path)
-    assert packed.path == out / "results.tar.gz" and packed.dropped == ()
-    assert packed.bytes == packed.path.stat().st_size and packed.members == len(names) == 3 * 5 + 1
+    assert packed.path == out / "results.tar.gz" and packed.dropped == ALWAYS_DROP
+    assert packed.bytes == packed.path.stat().st_size and packed.members == len(names) == 3 * 5 + 1 - 2
     assert "work/main/predictions_improved.npz" in names and "work/seed_43/baseline/history.json" in names
+    assert "work/preflight/metrics.json" in names and "work/preflight/predictions_baseline.npz" not in names
     assert not any(n.endswith((".pt", ".tmp")) for n in names)
     assert [p.name for p in out.iterdir()] == ["results.tar.gz"]   # no building leftovers
     assert check_out_dir(out) == []
@@ -54,14 +55,14 @@ def test_pack_drops_seed_predictions_first_then_all(tmp_path):
     work = tmp_path / "work"
     _fixture_outputs(work, npz_bytes=100_000)
     logs: list[str] = []
-    # 6 incompressible arrays of 100 kB: the seeds' two must go for < 500 kB ...
-    packed = pack_results(work, tmp_path / "a", max_bytes=500_000, log=logs.append)
+    # 4 incompressible arrays of 100 kB travel: the seeds' two must go for < 300 kB ...
+    packed = pack_results(work, tmp_path / "a", max_bytes=300_000, log=logs.append)
     names = _names(packed.path)
-    assert packed.dropped == DROP_ORDER[0] and len(logs) == 1
+    assert packed.dropped == ALWAYS_DROP + DROP_ORDER[0] and len(logs) == 1
     assert "work/main/predictions_baseline.npz" in names
     assert not any(n.startswith("work/seed_43/predictions_") for n in names)
-    # ... and every array for < 250 kB, the rest kept
-    packed = pack_results(work, tmp_path / "b", max_bytes=250_000, log=None)
+    # ... and every array for < 150 kB, the rest kept
+    packed = pack_results(work, tmp_path / "b", max_bytes=150_000, log=None)
     names = _names(packed.path)
     assert not any("predictions_" in n for n in names) and "work/main/metrics.json" in names
     with pytest.raises(ValueError, match="stays over"):
