@@ -26,8 +26,8 @@ ratios cnnstress/seed-style and cnnstress/ceiling (medians). DataLoader worker
 start-up is paid during warm-up and left out of the timing (a real epoch pays
 it once per ~390 steps), which if anything favours the seed-style figure.
 
-The defaults are short (the figures are ratios within one run): 6 timed steps
-x 2 repeats after 2 warm-up steps, and the variants that answer "what does each
+The defaults are short (the figures are ratios within one run): 4 timed steps
+x 2 repeats after 1 warm-up step (which compiles, for the compiled variants), and the variants that answer "what does each
 switch buy here" (baseline, enhanced, ceiling, the fused-Adam variant that is
 not the device's default, compile; cudagraphs on CUDA). `--all` adds the
 seed-style loop (and cudagraphs anywhere), `--long` the old 30 x 3 after 5.
@@ -229,8 +229,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="autocast precision of the cnnstress runs (seed-style is always fp32)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default data)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 6; --long 30)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the repeats (default 2; --long 5)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per repeat (default 4; --long 30)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before the repeats (default 1; --long 5)")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default 2; --long 3)")
     ap.add_argument("--long", action="store_true", help="the long form: 30 steps x 3 repeats after 5 warm-up steps")
     ap.add_argument("--variants", default=None,
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-seed-style", action="store_true", help="leave the seed-style variants out")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args(argv)
-    short = {"steps": 6, "warmup": 2, "repeats": 2}
+    short = {"steps": 4, "warmup": 1, "repeats": 2}
     for name in ("steps", "warmup", "repeats"):
         if getattr(args, name) is None:
             setattr(args, name, (LONG if args.long else short)[name])

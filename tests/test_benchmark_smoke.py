@@ -112,7 +112,7 @@ def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
 def test_benchmark_defaults_are_short_and_long_is_a_flag():
     bench = _load_script()
     short = bench.parse_args([])
-    assert (short.steps, short.warmup, short.repeats, short.variants) == (6, 2, 2, None)
+    assert (short.steps, short.warmup, short.repeats, short.variants) == (4, 1, 2, None)
     assert bench.default_variants(torch.device("cpu")) == ["baseline", "enhanced", "ceiling", "fused", "compile"]
     assert "cudagraphs" in bench.default_variants(torch.device("cuda"))
     long = bench.parse_args(["--long", "--all"])
