@@ -22,13 +22,16 @@ Measures, in one run and on the same CIFAR-10 training files (images/second):
   usual per-step `loss.item()` / accuracy `.item()` bookkeeping.
 
 Each variant is timed `--repeats` times; min and median are reported, plus the
-ratios cnnstress/seed-style and cnnstress/ceiling (medians). DataLoader worker
+ratios cnnstress/seed-style, cnnstress/ceiling and switch/baseline (medians).
+The cnnstress and ceiling variants are all built and warmed up first, then
+timed round-robin (one repeat of each in turn), so a load change on a shared
+machine hits every variant alike rather than one of them. DataLoader worker
 start-up is paid during warm-up and left out of the timing (a real epoch pays
 it once per ~390 steps), which if anything favours the seed-style figure.
 
 The defaults are short (the figures are ratios within one run): 4 timed steps
-x 2 repeats after 1 warm-up step (which compiles, for the compiled variants), and the variants that answer "what does each
-switch buy here" (baseline, enhanced, ceiling, the fused-Adam variant that is
+x 2 repeats after 1 warm-up step (which compiles, for the compiled variants),
+and the variants that answer "what does each switch buy here" (baseline, enhanced, ceiling, the fused-Adam variant that is
 not the device's default, compile; cudagraphs on CUDA). `--all` adds the
 seed-style loop (and cudagraphs anywhere), `--long` the old 30 x 3 after 5.
 
@@ -62,7 +65,7 @@ from cnnstress.errors import CnnstressError  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
 from cnnstress.runtime import describe_hardware, resolve_device, resolve_precision, seed_everything  # noqa: E402
 from cnnstress.train import build_model, build_optimizer, make_step, train_epoch  # noqa: E402
-from benchmarks.timing import images_per_second  # noqa: E402
+from benchmarks.timing import images_per_second, sync  # noqa: E402
 
 PRESETS = ("baseline", "enhanced")
 # variant -> Config changes on the cnnstress baseline step
@@ -82,9 +85,10 @@ def default_variants(device: torch.device) -> list[str]:
     return chosen + (["cudagraphs"] if device.type == "cuda" else [])
 
 
-def bench_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device,
-                    precision: str, batch_size: int, steps: int, warmup: int, repeats: int,
-                    switches: dict[str, str] | None = None, warmup_seconds: list[float] | None = None) -> list[float]:
+def prepare_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device,
+                      precision: str, batch_size: int, switches: dict[str, str] | None = None
+                      ) -> Callable[[int], int]:
+    """run(steps) -> images: `steps` steps of the real training path."""
     config = Config(augment=preset, batch_size=batch_size, precision=precision, device=str(device),
                     **(switches or {}))
     amp_dtype = resolve_precision(config.precision, device)
@@ -99,17 +103,12 @@ def bench_cnnstress(preset: str, train_x: torch.Tensor, train_y: torch.Tensor, *
         epoch += 1  # a fresh batch order and augmentation draw each call, as in fit
         return int(stats["seen"])
 
-    t0 = time.perf_counter()
-    if warmup:
-        run(warmup)
-    if warmup_seconds is not None:  # includes compilation for the compiled variants
-        warmup_seconds.append(time.perf_counter() - t0)
-    return images_per_second(lambda: run(steps), device, repeats)
+    return run
 
 
-def bench_ceiling(train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device, precision: str,
-                  batch_size: int, steps: int, warmup: int, repeats: int) -> list[float]:
-    """The same step on one pre-made, normalised, channels_last batch."""
+def prepare_ceiling(train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch.device, precision: str,
+                    batch_size: int) -> Callable[[int], int]:
+    """run(steps) -> images: the same step on one pre-made, normalised, channels_last batch."""
     config = Config(batch_size=batch_size, precision=precision, device=str(device))
     amp_dtype = resolve_precision(config.precision, device)
     model = build_model(config, device)
@@ -130,9 +129,29 @@ def bench_ceiling(train_x: torch.Tensor, train_y: torch.Tensor, *, device: torch
             float(loss.detach())  # wait for the last step, as train_epoch's final read-back does
         return count * n
 
-    if warmup:
-        run(warmup)
-    return images_per_second(lambda: run(steps), device, repeats)
+    return run
+
+
+def interleaved_rates(runners: dict[str, Callable[[int], int]], *, device: torch.device, steps: int,
+                      warmup: int, repeats: int, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """({name: img/s per repeat}, {name: warm-up seconds}): every runner warmed
+    up (compiling, for the compiled ones), then the repeats taken round-robin,
+    so a load change on a shared machine hits every variant alike."""
+    warm = {}
+    for name, run in runners.items():
+        log(f"warm-up {name} ...")
+        sync(device)
+        t0 = time.perf_counter()
+        if warmup:
+            run(warmup)
+        sync(device)
+        warm[name] = time.perf_counter() - t0
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for r in range(repeats):
+        log(f"repeat {r + 1}/{repeats} ...")
+        for name, run in runners.items():
+            rates[name] += images_per_second(lambda run=run: run(steps), device, 1)
+    return rates, warm
 
 
 # --- seed-style reference ----------------------------------------------------
@@ -294,30 +313,24 @@ def measure(args: argparse.Namespace, log: Callable[[str], None]) -> dict[str, A
     common = dict(device=device, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup,
                   repeats=args.repeats)
     started = time.perf_counter()
-    raw: dict[str, list[float] | None] = {}
-    warmups: dict[str, float] = {}
-    raw["step_ceiling"] = None
+    raw: dict[str, list[float] | None] = {"step_ceiling": None, **{f"cnnstress_{p}": None for p in PRESETS},
+                                          **{f"cnnstress_baseline_{n}": None for n in SWITCHES}}
+    made = dict(device=device, batch_size=args.batch_size, precision=args.precision)
+    runners: dict[str, Callable[[int], int]] = {}
     if "ceiling" in variants:
-        log(f"step-only ceiling ({precision}) ...")
-        raw["step_ceiling"] = bench_ceiling(train_x, train_y, precision=args.precision, **common)
+        runners["step_ceiling"] = prepare_ceiling(train_x, train_y, **made)
     for preset in PRESETS:
-        raw[f"cnnstress_{preset}"] = None
         if preset in variants:
-            log(f"cnnstress {preset} ({precision}) ...")
-            spent: list[float] = []
-            raw[f"cnnstress_{preset}"] = bench_cnnstress(preset, train_x, train_y, precision=args.precision,
-                                                         warmup_seconds=spent, **common)
-            warmups[f"cnnstress_{preset}"] = spent[0]
+            runners[f"cnnstress_{preset}"] = prepare_cnnstress(preset, train_x, train_y, **made)
     for name, switches in SWITCHES.items():
-        raw[f"cnnstress_baseline_{name}"] = None
         if name in variants:
-            log(f"cnnstress baseline, {name} {switches} ({precision}) ...")
-            spent = []
-            raw[f"cnnstress_baseline_{name}"] = bench_cnnstress("baseline", train_x, train_y,
-                                                                precision=args.precision, switches=switches,
-                                                                warmup_seconds=spent, **common)
-            warmups[f"cnnstress_baseline_{name}"] = spent[0]
-    del train_x, train_y
+            runners[f"cnnstress_baseline_{name}"] = prepare_cnnstress("baseline", train_x, train_y,
+                                                                      switches=switches, **made)
+    log(f"{', '.join(runners)} ({precision}, batch {args.batch_size}) ...")
+    rates, warmups = interleaved_rates(runners, device=device, steps=args.steps, warmup=args.warmup,
+                                       repeats=args.repeats, log=log)
+    raw.update(rates)
+    del runners, train_x, train_y
     for preset in PRESETS:
         raw[f"seed_style_{preset}"] = None
         if "seed_style" in variants:
@@ -410,6 +423,8 @@ def format_table(r: dict[str, Any]) -> str:
     for preset in PRESETS:
         vs_seed = r[f"ratio_{preset}_cnnstress_vs_seed_style"]
         vs_ceil = r[f"ratio_{preset}_cnnstress_vs_ceiling"]
+        if vs_seed is None and vs_ceil is None:
+            continue
         lines.append(f"{preset:9} cnnstress/seed-style {num(vs_seed, '{:6.2f}x').strip():>8}   "
                      f"cnnstress/ceiling {num(vs_ceil, '{:6.2f}').strip():>6}")
     return "\n".join(lines)

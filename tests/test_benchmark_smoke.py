@@ -103,7 +103,7 @@ def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
     assert result["train_images"] == 5 * PER_FILE
     assert result["threads"] == 1
     assert result["cnnstress_baseline_compile_img_per_s"] is None  # not asked for
-    assert set(result["warmup_seconds"]) == {"cnnstress_baseline", "cnnstress_enhanced",
+    assert set(result["warmup_seconds"]) == {"step_ceiling", "cnnstress_baseline", "cnnstress_enhanced",
                                              "cnnstress_baseline_fused", "cnnstress_baseline_unfused"}
     for key in ("torch_version", "threads", "date"):
         assert result[key]
