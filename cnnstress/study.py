@@ -96,7 +96,7 @@ class PackResult:
 # report and metrics.json is kept).
 DROP_ORDER = (("seed_*/predictions_*.npz",), ("*/predictions_*.npz", "predictions_*.npz"))
 # The preflight (smoke) run travels as its numbers and logs only.
-ALWAYS_DROP = ("preflight/*.png", "preflight/*.npz", "preflight/explanations.json")
+ALWAYS_DROP = ("preflight/*.png", "preflight/*.npz", "preflight/explanations.json", "published/*")
 
 
 def _members(work: Path, drop: Sequence[str]) -> list[Path]:
@@ -143,11 +143,24 @@ def pack_results(work_dir: str | Path, dest: str | Path, *, name: str = RESULTS_
     raise ValueError(f"{name} stays over {max_bytes:,} bytes even without the predictions arrays")
 
 
-def publish_weights(work_main: Path, out_dir: Path, log: Callable[[str], None]) -> list[Path]:
-    """The two trained models as weight shards in OUT_DIR (cnnstress.weights)."""
-    from .weights import export_weights
-    paths = export_weights(work_main, out_dir)
-    log(f"weights: {len(paths)} files into {out_dir} ({sum(p.stat().st_size for p in paths):,} bytes)")
+def publish_weights(work_main: Path, out_dir: Path, log: Callable[[str], None],
+                    staging: Path | None = None) -> list[Path]:
+    """The two trained models as weight shards in OUT_DIR (cnnstress.weights).
+    With `staging`, the export is written there first and only changed files
+    are copied over, SHA256SUMS last: a run killed meanwhile leaves the
+    earlier, complete export rather than one without its sums file."""
+    from .checkpoint import atomic_write
+    from .weights import export_weights, sha256_file
+    if staging is None:
+        paths = export_weights(work_main, out_dir)
+    else:
+        paths = []
+        for src in export_weights(work_main, staging):   # shards, weights.json, SHA256SUMS: in that order
+            dst = out_dir / src.name
+            if not dst.is_file() or sha256_file(dst) != sha256_file(src):
+                atomic_write(dst, lambda t, src=src: shutil.copyfile(src, t))
+            paths.append(dst)
+    log(f"weights: {len(paths)} files in {out_dir} ({sum(p.stat().st_size for p in paths):,} bytes)")
     return paths
 
 
@@ -426,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        timer=timer)
         timer.prefix = ""
         try:  # again, now that metrics.json holds the reference numbers
-            publish_weights(main_dir, out, _say)
+            publish_weights(main_dir, out, _say, staging=work / "published")
         except Exception as exc:  # noqa: BLE001
             _say(f"warning: weights not republished: {type(exc).__name__}: {exc}")
         timer.lap("publish weights with metrics")

@@ -186,6 +186,11 @@ def test_study_end_to_end_on_fixture_data(shared_cifar_dir, tmp_path, capsys):
     from cnnstress.weights import load_published
     models = load_published(out, expect_profile="smoke")
     assert set(models) == {"baseline", "improved"}
+    # republished after the analysis: the run's own test numbers ride along
+    meta = json.loads((out / "weights.json").read_text())
+    metrics = json.loads((work / "main" / "metrics.json").read_text())
+    assert meta["models"]["baseline"]["reference"]["test_accuracy"] == metrics["baseline"]["test_accuracy"]
+    assert not any(n.startswith("work/published/") for n in members)
 
 
 def test_budget_decides_what_still_fits(capsys):
