@@ -16,9 +16,9 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
   echo "usage: bash scripts/full_study.sh OUT_DIR [--seeds N ...] [--bench] [--compile MODE]" >&2
   exit 2
 fi
-OUT=$1; shift
+mkdir -p "$1" || exit 2
+OUT=$(cd "$1" && pwd); shift   # absolute: the study runs from the repository root
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$OUT" || exit 2
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 "$PY" -m cnnstress.study "$OUT" "$@" 2>&1 | tee -a "$OUT/study_log.txt"
