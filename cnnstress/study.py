@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tarfile
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -478,6 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stage = timer.prefix.strip() or "study"
         write_log(failed=f"{stage}: {type(exc).__name__}: {exc}")
         if stage == "preflight":
+            traceback.print_exc()  # a device-path bug: the whole trace is what the log is for
             print(f"error: the smoke run on {device} failed ({type(exc).__name__}: {exc}); "
                   "fix the device path before the full study", file=sys.stderr)
             return 3
@@ -502,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-BENCH_SECONDS = 150.0   # the benchmark's defaults on a GPU, compile time included (an estimate)
+BENCH_SECONDS = 240.0   # the benchmark's defaults on a GPU, two compiles included (an estimate)
 
 
 def fits(budget_s: float | None, timer, needed_s: float, what: str) -> bool:

@@ -202,3 +202,23 @@ def test_budget_decides_what_still_fits(capsys):
     assert not fits(200.0, timer, 150.0, "seed 44")
     out = capsys.readouterr().out
     assert "skipping seed 44" in out and "150 s needed" in out and "seed 43" not in out
+
+
+def test_a_failing_preflight_exits_3_with_its_trace(shared_cifar_dir, tmp_path, capsys, monkeypatch):
+    """A broken device path stops the study before the long run, with the
+    trace in the log and a one-line error last."""
+    import cnnstress.pipeline as pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: no kernel image is available")
+    monkeypatch.setattr(pipeline, "run_pipeline", broken)
+    out, work = tmp_path / "out", tmp_path / "work"
+    rc = main([str(out), "--profile", "smoke", "--device", "cpu", "--data-dir", str(shared_cifar_dir),
+               "--work-dir", str(work)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 3
+    assert err[-1].startswith("error: the smoke run on cpu failed (RuntimeError: CUDA error")
+    assert any(line.startswith("Traceback") for line in err)
+    log = json.loads((work / "study_run_log.json").read_text())
+    assert log["failed"].startswith("preflight: RuntimeError") and not (work / "main").exists()
+    assert list(out.iterdir()) == []
