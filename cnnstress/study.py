@@ -9,10 +9,11 @@ seconds, exit status 3); train both models of the main profile; publish
 their weights into OUT_DIR (cnnstress.weights: shards, weights.json,
 SHA256SUMS) so a run cut short still returns them; the analysis (run_pipeline
 on the trained models); the results archive (results.tar.gz: everything the
-work folder holds except checkpoints). Then, while time remains, extra seeds
-(`--seeds`: baseline and improved per seed, training + evaluation + failures,
-summarised as mean +- std and paired differences) and a training-throughput
-benchmark (`--bench`), each followed by a fresh results archive.
+work folder holds except checkpoints). Then, while time remains, a
+training-throughput benchmark (`--bench`: eager vs compiled, fused vs unfused
+Adam) and extra seeds (`--seeds`: baseline and improved per seed, training +
+evaluation + failures, summarised as mean +- std and paired differences),
+each followed by a fresh results archive.
 
 OUT_DIR is checked against the transfer rules (at most 8 plain files of at
 most 16 MiB, 64 MiB in all, names of letters, digits, '.', '_', '-'); a
@@ -445,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             _say(f"warning: weights not republished: {type(exc).__name__}: {exc}")
         timer.lap("publish weights with metrics")
         pack("main study")
+        if args.bench and fits(args.budget_s, timer, BENCH_SECONDS, "the benchmark"):
+            _say("== training throughput benchmark ==")
+            bench(device, work / BENCH_JSON, data_dir)
+            timer.lap("bench", what=BENCH_JSON)
+            pack("bench")
         runs = [seed_run(result)]
         # An extra seed costs about the main run's training and evaluation again.
         per_seed = sum(s.seconds for s in timer.stages
@@ -470,11 +476,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             write_seeds_summary(summary, work)
             _say(summary.to_text())
             pack(f"seed {seed}")
-        if args.bench and fits(args.budget_s, timer, BENCH_SECONDS, "the benchmark"):
-            _say("== training throughput benchmark ==")
-            bench(device, work / BENCH_JSON)
-            timer.lap("bench", what=BENCH_JSON)
-            pack("bench")
     except Exception as exc:
         stage = timer.prefix.strip() or "study"
         write_log(failed=f"{stage}: {type(exc).__name__}: {exc}")
@@ -515,21 +516,22 @@ def fits(budget_s: float | None, timer, needed_s: float, what: str) -> bool:
     left = budget_s - (time.time() - timer.started)
     if needed_s <= left:
         return True
-    _say(f"skipping {what} and what follows: about {needed_s:.0f} s needed, {max(left, 0):.0f} s of "
+    _say(f"skipping {what}: about {needed_s:.0f} s needed, {max(left, 0):.0f} s of "
          f"--budget-s {budget_s:.0f} left")
     return False
 
 
-def bench(device, dest: Path) -> None:
-    """benchmarks/train_throughput.py's GPU comparison into `dest` (JSON)."""
+def bench(device, dest: Path, data_dir: Path, extra: Sequence[str] = ()) -> bool:
+    """benchmarks/train_throughput.py (its defaults, then `extra` arguments)
+    into `dest` (JSON); False, with a warning, when it fails."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "train_throughput.py"
     # the benchmark's defaults: baseline, enhanced, ceiling, fused Adam the other way, compile (+ CUDA graphs)
-    cmd = [sys.executable, str(script), "--device", str(device), "--json"]
+    cmd = [sys.executable, str(script), "--device", str(device), "--data-dir", str(data_dir), "--json", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr or "").strip().splitlines()[-3:]
         _say(f"warning: benchmark failed (exit {done.returncode}): {' | '.join(tail)}")
-        return
+        return False
     dest.write_text(done.stdout)
     try:
         result = json.loads(done.stdout)
@@ -537,6 +539,8 @@ def bench(device, dest: Path) -> None:
                                    if k.endswith("_img_per_s") and isinstance(v, (int, float)) and math.isfinite(v)))
     except ValueError:
         _say("warning: benchmark printed no JSON")
+        return False
+    return True
 
 
 if __name__ == "__main__":

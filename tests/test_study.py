@@ -222,3 +222,17 @@ def test_a_failing_preflight_exits_3_with_its_trace(shared_cifar_dir, tmp_path, 
     log = json.loads((work / "study_run_log.json").read_text())
     assert log["failed"].startswith("preflight: RuntimeError") and not (work / "main").exists()
     assert list(out.iterdir()) == []
+
+
+def test_bench_writes_the_benchmark_json(shared_cifar_dir, tmp_path, capsys):
+    from cnnstress.study import bench
+    dest = tmp_path / "bench.json"
+    ok = bench(torch.device("cpu"), dest, shared_cifar_dir,
+               extra=["--variants", "baseline,fused", "--steps", "1", "--warmup", "0", "--repeats", "1",
+                      "--batch-size", "8"])
+    assert ok, capsys.readouterr().out
+    result = json.loads(dest.read_text())
+    assert result["variants"] == ["baseline", "fused"] and result["cnnstress_baseline_img_per_s"] > 0
+    assert "bench: cnnstress_baseline_fused_img_per_s" in capsys.readouterr().out
+    assert not bench(torch.device("cpu"), tmp_path / "no.json", tmp_path / "nodata")
+    assert "warning: benchmark failed (exit 2)" in capsys.readouterr().out and not (tmp_path / "no.json").exists()
