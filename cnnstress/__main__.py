@@ -196,16 +196,56 @@ def cmd_explain(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain": cmd_explain}
 
 
+def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> str:
+    """What survived an interruption, and a command that continues from there."""
+    import shlex
+    import time
+    from pathlib import Path
+
+    out = Path(args.out_dir or pipeline.default_out_dir())
+    names = [pipeline.RUN_NAMES.get(args.aug, "baseline")] if args.command == "train" else ["baseline", "improved"]
+    ckpts = [p for p in (out / name / "checkpoint.pt" for name in names) if p.is_file()]
+    ours = [p for p in ckpts if p.stat().st_mtime >= started]   # written by this very command
+    rerun = [a for a in argv if a != "--force"] if ours and ckpts == ours else list(argv)
+    if args.command == "train" and ckpts and "--force" not in rerun and "--resume" not in rerun:
+        rerun.append("--resume")   # train refuses an unfinished checkpoint without it; run resumes by itself
+    command = "python -m cnnstress " + shlex.join(rerun)
+    if args.command in ("stress", "explain"):
+        return f"interrupted; results finished so far are cached; rerun `{command}`"
+    if not ckpts:
+        return f"interrupted before any checkpoint was written; start again with `{command}`"
+    return f"interrupted; training checkpoints are kept ({', '.join(map(str, ckpts))}); continue with `{command}`"
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that cleanups run as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import time
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    started = time.time()
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()   # only it may set handlers
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         return COMMANDS[args.command](args)
     except CnnstressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; the last finished epoch's checkpoint is kept (rerun with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(_interrupted(args, argv, started), file=sys.stderr)
+        return 128 + int(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,11 @@ renamed over it, so an interrupted write never leaves a half checkpoint.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -39,15 +42,75 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, then rename it over
     `path`; on any failure the old `path` is untouched and tmp removed."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        _raise_if_disk_full(exc, path, _size(path))
+        raise
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         write(Path(tmp))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        written = _size(Path(tmp))
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(exc, path, max(written, _size(path)))
         raise
+
+
+# mkstemp's names above: "." + target name + "." + 8 random characters + ".tmp"
+_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic_write in `folder` (left by a
+    writer killed mid-write); returns them. Call only while holding the
+    folder's lock (cnnstress.lock), so that none of them is being written."""
+    removed = []
+    for p in sorted(Path(folder).glob(".*.tmp")):
+        if _TEMP_NAME.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+DISK_SLACK = 16 << 20  # bytes: free space this close to a failed write's size counts as a full disk
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path, needed: int) -> None:
+    """Turn a write that failed for want of space into a one-line error.
+    `needed`: the bytes known to be needed (the old file's size or what was
+    written before the failure; a lower bound). torch.save reports a full disk
+    as a RuntimeError of its stream writer without an errno, so that one
+    counts as full when the folder has hardly more room than `needed`."""
+    if isinstance(exc, OSError):
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    elif isinstance(exc, RuntimeError) and re.search(r"PytorchStreamWriter|file write failed|unexpected pos",
+                                                     str(exc)):
+        full = _free_bytes(path.parent) < needed + DISK_SLACK
+    else:
+        full = False
+    if full:
+        need = f"needs at least {needed / 2**20:.0f} MB, " if needed >= 2**20 else ""
+        kept = f"; the previous {path.name} is kept" if path.exists() else ""
+        raise CnnstressError(f"no space left on device writing {path.name} in {path.parent} ({need}"
+                             f"{_free_bytes(path.parent) / 2**20:.0f} MB free){kept}; free some space or use "
+                             "another --out-dir") from None
+
+
+def _free_bytes(folder: Path) -> int:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0
 
 
 def _umask() -> int:
@@ -151,4 +214,4 @@ def check_config_matches(ckpt: dict[str, Any], config: Config, path: str | Path)
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} was trained with a different config ({shown}); "
-                              "use --force to retrain or another --out-dir")
+                              "retrain with --force or use another --out-dir")

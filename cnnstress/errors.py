@@ -23,3 +23,21 @@ class TrainingDiverged(CnnstressError):
 
 class DeviceError(CnnstressError):
     """A device that this machine does not have."""
+
+
+def show_errors_briefly() -> bool:
+    """In IPython/Jupyter, show a CnnstressError as one line `error: ...`, as
+    the command line does, instead of a traceback (the message names the
+    problem and the fix; the stack adds nothing). Returns whether installed."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+
+    def one_line(_shell, _etype, value, _tb, tb_offset=None):
+        return [f"error: {value}"]
+    shell.set_custom_exc((CnnstressError,), one_line)
+    return True

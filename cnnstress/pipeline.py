@@ -26,6 +26,8 @@ from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .corruptions import CORRUPTIONS, SEVERITIES
+from .lock import locks_output
+from .schema import explanations_schema, stress_schema
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -84,6 +86,7 @@ def load_data(config: Config, data_dir: str | Path | None = None) -> CifarSplits
     return load_splits(data_dir or default_data_dir(), config)
 
 
+@locks_output
 def train_model(config: Config, splits: CifarSplits, out_dir: str | Path | None = None, *,
                 force: bool = False, resume: bool = True, progress: bool | None = None,
                 log: Callable[[str], None] | None = print, weights: str | Path | None = None) -> Trained:
@@ -120,12 +123,20 @@ def train_model(config: Config, splits: CifarSplits, out_dir: str | Path | None 
     return Trained(name=run_name(config), result=result, checkpoint=path)
 
 
+RETRAIN = "retrain both models with `python -m cnnstress run --force` and the same options"
+
+
 def load_trained(config: Config, out_dir: str | Path | None = None) -> Trained:
     """A finished model from its checkpoint, without training."""
     path = checkpoint_path(out_dir or default_out_dir(), config)
-    model, ckpt = load_model(path, config, device=resolve_device(config.device))
+    try:
+        model, ckpt = load_model(path, config, device=resolve_device(config.device))
+    except CheckpointError as exc:
+        # The advice there is for `train`/`run`, whose --force retrains; name a command that does.
+        raise CheckpointError(str(exc).replace("retrain with --force", RETRAIN)) from None
     if int(ckpt["epoch"]) < config.epochs:
-        raise CheckpointError(f"{path} is unfinished ({ckpt['epoch']}/{config.epochs} epochs); train it first")
+        raise CheckpointError(f"{path} is unfinished ({ckpt['epoch']}/{config.epochs} epochs); finish training "
+                              "with `python -m cnnstress run` and the same options (it resumes from there)")
     result = FitResult(model=model, history=list(ckpt["history"]), config=config,
                        resumed_from_epoch=int(ckpt["epoch"]), reused=True)
     return Trained(name=run_name(config), result=result, checkpoint=path)
@@ -179,23 +190,21 @@ def predictions_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"predictions_{name}.npz"
 
 
+@locks_output
 def evaluate_model(trained: Trained, split, out_dir: str | Path | None = None, *,
-                   force: bool = False) -> Predictions:
+                   force: bool = False, log: Callable[[str], None] | None = print) -> Predictions:
     """Stage 7: test-set predictions, cached as predictions_<name>.npz (probs
     (N,10) float32, labels, preds, logits, dataset indices). The cache is used
-    when it was made from this very checkpoint file and these test images."""
+    when it was made from this very checkpoint file and these test images; an
+    unreadable or malformed one is recomputed (with a line to `log`)."""
     out_dir = Path(out_dir or default_out_dir())
     path = predictions_path(out_dir, trained.name)
     stamp = model_stamp(trained)
     indices = split.indices.numpy()
     if path.exists() and not force and stamp:
-        with np.load(path) as cached:
-            if (str(cached.get("checkpoint_stamp", "")) == stamp
-                    and np.array_equal(cached["dataset_indices"], indices)):
-                logits = torch.from_numpy(cached["logits"])
-                return Predictions(logits=logits, probs=torch.from_numpy(cached["probs"]),
-                                   preds=torch.from_numpy(cached["preds"]),
-                                   labels=torch.from_numpy(cached["labels"]))
+        cached = _read_predictions(path, stamp, indices, log)
+        if cached is not None:
+            return cached
     preds = evaluate_split(trained, split)
     ensure_writable_dir(out_dir)
     arrays = dict(probs=preds.probs.numpy(), labels=preds.labels.numpy(), preds=preds.preds.numpy(),
@@ -209,6 +218,32 @@ def evaluate_model(trained: Trained, split, out_dir: str | Path | None = None, *
     return preds
 
 
+def _read_predictions(path: Path, stamp: str, indices: np.ndarray,
+                      log: Callable[[str], None] | None) -> Predictions | None:
+    """The cached Predictions when `path` holds this checkpoint's predictions
+    for these test images, with the shapes and dtypes evaluate_model writes."""
+    n = indices.shape[0]
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if (str(cached["checkpoint_stamp"]) != stamp
+                    or not np.array_equal(cached["dataset_indices"], indices)):
+                return None
+            arrays = {k: cached[k] for k in ("logits", "probs", "preds", "labels")}
+    except Exception as exc:  # truncated, not a zip, not numpy, a missing array: all a cache miss
+        if log:
+            log(f"predictions: {path} is unreadable ({type(exc).__name__}); recomputing")
+        return None
+    shapes = {"logits": (n, len(CLASSES)), "probs": (n, len(CLASSES)), "preds": (n,), "labels": (n,)}
+    bad = [k for k, a in arrays.items()
+           if a.shape != shapes[k] or a.dtype.kind != ("f" if k in ("logits", "probs") else "i")]
+    if bad:
+        if log:
+            log(f"predictions: {path} holds a malformed {bad[0]} array; recomputing")
+        return None
+    return Predictions(**{k: torch.from_numpy(a) for k, a in arrays.items()})
+
+
+@locks_output
 def find_failures(preds: Predictions, split, config: Config, name: str,
                   out_dir: str | Path | None = None, threshold: float | None = None,
                   save: bool = True) -> FailureTable:
@@ -239,6 +274,7 @@ SUSPECT_NOTE = "suspected label error (confident learning)"
 SUSPECT_NOTE_WEAK = "label suspect (confident learning; unreliable for this model, see report)"
 
 
+@locks_output
 def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: str | Path | None = None, *,
                      k: int | None = None, layer: str = "layer4", save: bool = True,
                      show: bool = False, suspects=(), suspects_reliable: bool = True) -> list[FailureCase]:
@@ -293,6 +329,7 @@ def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: s
     return cases
 
 
+@locks_output
 def save_training_curves(histories: dict, out_dir: str | Path | None = None, show: bool = False):
     """Stage 6: training_curves.png for every model trained so far."""
     import matplotlib.pyplot as plt
@@ -324,6 +361,7 @@ def compare_models(preds: dict[str, Predictions], failures: dict[str, FailureTab
     }
 
 
+@locks_output
 def save_comparison_figures(summaries: dict[str, dict], out_dir: str | Path | None = None,
                             show: bool = False, comparison: dict | None = None) -> list[Path]:
     """model_comparison.png (failure bars split by group when `comparison`,
@@ -363,17 +401,33 @@ def stress_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"stress_{name}.json"
 
 
-def _read_cache(path: Path, key: dict) -> dict | None:
+def _read_cache(path: Path, key: dict, schema=None, log: Callable[[str], None] | None = None) -> dict | None:
     """The results of a JSON cache {"key": ..., "results": ...} when its key
-    equals `key`; None when it is missing, unreadable or made otherwise."""
+    equals `key` and its results fit `schema` (cnnstress.schema); None when it
+    is missing, unreadable, made otherwise or malformed (the last two logged)."""
     import json
+
+    from .schema import mismatch
     try:
         cached = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return None
-    return cached.get("results") if cached.get("key") == key else None
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
+        if problem is None and cached["key"] != key:
+            return None
+        if problem is None and schema is not None:
+            problem = mismatch(cached["results"], schema)
+        if problem is None:
+            return cached["results"]
+    if log:
+        log(f"{path.name}: not a valid cache ({problem}); recomputing")
+    return None
 
 
+@locks_output
 def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
                 out_dir: str | Path | None = None, config: Config | None = None, *, force: bool = False,
                 save: bool = True, show: bool = False, progress: bool | None = None, cached_only: bool = False,
@@ -399,7 +453,8 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
                    "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
     results: dict[str, dict] = {}
     for name in trained:
-        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_cache(stress_path(out, name), keys[name])
+        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_cache(
+            stress_path(out, name), keys[name], stress_schema(len(config.adv_eps)), say)
         if cached is not None:
             results[name] = cached
             say(f"stress: reusing {stress_path(out, name)}")
@@ -449,6 +504,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
     return results
 
 
+@locks_output
 def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions], splits: CifarSplits,
                         config: Config, out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
     """corruption_accuracy.csv and the four stress figures."""
@@ -490,6 +546,7 @@ def suspects_for(preds: Predictions, failures: FailureTable) -> dict:
     return label_suspects(preds, failures)
 
 
+@locks_output
 def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
                    failures: dict[str, FailureTable], comparison: dict, out_dir: str | Path | None = None,
                    config: Config | None = None, *, force: bool = False, save: bool = True, show: bool = False,
@@ -514,7 +571,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     path = out / EXPLANATIONS_FILE
     result = None
     if not force and all(key["checkpoint_stamps"].values()):
-        result = _read_cache(path, key)
+        result = _read_cache(path, key, explanations_schema(list(trained)), say)
         if result is not None:
             say(f"explanations: reusing {path}")
     if result is None and cached_only:
@@ -559,6 +616,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     return result
 
 
+@locks_output
 def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: CifarSplits,
                              preds: dict[str, Predictions], failures: dict[str, FailureTable], config: Config,
                              out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
@@ -625,6 +683,7 @@ class RunResult:
 ANALYSIS_STAGES = ("stress", "explain")
 
 
+@locks_output
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
                  force: bool = False, train: bool = True, focus: str | None = None, force_focus: bool = False,
                  weights: str | Path | None = None, progress: bool | None = None,
@@ -672,7 +731,8 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
         trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log, weights=weights)
                          if train or weights is not None else load_trained(cfg, out))
         timer.lap(f"train {name}", *trained_images(trained[name].result, len(splits.train)))
-        save_training_curves({n: t.result.history for n, t in trained.items()}, out)
+        if len(trained) == len(configs):  # only complete curves: a failed run must not leave a one-model figure
+            save_training_curves({n: t.result.history for n, t in trained.items()}, out)
         preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
         timer.lap(f"evaluate {name}", len(splits.test), "test images, or read from the cache")
         failures[name] = find_failures(preds[name], splits.test, cfg, name, out)

@@ -10,6 +10,7 @@ from .augment import PRESETS
 from .checkpoint import atomic_write, save_json
 from .config import PROFILES
 from .data import CLASSES
+from .lock import locks_output
 from .runtime import describe_hardware, resolve_device
 
 if TYPE_CHECKING:
@@ -488,6 +489,7 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
     return lines
 
 
+@locks_output
 def write_report(result: "RunResult") -> Path:
     """Write metrics.json and analysis_report.txt under result.outputs."""
     metrics = build_metrics(result)

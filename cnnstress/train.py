@@ -201,6 +201,7 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
         _restore_rng(ckpt["rng"])
         history = list(ckpt["history"])
         start = int(ckpt["epoch"])
+        repair_history_file(ckpt_path.with_name("history.json"), ckpt["config"], history, log)
         if log and start < config.epochs:
             log(f"resuming from {ckpt_path} after epoch {start}/{config.epochs}")
     result = FitResult(model=model, history=history, config=config, resumed_from_epoch=start,
@@ -252,6 +253,22 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
             })
             save_json(ckpt_path.with_name("history.json"), {"config": config.to_dict(), "history": history})
     return _finish(result)
+
+
+def repair_history_file(path: Path, config: dict[str, Any], history: list[dict[str, float]],
+                        log: Callable[[str], None] | None = None) -> None:
+    """Rewrite history.json from the checkpoint's history when it is missing,
+    unreadable or different (it is only a readable copy; the checkpoint rules)."""
+    import json
+    wanted = {"config": config, "history": history}
+    try:
+        ok = json.loads(path.read_text()) == json.loads(json.dumps(wanted, default=str))  # tuples -> lists
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        save_json(path, wanted)
+        if log:
+            log(f"{path} was missing, unreadable or out of date; rewrote it from the checkpoint")
 
 
 def batch_bounds(n: int, batch_size: int) -> list[int]:

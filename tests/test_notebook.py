@@ -202,3 +202,31 @@ def test_weights_variable_analyses_published_models_without_training(notebook_en
     for name in ("baseline", "improved"):
         assert metrics[name]["published_run"]["test_accuracy"] == source[name]["test_accuracy"]
         assert metrics[name]["checkpoint"] == str(published / "weights.json")
+
+
+def test_missing_data_folder_is_one_line_in_the_notebook(tmp_path, shared_cifar_dir):
+    """Stage 3 with no CIFAR-10 (and no way to download it) shows the same
+    one-line error as the command line, not a traceback."""
+    from ipykernel.kernelspec import write_kernel_spec
+    from nbclient.exceptions import CellExecutionError
+
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("the data folder cannot be created under a file, so the download fails at once")
+    nb = _read_notebook()
+    stage3 = _stage_cell(nb, 3)
+    nb.cells = nb.cells[:nb.cells.index(stage3) + 1]
+    env = {"JUPYTER_PATH": str(tmp_path / "jupyter"), "CNNSTRESS_PROFILE": "smoke",
+           "CNNSTRESS_DATA_DIR": str(blocker / "data"), "CNNSTRESS_OUT_DIR": str(tmp_path / "out"),
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
+               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        with pytest.raises(CellExecutionError):
+            _execute(nb)
+    errors = [o for o in stage3.outputs if o.output_type == "error"]
+    assert len(errors) == 1 and errors[0].ename == "DataError"
+    shown = "\n".join(errors[0].traceback)
+    assert shown.count("\n") == 0 and shown.startswith("error: CIFAR-10 not found"), shown
+    assert str(blocker / "data" / "cifar-10-batches-py") in shown

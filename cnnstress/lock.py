@@ -1,0 +1,159 @@
+"""One writer per output folder: a lock file, outputs/.cnnstress.lock.
+
+Every pipeline function that writes under an output folder holds the lock
+while it writes, so two `run`s, or a notebook and a CLI command, cannot
+overwrite each other's checkpoints and results: the second one stops with a
+one-line error naming the holder. The lock is an `fcntl.flock` on the file,
+which the operating system releases when its process ends (even by kill -9),
+so a killed run never blocks the next; the file's content (pid, host,
+command, start time) only says who holds it. It is re-entrant within a
+process (a notebook's or run_pipeline's nested stages) and held only while
+a stage writes, so an idle notebook kernel does not block the CLI.
+
+Taking the lock afresh also removes temporary files of our own naming that
+a killed writer left behind (see checkpoint.remove_stale_temp_files): while
+we hold the lock, no other cnnstress process can be writing them.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .errors import CnnstressError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; folders are then not locked
+    fcntl = None
+
+LOCK_FILE = ".cnnstress.lock"
+
+
+class OutputInUse(CnnstressError):
+    """Another process is writing to the same output folder."""
+
+
+_held: dict[Path, tuple[int, int]] = {}   # resolved lock path -> (fd, depth), this process
+
+
+def _describe_self() -> dict:
+    from .train import in_notebook
+    argv = list(sys.argv) or ["python"]
+    if in_notebook():
+        command = "a Jupyter notebook kernel"
+    else:
+        command = " ".join(["python -m cnnstress" if argv[0].endswith("__main__.py") else Path(argv[0]).name]
+                           + argv[1:])
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        holder = json.loads(os.read(fd, 4096).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+@contextmanager
+def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) -> Iterator[None]:
+    """Hold `out_dir`'s lock for the block (re-entrant in one process).
+
+    Raises OutputInUse, naming the holder, when another live process holds it.
+    """
+    from .checkpoint import ensure_writable_dir, remove_stale_temp_files
+    out = Path(out_dir)
+    path = (out / LOCK_FILE).resolve()
+    if path not in _held:
+        ensure_writable_dir(out)
+    if path in _held:
+        fd, depth = _held[path]
+        _held[path] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[path]
+            _held[path] = (fd, depth - 1)
+        return
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise CnnstressError(f"cannot write to output folder {out} ({exc.strerror or exc}); "
+                             "choose another --out-dir") from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                h = _read_holder(fd)
+                who = (f"pid {h.get('pid', '?')} on {h.get('host', '?')} ({h.get('command', '?')}, "
+                       f"since {h.get('started', '?')})") if h else "another process"
+                raise OutputInUse(f"output folder {out} is in use by {who}; wait for it to finish, "
+                                  "stop it, or use another --out-dir") from None
+        old = _read_holder(fd)
+        me = _describe_self()
+        if old.get("pid") not in (None, me["pid"]) and old.get("host") == me["host"] \
+                and not _pid_alive(int(old["pid"])) and log:
+            log(f"taking over {path.name} in {out} from pid {old['pid']} ({old.get('command', '?')}), "
+                "which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        for folder in [out, *(p for p in out.iterdir() if p.is_dir())]:
+            removed = remove_stale_temp_files(folder)
+            if removed and log:
+                log(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by an "
+                    f"interrupted write in {folder}: {', '.join(p.name for p in removed)}")
+        _held[path] = (fd, 1)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        yield
+    finally:
+        fd, depth = _held[path]
+        if depth > 1:
+            _held[path] = (fd, depth - 1)
+        else:
+            del _held[path]
+            os.ftruncate(fd, 0)  # the file stays (unlinking it would race with a waiting taker)
+            os.close(fd)         # closing releases the flock
+
+
+def locks_output(func: Callable) -> Callable:
+    """Decorator: hold the lock of the call's `out_dir` (or `result.outputs`,
+    or the default output folder) while `func` runs."""
+    sig = inspect.signature(func)
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        bound = sig.bind_partial(*args, **kwargs)
+        out = bound.arguments.get("out_dir")
+        if out is None and "result" in bound.arguments:
+            out = bound.arguments["result"].outputs
+        if out is None:
+            from .pipeline import default_out_dir
+            out = default_out_dir()
+        log = bound.arguments.get("log", print)
+        with output_lock(out, log=log):
+            return func(*args, **kwargs)
+    return wrapper
