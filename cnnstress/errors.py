@@ -38,6 +38,8 @@ def show_errors_briefly() -> bool:
         return False
 
     def one_line(_shell, _etype, value, _tb, tb_offset=None):
-        return [f"error: {value}"]
+        import sys
+        print(f"error: {value}", file=sys.stderr)   # the cell still fails, so Run All stops there
+        return []
     shell.set_custom_exc((CnnstressError,), one_line)
     return True
