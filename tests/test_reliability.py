@@ -181,7 +181,9 @@ def test_malformed_json_cache_is_recomputed(analysed_copy, shared_cifar_dir, cap
     good = json.loads(path.read_text())
     path.write_text(json.dumps(_damaged(good, content, field)))
     command = "stress" if cache.startswith("stress") else "explain"
-    code, out, err = _run(capsys, cli(command, shared_cifar_dir, analysed_copy))
+    # the options the cache was made with (other tests rerun the shared run with --layer layer3)
+    extra = ["--layer", good["key"]["settings"]["cam_layer"]] if command == "explain" else []
+    code, out, err = _run(capsys, cli(command, shared_cifar_dir, analysed_copy, *extra))
     assert code == 0, err
     assert f"{cache}: not a valid cache (" in out and "; recomputing" in out
     redone = json.loads(path.read_text())
