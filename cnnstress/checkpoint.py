@@ -45,18 +45,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
-        _raise_if_disk_full(exc, path, _size(path))
-        raise
+        if not _disk_full(exc, path, _size(path)):
+            raise
+        _raise_disk_full(path, _size(path))
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         write(Path(tmp))
         os.replace(tmp, path)
     except BaseException as exc:
-        written = _size(Path(tmp))
+        needed = max(_size(Path(tmp)), _size(path))
         Path(tmp).unlink(missing_ok=True)
-        _raise_if_disk_full(exc, path, max(written, _size(path)))
-        raise
+        if not _disk_full(exc, path, needed):
+            raise
+    else:
+        return
+    # Out here the failed writer (torch's holds the unlinked temp file open) is gone: free space is true.
+    _raise_disk_full(path, needed)
 
 
 # mkstemp's names above: "." + target name + "." + 8 random characters + ".tmp"
@@ -85,25 +90,25 @@ def _size(path: Path) -> int:
 DISK_SLACK = 16 << 20  # bytes: free space this close to a failed write's size counts as a full disk
 
 
-def _raise_if_disk_full(exc: BaseException, path: Path, needed: int) -> None:
-    """Turn a write that failed for want of space into a one-line error.
-    `needed`: the bytes known to be needed (the old file's size or what was
-    written before the failure; a lower bound). torch.save reports a full disk
-    as a RuntimeError of its stream writer without an errno, so that one
-    counts as full when the folder has hardly more room than `needed`."""
+def _disk_full(exc: BaseException, path: Path, needed: int) -> bool:
+    """Whether a write of `path` failed for want of space. `needed`: the bytes
+    known to be needed (the old file's size or what was written before the
+    failure; a lower bound). torch.save reports a full disk as a RuntimeError
+    of its stream writer without an errno, so that one counts as full when the
+    folder has hardly more room than `needed`."""
     if isinstance(exc, OSError):
-        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    elif isinstance(exc, RuntimeError) and re.search(r"PytorchStreamWriter|file write failed|unexpected pos",
-                                                     str(exc)):
-        full = _free_bytes(path.parent) < needed + DISK_SLACK
-    else:
-        full = False
-    if full:
-        need = f"needs at least {needed / 2**20:.0f} MB, " if needed >= 2**20 else ""
-        kept = f"; the previous {path.name} is kept" if path.exists() else ""
-        raise CnnstressError(f"no space left on device writing {path.name} in {path.parent} ({need}"
-                             f"{_free_bytes(path.parent) / 2**20:.0f} MB free){kept}; free some space or use "
-                             "another --out-dir") from None
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, RuntimeError) and re.search(r"PytorchStreamWriter|file write failed|unexpected pos", str(exc)):
+        return _free_bytes(path.parent) < needed + DISK_SLACK
+    return False
+
+
+def _raise_disk_full(path: Path, needed: int) -> None:
+    need = f"needs at least {needed / 2**20:.0f} MB, " if needed >= 2**20 else ""
+    kept = f"; the previous {path.name} is kept" if path.exists() else ""
+    raise CnnstressError(f"no space left on device writing {path.name} in {path.parent} ({need}"
+                         f"{_free_bytes(path.parent) / 2**20:.0f} MB free){kept}; free some space or use "
+                         "another --out-dir")
 
 
 def _free_bytes(folder: Path) -> int:
