@@ -118,7 +118,8 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
                 "which is no longer running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        for folder in [out, *(p for p in out.iterdir() if p.is_dir())]:
+        from .pipeline import RUN_NAMES
+        for folder in [out, *(out / name for name in RUN_NAMES.values() if (out / name).is_dir())]:
             removed = remove_stale_temp_files(folder)
             if removed and log:
                 log(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by an "
@@ -141,12 +142,15 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
 
 def locks_output(func: Callable) -> Callable:
     """Decorator: hold the lock of the call's `out_dir` (or `result.outputs`,
-    or the default output folder) while `func` runs."""
+    or the default output folder) while `func` runs, unless it is called
+    with save=False."""
     sig = inspect.signature(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         bound = sig.bind_partial(*args, **kwargs)
+        if bound.arguments.get("save") is False:   # nothing written: no lock needed
+            return func(*args, **kwargs)
         out = bound.arguments.get("out_dir")
         if out is None and "result" in bound.arguments:
             out = bound.arguments["result"].outputs

@@ -254,7 +254,9 @@ def test_other_json_writes_on_a_full_disk(tmp_path, monkeypatch):
 
 def test_stale_temp_files_are_removed_by_the_next_run(trained, shared_cifar_dir, capsys):
     ours = [trained / "baseline" / ".checkpoint.pt.k2x_9ab0.tmp", trained / ".metrics.json.a1b2c3d4.tmp"]
-    others = [trained / ".notes.tmp", trained / "keep.a1b2c3d4.tmp", trained / "baseline" / ".x.toolong123.tmp"]
+    others = [trained / ".notes.tmp", trained / "keep.a1b2c3d4.tmp", trained / "baseline" / ".x.pt.toolong123.tmp",
+              trained / ".editor.swp.a1b2c3d4.tmp", trained / "elsewhere" / ".metrics.json.a1b2c3d4.tmp"]
+    (trained / "elsewhere").mkdir()
     for p in ours + others:
         p.write_bytes(b"left by kill -9")
     code, out, _ = _run(capsys, cli("train", shared_cifar_dir, trained))
@@ -263,6 +265,7 @@ def test_stale_temp_files_are_removed_by_the_next_run(trained, shared_cifar_dir,
     assert "removed 1 temporary file left by an interrupted write" in out
     for p in others:
         p.unlink()
+    (trained / "elsewhere").rmdir()
 
 
 SIGTERM_SCRIPT = textwrap.dedent("""
