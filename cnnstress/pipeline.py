@@ -27,7 +27,7 @@ from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .corruptions import CORRUPTIONS, SEVERITIES
 from .lock import locks_output
-from .schema import explanations_schema, stress_schema
+from .schema import explanations_schema, mismatch, stress_schema
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -401,13 +401,13 @@ def stress_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"stress_{name}.json"
 
 
-def _read_cache(path: Path, key: dict, schema=None, log: Callable[[str], None] | None = None) -> dict | None:
+def _read_cache(path: Path, key: dict, schema: dict | None = None,
+                log: Callable[[str], None] | None = None) -> dict | None:
     """The results of a JSON cache {"key": ..., "results": ...} when its key
     equals `key` and its results fit `schema` (cnnstress.schema); None when it
-    is missing, unreadable, made otherwise or malformed (the last two logged)."""
+    is missing, made otherwise, unreadable or malformed (the last two logged)."""
     import json
 
-    from .schema import mismatch
     try:
         cached = json.loads(path.read_text())
     except FileNotFoundError:
@@ -733,7 +733,7 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
         timer.lap(f"train {name}", *trained_images(trained[name].result, len(splits.train)))
         if len(trained) == len(configs):  # only complete curves: a failed run must not leave a one-model figure
             save_training_curves({n: t.result.history for n, t in trained.items()}, out)
-        preds[name] = evaluate_model(trained[name], splits.test, out, force=force)
+        preds[name] = evaluate_model(trained[name], splits.test, out, force=force, log=log)
         timer.lap(f"evaluate {name}", len(splits.test), "test images, or read from the cache")
         failures[name] = find_failures(preds[name], splits.test, cfg, name, out)
         summaries[name] = summarize(preds[name], cfg.failure_threshold)
