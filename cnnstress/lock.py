@@ -81,20 +81,31 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
 
     Raises OutputInUse, naming the holder, when another live process holds it.
     """
-    from .checkpoint import ensure_writable_dir, remove_stale_temp_files
     out = Path(out_dir)
     path = (out / LOCK_FILE).resolve()
-    if path not in _held:
-        ensure_writable_dir(out)
-    if path in _held:
+    if path in _held:                       # a stage nested in another of this process
         fd, depth = _held[path]
         _held[path] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held[path]
+    else:
+        _held[path] = (_acquire(out, path, log), 1)
+    try:
+        yield
+    finally:
+        fd, depth = _held[path]
+        if depth > 1:
             _held[path] = (fd, depth - 1)
-        return
+        else:
+            del _held[path]
+            os.ftruncate(fd, 0)  # the file stays (unlinking it would race with a process about to lock it)
+            os.close(fd)         # closing releases the flock
+
+
+def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
+    """Lock `path` (in folder `out`), say so in it, clear stale temp files; the open fd."""
+    from .checkpoint import ensure_writable_dir, remove_stale_temp_files
+    from .pipeline import RUN_NAMES
+
+    ensure_writable_dir(out)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
@@ -110,34 +121,24 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
                        f"since {h.get('started', '?')})") if h else "another process"
                 raise OutputInUse(f"output folder {out} is in use by {who}; wait for it to finish, "
                                   "stop it, or use another --out-dir") from None
-        old = _read_holder(fd)
-        me = _describe_self()
-        if old.get("pid") not in (None, me["pid"]) and old.get("host") == me["host"] \
-                and not _pid_alive(int(old["pid"])) and log:
-            log(f"taking over {path.name} in {out} from pid {old['pid']} ({old.get('command', '?')}), "
+        # A holder that released the lock emptied the file; content left means it was killed.
+        old, me = _read_holder(fd), _describe_self()
+        pid = old.get("pid")
+        if isinstance(pid, int) and pid != me["pid"] and old.get("host") == me["host"] \
+                and not _pid_alive(pid) and log:
+            log(f"taking over {path.name} in {out} from pid {pid} ({old.get('command', '?')}), "
                 "which is no longer running")
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
-        from .pipeline import RUN_NAMES
         for folder in [out, *(out / name for name in RUN_NAMES.values() if (out / name).is_dir())]:
             removed = remove_stale_temp_files(folder)
             if removed and log:
                 log(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by an "
                     f"interrupted write in {folder}: {', '.join(p.name for p in removed)}")
-        _held[path] = (fd, 1)
     except BaseException:
         os.close(fd)
         raise
-    try:
-        yield
-    finally:
-        fd, depth = _held[path]
-        if depth > 1:
-            _held[path] = (fd, depth - 1)
-        else:
-            del _held[path]
-            os.ftruncate(fd, 0)  # the file stays (unlinking it would race with a waiting taker)
-            os.close(fd)         # closing releases the flock
+    return fd
 
 
 def locks_output(func: Callable) -> Callable:
