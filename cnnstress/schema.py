@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .corruptions import CORRUPTIONS, SEVERITIES
+from .explain import CAM_EXPLAINERS, RANDOM_BASELINES
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,9 @@ def explanations_schema(models: list[str]) -> dict:
     """explanations.json's results as the readers use them, for these models."""
     method = {"deletion_auc": NUMBER, "insertion_auc": NUMBER, "deletion_curve": Seq(NUMBER),
               "insertion_curve": Seq(NUMBER)}
+    explained = {**method, "verdict": str, "verdict_smooth": str}   # vs pixel noise, vs smooth noise
     group = ({"n": 0}, {"n": int, "fractions": Seq(NUMBER),
-                        "methods": {"gradcam": {**method, "verdict": str}, "gradcam++": {**method, "verdict": str},
-                                    "random": method}})
+                        "methods": {**{m: explained for m in CAM_EXPLAINERS}, **{m: method for m in RANDOM_BASELINES}}})
     sanity_method = {"steps": Seq(str), "median_spearman_signed": Seq(MAYBE_NUMBER), "median_ssim": Seq(NUMBER),
                      "verdict": {"passed": (bool, None), "reason": str, "step_index": (int, None),
                                  "median_ssim": NUMBER, "median_per_step": Each(NUMBER)}}
@@ -108,7 +109,7 @@ def explanations_schema(models: list[str]) -> dict:
                 "suspect_failure_positions": Seq(int), "model_error_positions": Seq(int)}
     schema: dict[str, Any] = {
         "faithfulness": {m: {"failures": group, "sample": group} for m in models},
-        "sanity": {m: {"n": int, "gradcam": sanity_method, "gradcam++": sanity_method} for m in models},
+        "sanity": {m: {"n": int, **{c: sanity_method for c in CAM_EXPLAINERS}} for m in models},
         "label_suspects": {m: suspects for m in models},
         "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Seq(Seq(Seq(Seq(NUMBER))))}),
     }
