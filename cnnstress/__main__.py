@@ -227,12 +227,12 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     import signal
+    import threading
     import time
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     started = time.time()
-    import threading
     main_thread = threading.current_thread() is threading.main_thread()   # only it may set handlers
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
