@@ -115,7 +115,7 @@ def _config(args: argparse.Namespace, **extra):
     if getattr(args, "weights", None):
         if args.epochs is not None:
             raise CnnstressError("--epochs does not apply to published weights (--weights): they are not trained here")
-        return analysis_config(args.profile or pipeline.default_profile("full"), device=args.device,
+        return analysis_config(pipeline.default_profile(args.profile, fallback="full"), device=args.device,
                                precision=args.precision, **extra)
     return get_config(pipeline.default_profile(args.profile), device=args.device, epochs=args.epochs,
                       precision=args.precision, compile=args.compile, **extra)

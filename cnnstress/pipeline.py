@@ -45,8 +45,12 @@ def default_out_dir() -> str:
     return os.environ.get(ENV_OUT_DIR, DEFAULT_OUT_DIR)
 
 
-def default_profile(fallback: str | None = None) -> str:
-    """$CNNSTRESS_PROFILE, else `fallback`, else full on a GPU and quick on a CPU."""
+def default_profile(explicit: str | None = None, *, fallback: str | None = None) -> str:
+    """The profile to use: `explicit` (a --profile flag) when given, else
+    $CNNSTRESS_PROFILE, else `fallback`, else full on a GPU and quick on a CPU.
+    The variable sets a default; it never overrides a flag."""
+    if explicit:
+        return explicit
     if ENV_PROFILE in os.environ:
         return os.environ[ENV_PROFILE]
     if fallback:

@@ -162,3 +162,15 @@ def test_checkpoint_for_another_model_is_refused(trained_out, shared_cifar_dir, 
     assert code == 2
     _one_line_error(err, needle, "--force")
     assert (out / "baseline" / "checkpoint.pt").read_bytes() == before
+
+
+def test_profile_flag_beats_the_environment_variable(monkeypatch):
+    """$CNNSTRESS_PROFILE sets the default; an explicit --profile wins over it."""
+    from cnnstress import pipeline
+    monkeypatch.setenv("CNNSTRESS_PROFILE", "smoke")
+    assert pipeline.default_profile("quick") == "quick"
+    assert pipeline.default_profile() == "smoke"
+    assert pipeline.default_profile(fallback="full") == "smoke"
+    monkeypatch.delenv("CNNSTRESS_PROFILE")
+    assert pipeline.default_profile(fallback="full") == "full"
+    assert pipeline.default_profile("quick", fallback="full") == "quick"
