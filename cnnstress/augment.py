@@ -266,6 +266,10 @@ def augment_batch(x: torch.Tensor, spec: AugmentSpec, gen: torch.Generator | Non
 
 
 HOST_STREAM = 1  # SeedSequence spawn key of the host (jitter-order) stream
+# Version of the augmentation draws, saved in checkpoints: a non-identity
+# preset's checkpoint made with other draws is another model and must not be
+# reused or resumed. 2: host stream from host_seed (1 replayed the device stream).
+DRAWS_VERSION = 2
 
 
 def host_seed(seed: int) -> int:

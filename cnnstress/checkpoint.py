@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from .augment import DRAWS_VERSION, PRESETS
 from .config import Config
 from .errors import CheckpointError, CnnstressError
 from .model import ARCH
@@ -219,4 +220,10 @@ def check_config_matches(ckpt: dict[str, Any], config: Config, path: str | Path)
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} was trained with a different config ({shown}); "
+                              "retrain with --force or use another --out-dir")
+    # Checkpoints before format 2 predate the draws version; they all used version 1.
+    draws = ckpt.get("augment_draws", 1)
+    if not PRESETS[config.augment].is_identity and draws != DRAWS_VERSION:
+        raise CheckpointError(f"checkpoint {path} was trained with an older version of the {config.augment!r} "
+                              f"augmentation's random draws ({draws}, now {DRAWS_VERSION}); "
                               "retrain with --force or use another --out-dir")

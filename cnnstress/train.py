@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import PRESETS, Augmenter
+from .augment import DRAWS_VERSION, PRESETS, Augmenter
 from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint, save_json
 from .config import Config
 from .data import NUM_CLASSES, CifarSplits
@@ -249,7 +249,7 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
                 "epoch": epoch + 1, "num_classes": NUM_CLASSES, "config": config.to_dict(),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_states(), "history": history,
-                "finished": epoch + 1 == config.epochs,
+                "finished": epoch + 1 == config.epochs, "augment_draws": DRAWS_VERSION,
             })
             save_json(ckpt_path.with_name("history.json"), {"config": config.to_dict(), "history": history})
     return _finish(result)

@@ -134,3 +134,25 @@ def test_checkpoint_that_would_run_code_is_refused_and_runs_nothing(splits, tmp_
     msg = str(err.value)
     assert "\n" not in msg and "c.pt" in msg and "system" in msg and "--force" in msg
     assert not marker.exists()
+
+
+def test_checkpoint_with_older_augmentation_draws_is_not_resumed(splits, tmp_path):
+    """An enhanced-preset checkpoint made with another version of the random
+    draws (older checkpoints carry none: version 1) is another model: resuming
+    or reusing it is refused in one line. The identity preset has no draws."""
+    from cnnstress.augment import DRAWS_VERSION
+    for augment, refused in (("enhanced", True), ("baseline", False)):
+        cfg = _config(epochs=2, augment=augment)
+        path = tmp_path / f"{augment}.pt"
+        fit(cfg, splits, checkpoint_path=path, log=None, stop_after_epoch=1)
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["augment_draws"] == DRAWS_VERSION
+        del ckpt["augment_draws"]
+        torch.save(ckpt, path)
+        if refused:
+            with pytest.raises(CheckpointError) as err:
+                fit(cfg, splits, checkpoint_path=path, resume=True, log=None)
+            msg = str(err.value)
+            assert "\n" not in msg and "draws" in msg and "--force" in msg
+        else:
+            assert fit(cfg, splits, checkpoint_path=path, resume=True, log=None).resumed_from_epoch == 1
