@@ -221,9 +221,9 @@ def check_config_matches(ckpt: dict[str, Any], config: Config, path: str | Path)
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise CheckpointError(f"checkpoint {path} was trained with a different config ({shown}); "
                               "retrain with --force or use another --out-dir")
-    # Checkpoints before format 2 predate the draws version; they all used version 1.
-    draws = ckpt.get("augment_draws", 1)
+    # A checkpoint without the key predates the versioning: its draws cannot be told apart.
+    draws = ckpt.get("augment_draws")
     if not PRESETS[config.augment].is_identity and draws != DRAWS_VERSION:
-        raise CheckpointError(f"checkpoint {path} was trained with an older version of the {config.augment!r} "
-                              f"augmentation's random draws ({draws}, now {DRAWS_VERSION}); "
-                              "retrain with --force or use another --out-dir")
+        made = "unversioned (older)" if draws is None else f"version-{draws}"
+        raise CheckpointError(f"checkpoint {path} was trained with the {config.augment!r} augmentation's {made} "
+                              f"random draws, not version {DRAWS_VERSION}; retrain with --force or use another --out-dir")
