@@ -17,7 +17,7 @@ from torch import nn
 from .augment import normalize, to_float
 from .checkpoint import atomic_write
 from .data import CLASSES
-from .runtime import autocast
+from .runtime import autocast, eval_mode
 
 
 @dataclass(frozen=True)
@@ -52,21 +52,17 @@ def infer(model: nn.Module, images: torch.Tensor, *, device: torch.device,
           channels_last: bool = True) -> torch.Tensor:
     """Logits float32 (N,C) on the CPU for uint8 images (N,3,H,W). The model is
     put in eval mode for the call and handed back in the mode it had."""
-    was_training = model.training
-    model.eval()
     out = []
     # One copy to the device up front (uint8: 3 KB an image), none per batch;
     # the logits stay there until the single read-back at the end.
     images = images.to(device)
-    try:
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = normalize(to_float(images[start:start + batch_size]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
                 out.append(model(x).float())
-    finally:
-        model.train(was_training)
     if not out:
         return torch.empty(0, getattr(model, "num_classes", 10))
     return torch.cat(out).cpu()

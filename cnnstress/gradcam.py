@@ -49,6 +49,7 @@ from torch import nn
 
 from .augment import denormalize
 from .errors import CnnstressError
+from .runtime import eval_mode
 
 __all__ = [
     "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus",
@@ -195,19 +196,6 @@ def capture_output(layer: nn.Module) -> Iterator[list]:
         for handle in handles:
             handle.remove()
         outputs.clear()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode; restore each module's own flag on exit
-    (a model may mix modes, e.g. frozen BatchNorm inside a training model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # --- targets -----------------------------------------------------------------
@@ -375,7 +363,7 @@ class CamExplainer:
         device = param.device if param is not None else x.device
         n, _, height, width = x.shape
 
-        with _eval_mode(self.model), torch.inference_mode(False), torch.enable_grad(), \
+        with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(device.type, enabled=False), capture_output(self.target_layer) as outs:
             # A private copy that requires grad, so that the graph reaches the
             # layer even in a frozen model; only d(score)/dA is computed.

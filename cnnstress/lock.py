@@ -45,7 +45,7 @@ _held: dict[Path, tuple[int, int]] = {}   # resolved lock path -> (fd, depth), t
 
 
 def _describe_self() -> dict:
-    from .train import in_notebook
+    from .runtime import in_notebook
     argv = list(sys.argv) or ["python"]
     if in_notebook():
         command = "a Jupyter notebook kernel"

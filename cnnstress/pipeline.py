@@ -446,7 +446,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
     from .adversarial import adversarial_accuracy
     from .checkpoint import save_json
     from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
-    from .train import _progress_bar, progress_enabled
+    from .runtime import progress_bar, progress_enabled
 
     out = ensure_writable_dir(out_dir or default_out_dir())
     config = config or next(iter(trained.values())).config
@@ -475,7 +475,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
             val_logits = evaluate_split(t, splits.val).logits
             results[name] = {"calibration": calibration_report(val_logits, splits.val.labels, preds[name], config)}
         temperatures = {name: results[name]["calibration"]["temperature"] for name in todo}
-        bar = _progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
+        bar = progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
         try:
             corr = corruption_report({name: trained[name].model for name in todo}, splits.test, config,
                                      device=device, temperatures=temperatures,
