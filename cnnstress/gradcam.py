@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arrays import as_numpy
 from .augment import denormalize
 from .errors import CnnstressError
 from .runtime import eval_mode
@@ -440,12 +441,6 @@ CAM_METHODS: dict[str, type[CamExplainer]] = {"gradcam": GradCAM, "gradcam++": G
 
 # --- display -----------------------------------------------------------------
 
-def _to_numpy(a: object) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
 def to_display_image(x: torch.Tensor) -> np.ndarray:
     """Normalised image(s) back to viewable RGB: x float (3,H,W) CHW (or
     (N,3,H,W)) normalised with the CIFAR mean/std -> float32 ndarray (H,W,3)
@@ -474,8 +469,8 @@ def overlay(image: np.ndarray | torch.Tensor, cam: np.ndarray | torch.Tensor,
     """
     import matplotlib  # deferred: only display needs it
 
-    img = _to_numpy(image)
-    heat_in = _to_numpy(cam)
+    img = as_numpy(image)
+    heat_in = as_numpy(cam)
     if img.ndim != 3 or img.shape[2] != 3:
         raise GradCAMError(f"overlay needs an RGB image (H,W,3) in HWC layout; got shape {img.shape}")
     if heat_in.shape != img.shape[:2]:
@@ -519,7 +514,7 @@ def describe_cam(cam: np.ndarray | torch.Tensor) -> dict:
     peak is what a reader sees as "where it looks"), centre_fraction (share of
     the mass in the central quarter of the image: the middle half of the rows
     and of the columns). An all-zero map gives region 'nowhere (all-zero map)'."""
-    m = _to_numpy(cam).astype(np.float64)
+    m = as_numpy(cam).astype(np.float64)
     h, w = m.shape
     total = m.sum()
     if total <= 0:

@@ -32,6 +32,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
+from .arrays import as_numpy
 from .errors import CnnstressError
 from .gradcam import CAM_METHODS, get_layer, upsample
 
@@ -50,9 +51,7 @@ class SanityError(CnnstressError, ValueError):
 # --- similarity metrics --------------------------------------------------------
 
 def _as_float64(a: object, what: str) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
+    arr = as_numpy(a)
     real = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     if arr.dtype == bool or not real:
         raise SanityError(f"{what} must hold real numbers; got dtype {arr.dtype}")
