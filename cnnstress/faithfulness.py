@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CnnstressError
+from .errors import FaithfulnessError
 from .gradcam import upsample
 from .runtime import eval_mode
 
@@ -54,10 +54,6 @@ __all__ = ["BASELINES", "FaithfulnessError", "FaithfulnessResult", "baseline_ima
            "deletion_insertion", "gaussian_blur", "importance_order", "random_maps", "trapezoid_auc"]
 
 BASELINES = ("blur", "mean")
-
-
-class FaithfulnessError(CnnstressError, ValueError):
-    """A deletion/insertion request with inconsistent shapes, dtypes or options."""
 
 
 @dataclass(frozen=True)

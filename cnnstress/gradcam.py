@@ -49,7 +49,7 @@ from torch import nn
 
 from .arrays import as_numpy
 from .augment import denormalize
-from .errors import CnnstressError
+from .errors import GradCAMError
 from .runtime import eval_mode
 
 __all__ = [
@@ -62,10 +62,6 @@ __all__ = [
 # explain (like pytorch_grad_cam.utils.model_targets.ClassifierOutputTarget).
 Target = int | Callable[[torch.Tensor], torch.Tensor]
 Targets = None | Target | Sequence[Target] | torch.Tensor | np.ndarray
-
-
-class GradCAMError(CnnstressError, ValueError):
-    """A Grad-CAM(++) request that cannot be served: wrong layer, targets, inputs."""
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import CnnstressError
+from .errors import CnnstressError, OutputInUse
 
 try:
     import fcntl
@@ -35,10 +35,6 @@ except ImportError:  # Windows: no flock; folders are then not locked
     fcntl = None
 
 LOCK_FILE = ".cnnstress.lock"
-
-
-class OutputInUse(CnnstressError):
-    """Another process is writing to the same output folder."""
 
 
 _held: dict[Path, tuple[int, int]] = {}   # resolved lock path -> (fd, depth), this process

@@ -33,7 +33,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from .arrays import as_numpy
-from .errors import CnnstressError
+from .errors import SanityError
 from .gradcam import CAM_METHODS, get_layer, upsample
 
 __all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomization",
@@ -42,10 +42,6 @@ __all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomizat
 # Head first. Entries name one or more modules (dotted names, joined by "+");
 # the stem's BatchNorm goes with the stem convolution.
 DEFAULT_ORDER = ("linear", "layer4", "layer3", "layer2", "layer1", "conv1+bn1")
-
-
-class SanityError(CnnstressError, ValueError):
-    """A sanity-check request with bad maps, options or steps."""
 
 
 # --- similarity metrics --------------------------------------------------------
