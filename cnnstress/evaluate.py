@@ -16,8 +16,8 @@ from torch import nn
 
 from .arrays import as_int_vector, as_numpy
 from .augment import normalize, to_float
-from .checkpoint import atomic_write
 from .data import CLASSES
+from .io import atomic_write
 from .runtime import autocast, eval_mode
 
 

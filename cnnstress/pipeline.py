@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from .augment import normalize, to_float
-from .checkpoint import atomic_write, check_config_matches, ensure_writable_dir, read_checkpoint
+from .checkpoint import check_config_matches, read_checkpoint
 from .compare import bootstrap_accuracy_diff, compare_failures, mcnemar
 from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .corruptions import CORRUPTIONS, SEVERITIES
+from .io import atomic_write, ensure_writable_dir
 from .lock import locks_output
 from .schema import explanations_schema, mismatch, stress_schema
 from .runtime import resolve_device, resolve_precision
@@ -444,7 +445,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
     adversarial.png. Returns {model name: results}; with cached_only, None
     unless every model's results are cached."""
     from .adversarial import adversarial_accuracy
-    from .checkpoint import save_json
+    from .io import save_json
     from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
     from .runtime import progress_bar, progress_enabled
 
@@ -562,7 +563,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     same checkpoints, test images and settings); writes faithfulness.png,
     sanity_check.png, label_suspects.png and cam_methods.png. With
     cached_only, returns None unless the cache matches."""
-    from .checkpoint import save_json
+    from .io import save_json
     from .explain import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
                           label_suspects, sanity_report)
     from .sanity import verdict_word

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DRAWS_VERSION, PRESETS, Augmenter
-from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint, save_json
+from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, CifarSplits
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import predict
+from .io import save_json
 from .model import resnet18
 from .runtime import (autocast, in_notebook, progress_bar, progress_enabled, resolve_device,  # noqa: F401 (in_notebook: re-exported)
                       resolve_precision, seed_everything, tune_backend)
