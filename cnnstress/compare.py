@@ -43,7 +43,7 @@ def _binom_two_sided_half(k: int, n: int) -> float:
     return min(1.0, (2 * tail) / (2 ** n))  # int / int is correctly rounded
 
 
-def _chi2_sf_1dof(stat: float) -> float:
+def chi2_sf_1dof(stat: float) -> float:
     """P(X > stat) for X ~ chi-square with 1 degree of freedom."""
     return math.erfc(math.sqrt(stat / 2.0)) if stat > 0 else 1.0
 
@@ -66,7 +66,7 @@ def mcnemar(correct_a: Any, correct_b: Any) -> dict[str, Any]:
     else:
         method = "chi2_cc"
         stat = max(abs(b - c) - 1, 0) ** 2 / n_disc
-        p = _chi2_sf_1dof(stat)
+        p = chi2_sf_1dof(stat)
     return {"b": b, "c": c, "n_discordant": n_disc, "n": int(a.shape[0]),
             "statistic": float(stat), "p_value": float(p), "method": method}
 

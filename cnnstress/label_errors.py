@@ -195,7 +195,7 @@ def calibrate_confident_joint(joint: Any, labels: Any) -> np.ndarray:
 
 # --- finding the issues ------------------------------------------------------
 
-def _keep_at_least_n_per_class(prune: np.ndarray, n: int) -> np.ndarray:
+def keep_at_least_n_per_class(prune: np.ndarray, n: int) -> np.ndarray:
     """cleanlab's _keep_at_least_n_per_class (frac_noise=1) on the prune-count
     matrix (true, given) = calibrated joint transposed: raise each diagonal
     cell to at least n, taking the increase evenly from the non-zero
@@ -243,7 +243,7 @@ def find_label_issues(probs: Any, labels: Any, *, filter_by: str = "prune_by_noi
     else:
         cj = _count(cols, y, c)
         np.fill_diagonal(cj, np.maximum(np.diagonal(cj), 1))
-        prune = _keep_at_least_n_per_class(calibrate_confident_joint(cj, y).T, MIN_EXAMPLES_PER_CLASS)
+        prune = keep_at_least_n_per_class(calibrate_confident_joint(cj, y).T, MIN_EXAMPLES_PER_CLASS)
         issues = np.zeros(n, dtype=bool)
         for i in range(c):                       # given label
             members = np.flatnonzero(y == i)

@@ -28,7 +28,7 @@ from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict
 from .corruptions import CORRUPTIONS, SEVERITIES
 from .io import atomic_write, ensure_writable_dir
 from .lock import locks_output
-from .schema import explanations_schema, mismatch, stress_schema
+from .schema import explanations_schema, read_cache, stress_schema
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -406,32 +406,6 @@ def stress_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"stress_{name}.json"
 
 
-def _read_cache(path: Path, key: dict, schema: dict | None = None,
-                log: Callable[[str], None] | None = None) -> dict | None:
-    """The results of a JSON cache {"key": ..., "results": ...} when its key
-    equals `key` and its results fit `schema` (cnnstress.schema); None when it
-    is missing, made otherwise, unreadable or malformed (the last two logged)."""
-    import json
-
-    try:
-        cached = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        problem = f"unreadable ({type(exc).__name__})"
-    else:
-        problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
-        if problem is None and cached["key"] != key:
-            return None
-        if problem is None and schema is not None:
-            problem = mismatch(cached["results"], schema)
-        if problem is None:
-            return cached["results"]
-    if log:
-        log(f"{path.name}: not a valid cache ({problem}); recomputing")
-    return None
-
-
 @locks_output
 def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
                 out_dir: str | Path | None = None, config: Config | None = None, *, force: bool = False,
@@ -458,7 +432,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
                    "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
     results: dict[str, dict] = {}
     for name in trained:
-        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_cache(
+        cached = None if force or not keys[name]["checkpoint_stamp"] else read_cache(
             stress_path(out, name), keys[name], stress_schema(len(config.adv_eps)), say)
         if cached is not None:
             results[name] = cached
@@ -576,7 +550,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     path = out / EXPLANATIONS_FILE
     result = None
     if not force and all(key["checkpoint_stamps"].values()):
-        result = _read_cache(path, key, explanations_schema(list(trained)), say)
+        result = read_cache(path, key, explanations_schema(list(trained)), say)
         if result is not None:
             say(f"explanations: reusing {path}")
     if result is None and cached_only:
