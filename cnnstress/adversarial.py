@@ -22,9 +22,8 @@ taken only with respect to the input (`torch.autograd.grad`), so parameters'
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from torch import nn
 
 from .augment import normalize, to_float
 from .errors import ConfigError
-from .train import _progress_bar, progress_enabled
+from .runtime import eval_mode, progress_bar, progress_enabled
 
 ATTACKS = ("fgsm", "pgd")
 DEFAULT_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -96,16 +95,6 @@ def _attack_device(model: nn.Module, device: Any, fallback: torch.device) -> tor
     for p in model.parameters():
         return p.device
     return fallback
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # --- the attacks on device tensors (model already in eval mode) ------------
@@ -179,7 +168,7 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
     if eps == 0:
         return images.detach().clone()
     dev, x, y = _attack_inputs(model, images, labels, device)
-    with _eval_mode(model):
+    with eval_mode(model):
         out = _fgsm(model, x, y, eps)
     return out.to(images.device, images.dtype)
 
@@ -205,7 +194,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
         return images.detach().clone()
     dev, x, y = _attack_inputs(model, images, labels, device)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
-    with _eval_mode(model):
+    with eval_mode(model):
         out = _pgd(model, x, y, eps, steps, size, random_start, gen)
     return out.to(images.device, images.dtype)
 
@@ -257,10 +246,10 @@ def adversarial_accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: t
     clean = 0
     correct = {a: [0] * len(eps_values) for a in attacks}
     batches = range(0, n, batch_size)
-    bar = _progress_bar(len(batches) * len(attacks) * len(eps_values), "adversarial",
+    bar = progress_bar(len(batches) * len(attacks) * len(eps_values), "adversarial",
                         progress_enabled(progress))
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             for start in batches:
                 x = to_float(images_uint8[start:start + batch_size].to(dev))
                 y = labels[start:start + batch_size].to(dev)

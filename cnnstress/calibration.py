@@ -22,14 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .evaluate import _as_int_vector, _as_numpy
+from .arrays import as_int_vector, as_numpy
 
 DEFAULT_BINS = 15  # Guo et al. 2017
 
 
 def _probs_labels(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = _as_numpy(probs)
-    y = _as_int_vector(labels, "labels")
+    p = as_numpy(probs)
+    y = as_int_vector(labels, "labels")
     if p.ndim != 2 or p.shape[0] != y.shape[0]:
         raise ValueError(f"need probs (N,C) and labels (N,), got {p.shape} and {y.shape}")
     return p.astype(np.float64), y

@@ -1,4 +1,4 @@
-"""Checkpoints and small JSON results, written atomically.
+"""Checkpoints, written atomically (cnnstress.io).
 
 A checkpoint is one ``torch.save`` dict: format version, architecture, class
 count, epochs done, config, model/optimizer/scheduler states, RNG states and
@@ -7,134 +7,18 @@ renamed over it, so an interrupted write never leaves a half checkpoint.
 """
 from __future__ import annotations
 
-import errno
-import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .augment import DRAWS_VERSION, PRESETS
 from .config import Config
-from .errors import CheckpointError, CnnstressError
+from .errors import CheckpointError
+from .io import atomic_write, ensure_writable_dir, remove_stale_temp_files, save_json  # noqa: F401 (re-exported)
 from .model import ARCH
 
 FORMAT_VERSION = 2  # 2: RNG states as tensors (weights_only-loadable); 1: numpy's as an ndarray
-
-
-def ensure_writable_dir(path: str | Path) -> Path:
-    """Create `path` if needed and prove a file can be written there."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
-            pass
-    except OSError as exc:
-        raise CnnstressError(f"cannot write to output folder {path} ({exc.strerror or exc}); "
-                             "choose another --out-dir") from None
-    return path
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) on a temporary file beside `path`, then rename it over
-    `path`; on any failure the old `path` is untouched and tmp removed."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        if not _disk_full(exc, path, _size(path)):
-            raise
-        _raise_disk_full(path, _size(path))
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        needed = max(_size(Path(tmp)), _size(path))
-        Path(tmp).unlink(missing_ok=True)
-        if not _disk_full(exc, path, needed):
-            raise
-    else:
-        return
-    # Out here the failed writer (torch's holds the unlinked temp file open) is gone: free space is true.
-    _raise_disk_full(path, needed)
-
-
-# mkstemp's names above: "." + target name + "." + 8 random characters + ".tmp", for the kinds of file we write
-_TEMP_NAME = re.compile(r"^\..+\.(pt|json|npz|png|csv|txt)\.[a-z0-9_]{8}\.tmp$")
-
-
-def remove_stale_temp_files(folder: str | Path) -> list[Path]:
-    """Delete the temporary files of atomic_write in `folder` (left by a
-    writer killed mid-write); returns them. Call only while holding the
-    folder's lock (cnnstress.lock), so that none of them is being written."""
-    removed = []
-    for p in sorted(Path(folder).glob(".*.tmp")):
-        if _TEMP_NAME.match(p.name) and p.is_file():
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-DISK_SLACK = 16 << 20  # bytes: free space this close to a failed write's size counts as a full disk
-
-
-def _disk_full(exc: BaseException, path: Path, needed: int) -> bool:
-    """Whether a write of `path` failed for want of space. `needed`: the bytes
-    known to be needed (the old file's size or what was written before the
-    failure; a lower bound). torch.save reports a full disk as a RuntimeError
-    of its stream writer without an errno, so that one counts as full when the
-    folder has hardly more room than `needed`."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(exc, RuntimeError) and re.search(r"PytorchStreamWriter|file write failed|unexpected pos", str(exc)):
-        return _free_bytes(path.parent) < needed + DISK_SLACK
-    return False
-
-
-def _raise_disk_full(path: Path, needed: int) -> None:
-    need = f"needs at least {needed / 2**20:.0f} MB, " if needed >= 2**20 else ""
-    kept = f"; the previous {path.name} is kept" if path.exists() else ""
-    raise CnnstressError(f"no space left on device writing {path.name} in {path.parent} ({need}"
-                         f"{_free_bytes(path.parent) / 2**20:.0f} MB free){kept}; free some space or use "
-                         "another --out-dir")
-
-
-def _free_bytes(folder: Path) -> int:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return 0
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def save_json(path: str | Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n"))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

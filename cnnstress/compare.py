@@ -15,14 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import FailureTable, _as_numpy, _as_int_vector
+from .arrays import as_int_vector, as_numpy
+from .evaluate import FailureTable
 
 # Below this many discordant pairs McNemar uses the exact binomial test.
 EXACT_BELOW = 25
 
 
 def _paired_bools(correct_a: Any, correct_b: Any) -> tuple[np.ndarray, np.ndarray]:
-    a, b = _as_numpy(correct_a), _as_numpy(correct_b)
+    a, b = as_numpy(correct_a), as_numpy(correct_b)
     if a.ndim != 1 or b.ndim != 1:
         raise ValueError(f"correct_a and correct_b must be 1-D, got shapes {a.shape} and {b.shape}")
     if a.shape != b.shape:
@@ -42,7 +43,7 @@ def _binom_two_sided_half(k: int, n: int) -> float:
     return min(1.0, (2 * tail) / (2 ** n))  # int / int is correctly rounded
 
 
-def _chi2_sf_1dof(stat: float) -> float:
+def chi2_sf_1dof(stat: float) -> float:
     """P(X > stat) for X ~ chi-square with 1 degree of freedom."""
     return math.erfc(math.sqrt(stat / 2.0)) if stat > 0 else 1.0
 
@@ -65,7 +66,7 @@ def mcnemar(correct_a: Any, correct_b: Any) -> dict[str, Any]:
     else:
         method = "chi2_cc"
         stat = max(abs(b - c) - 1, 0) ** 2 / n_disc
-        p = _chi2_sf_1dof(stat)
+        p = chi2_sf_1dof(stat)
     return {"b": b, "c": c, "n_discordant": n_disc, "n": int(a.shape[0]),
             "statistic": float(stat), "p_value": float(p), "method": method}
 
@@ -119,9 +120,9 @@ def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b
     newly_confident (A was wrong too, but below the threshold). So
     b = still_high_confidence + new + newly_confident. Positions are sorted
     lists; counts holds their sizes."""
-    preds_a = _as_int_vector(preds_a, "preds_a")
-    preds_b = _as_int_vector(preds_b, "preds_b")
-    labels = _as_int_vector(labels, "labels")
+    preds_a = as_int_vector(preds_a, "preds_a")
+    preds_b = as_int_vector(preds_b, "preds_b")
+    labels = as_int_vector(labels, "labels")
     if preds_b.shape != labels.shape or preds_a.shape != labels.shape:
         raise ValueError(f"preds_a, preds_b and labels differ in length "
                          f"({preds_a.size}, {preds_b.size} and {labels.size})")

@@ -674,4 +674,9 @@ _FUNCS: dict[str, Callable[[np.ndarray, object, np.random.Generator], np.ndarray
     "zoom_blur": _zoom_blur, "snow": _snow, "fog": _fog, "brightness": _brightness, "contrast": _contrast,
     "elastic_transform": _elastic_transform, "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
 }
-assert set(_FUNCS) == set(CORRUPTIONS) == set(_PARAMS) == set(FAMILIES) and _RANDOM <= set(_FUNCS)
+
+
+def tables_consistent() -> bool:
+    """Whether every corruption has a function, parameters and a family, and
+    every randomised one exists (checked by the tests, not at import)."""
+    return set(_FUNCS) == set(CORRUPTIONS) == set(_PARAMS) == set(FAMILIES) and _RANDOM <= set(_FUNCS)

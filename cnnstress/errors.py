@@ -25,6 +25,22 @@ class DeviceError(CnnstressError):
     """A device that this machine does not have."""
 
 
+class FaithfulnessError(CnnstressError, ValueError):
+    """A deletion/insertion request with inconsistent shapes, dtypes or options."""
+
+
+class GradCAMError(CnnstressError, ValueError):
+    """A Grad-CAM(++) request that cannot be served: wrong layer, targets, inputs."""
+
+
+class OutputInUse(CnnstressError):
+    """Another process is writing to the same output folder."""
+
+
+class SanityError(CnnstressError, ValueError):
+    """A sanity-check request with bad maps, options or steps."""
+
+
 def show_errors_briefly() -> bool:
     """In IPython/Jupyter, show a CnnstressError as one line `error: ...`, as
     the command line does, instead of a traceback (the message names the

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arrays import as_int_vector, as_numpy
 from .augment import normalize, to_float
-from .checkpoint import atomic_write
 from .data import CLASSES
-from .runtime import autocast
+from .io import atomic_write
+from .runtime import autocast, eval_mode
 
 
 @dataclass(frozen=True)
@@ -52,21 +53,17 @@ def infer(model: nn.Module, images: torch.Tensor, *, device: torch.device,
           channels_last: bool = True) -> torch.Tensor:
     """Logits float32 (N,C) on the CPU for uint8 images (N,3,H,W). The model is
     put in eval mode for the call and handed back in the mode it had."""
-    was_training = model.training
-    model.eval()
     out = []
     # One copy to the device up front (uint8: 3 KB an image), none per batch;
     # the logits stay there until the single read-back at the end.
     images = images.to(device)
-    try:
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = normalize(to_float(images[start:start + batch_size]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):
                 out.append(model(x).float())
-    finally:
-        model.train(was_training)
     if not out:
         return torch.empty(0, getattr(model, "num_classes", 10))
     return torch.cat(out).cpu()
@@ -87,23 +84,6 @@ def predict(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, dev
 # high-confidence failures, and a JSON-ready summary.
 # ---------------------------------------------------------------------------
 
-def _as_numpy(x: Any) -> np.ndarray:
-    """A CPU numpy view/copy of a torch tensor, numpy array or sequence."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def _as_int_vector(x: Any, name: str) -> np.ndarray:
-    arr = _as_numpy(x)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        if not np.all(np.equal(np.mod(arr, 1), 0)):
-            raise ValueError(f"{name} must hold integer class ids")
-    return arr.astype(np.int64, copy=False)
-
-
 def _check_names(classes: Sequence[str], num_classes: int) -> tuple[str, ...]:
     classes = tuple(classes)
     if len(classes) != num_classes:
@@ -113,8 +93,8 @@ def _check_names(classes: Sequence[str], num_classes: int) -> tuple[str, ...]:
 
 def confusion_matrix(labels: Any, preds: Any, num_classes: int = 10) -> np.ndarray:
     """Counts int64 (C,C): row = true class, column = predicted class."""
-    labels = _as_int_vector(labels, "labels")
-    preds = _as_int_vector(preds, "preds")
+    labels = as_int_vector(labels, "labels")
+    preds = as_int_vector(preds, "preds")
     if labels.shape != preds.shape:
         raise ValueError(f"labels and preds differ in length ({labels.size} vs {preds.size})")
     if num_classes < 1:
@@ -277,19 +257,19 @@ def mine_failures(probs: Any, labels: Any, threshold: float = 0.8,
     if not 0.0 <= threshold_f < 1.0:  # also rejects NaN
         raise ValueError(f"threshold must be in [0, 1) (a probability that a wrong "
                          f"prediction must exceed), got {threshold!r}")
-    p = _as_numpy(probs)
+    p = as_numpy(probs)
     if p.ndim != 2:
         raise ValueError(f"probs must be 2-D (N, C), got shape {tuple(p.shape)}")
     if not np.issubdtype(p.dtype, np.floating):
         p = p.astype(np.float64)
-    y = _as_int_vector(labels, "labels")
+    y = as_int_vector(labels, "labels")
     n, c = p.shape
     if y.shape[0] != n:
         raise ValueError(f"probs has {n} rows but labels has {y.shape[0]}")
     if dataset_indices is None:
         ds = np.arange(n, dtype=np.int64)
     else:
-        ds = _as_int_vector(dataset_indices, "dataset_indices")
+        ds = as_int_vector(dataset_indices, "dataset_indices")
         if ds.shape[0] != n:
             raise ValueError(f"dataset_indices has {ds.shape[0]} entries for {n} predictions")
     if n == 0 or c == 0:

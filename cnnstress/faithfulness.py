@@ -46,17 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CnnstressError
-from .gradcam import _eval_mode, upsample
+from .errors import FaithfulnessError
+from .gradcam import upsample
+from .runtime import eval_mode
 
 __all__ = ["BASELINES", "FaithfulnessError", "FaithfulnessResult", "baseline_images",
            "deletion_insertion", "gaussian_blur", "importance_order", "random_maps", "trapezoid_auc"]
 
 BASELINES = ("blur", "mean")
-
-
-class FaithfulnessError(CnnstressError, ValueError):
-    """A deletion/insertion request with inconsistent shapes, dtypes or options."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +239,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
     counts = torch.tensor([s * npix // steps for s in range(steps + 1)], dtype=torch.long, device=dev)
     fractions = counts.double().div(npix).float().cpu()
 
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         x = images.detach().to(device=dev, dtype=dtype)
         base = baseline_images(x, baseline, blur_sigma=blur_sigma)
         order = importance_order(maps.detach().to(dev), seed)     # (N,P) most important first

@@ -47,8 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .arrays import as_numpy
 from .augment import denormalize
-from .errors import CnnstressError
+from .errors import GradCAMError
+from .runtime import eval_mode
 
 __all__ = [
     "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus",
@@ -60,10 +62,6 @@ __all__ = [
 # explain (like pytorch_grad_cam.utils.model_targets.ClassifierOutputTarget).
 Target = int | Callable[[torch.Tensor], torch.Tensor]
 Targets = None | Target | Sequence[Target] | torch.Tensor | np.ndarray
-
-
-class GradCAMError(CnnstressError, ValueError):
-    """A Grad-CAM(++) request that cannot be served: wrong layer, targets, inputs."""
 
 
 @dataclass(frozen=True)
@@ -195,19 +193,6 @@ def capture_output(layer: nn.Module) -> Iterator[list]:
         for handle in handles:
             handle.remove()
         outputs.clear()
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode; restore each module's own flag on exit
-    (a model may mix modes, e.g. frozen BatchNorm inside a training model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 # --- targets -----------------------------------------------------------------
@@ -375,7 +360,7 @@ class CamExplainer:
         device = param.device if param is not None else x.device
         n, _, height, width = x.shape
 
-        with _eval_mode(self.model), torch.inference_mode(False), torch.enable_grad(), \
+        with eval_mode(self.model), torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(device.type, enabled=False), capture_output(self.target_layer) as outs:
             # A private copy that requires grad, so that the graph reaches the
             # layer even in a frozen model; only d(score)/dA is computed.
@@ -452,12 +437,6 @@ CAM_METHODS: dict[str, type[CamExplainer]] = {"gradcam": GradCAM, "gradcam++": G
 
 # --- display -----------------------------------------------------------------
 
-def _to_numpy(a: object) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        return a.detach().cpu().numpy()
-    return np.asarray(a)
-
-
 def to_display_image(x: torch.Tensor) -> np.ndarray:
     """Normalised image(s) back to viewable RGB: x float (3,H,W) CHW (or
     (N,3,H,W)) normalised with the CIFAR mean/std -> float32 ndarray (H,W,3)
@@ -486,8 +465,8 @@ def overlay(image: np.ndarray | torch.Tensor, cam: np.ndarray | torch.Tensor,
     """
     import matplotlib  # deferred: only display needs it
 
-    img = _to_numpy(image)
-    heat_in = _to_numpy(cam)
+    img = as_numpy(image)
+    heat_in = as_numpy(cam)
     if img.ndim != 3 or img.shape[2] != 3:
         raise GradCAMError(f"overlay needs an RGB image (H,W,3) in HWC layout; got shape {img.shape}")
     if heat_in.shape != img.shape[:2]:
@@ -531,7 +510,7 @@ def describe_cam(cam: np.ndarray | torch.Tensor) -> dict:
     peak is what a reader sees as "where it looks"), centre_fraction (share of
     the mass in the central quarter of the image: the middle half of the rows
     and of the columns). An all-zero map gives region 'nowhere (all-zero map)'."""
-    m = _to_numpy(cam).astype(np.float64)
+    m = as_numpy(cam).astype(np.float64)
     h, w = m.shape
     total = m.sum()
     if total <= 0:

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .evaluate import _as_int_vector, _as_numpy
+from .arrays import as_int_vector, as_numpy
 
 FLOAT_TOL = 1e-6          # cleanlab's FLOATING_POINT_COMPARISON: p >= t - tol counts as above
 THRESHOLD_FLOOR = 2e-6    # cleanlab's CONFIDENT_THRESHOLDS_LOWER_BOUND (> FLOAT_TOL)
@@ -64,13 +64,13 @@ FILTERS = ("prune_by_noise_rate", "confident_learning")
 # --- validation ------------------------------------------------------------
 
 def _check(probs: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    p = _as_numpy(probs)
+    p = as_numpy(probs)
     if p.ndim != 2 or p.shape[1] < 1:
         raise ValueError(f"probs must be 2-D (N, C) with C >= 1, got shape {tuple(p.shape)}")
     if not (np.issubdtype(p.dtype, np.floating) or np.issubdtype(p.dtype, np.integer)):
         raise ValueError(f"probs must be numeric, got dtype {p.dtype}")
     p = p.astype(np.float64)
-    y = _as_int_vector(labels, "labels")
+    y = as_int_vector(labels, "labels")
     n, c = p.shape
     if y.shape[0] != n:
         raise ValueError(f"probs has {n} rows but labels has {y.shape[0]}")
@@ -115,10 +115,10 @@ def _confident_columns(p: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
 
 def _check_thresholds(thresholds: Any, c: int) -> np.ndarray:
-    t = _as_numpy(thresholds).astype(np.float64).reshape(-1)
+    t = as_numpy(thresholds).astype(np.float64).reshape(-1)
     if t.shape != (c,) or not np.isfinite(t).all():
         raise ValueError(f"thresholds must be {c} finite numbers (one per class), got shape "
-                         f"{tuple(_as_numpy(thresholds).shape)}")
+                         f"{tuple(as_numpy(thresholds).shape)}")
     return t
 
 
@@ -172,13 +172,13 @@ def calibrate_confident_joint(joint: Any, labels: Any) -> np.ndarray:
     label count, then rounded to integers preserving the row total. A row
     with no confident counts but with examples puts them all on the diagonal.
     `labels`: the given labels, int (N,) in [0, C)."""
-    cj = _as_numpy(joint).astype(np.float64)
+    cj = as_numpy(joint).astype(np.float64)
     if cj.ndim != 2 or cj.shape[0] != cj.shape[1] or cj.shape[0] < 1:
         raise ValueError(f"the confident joint must be square (C, C), got shape {tuple(cj.shape)}")
     if not np.isfinite(cj).all() or (cj < 0).any():
         raise ValueError("the confident joint must hold finite counts >= 0")
     c = cj.shape[0]
-    y = _as_int_vector(labels, "labels")
+    y = as_int_vector(labels, "labels")
     if y.size and (y.min() < 0 or y.max() >= c):
         raise ValueError(f"labels must lie in [0, {c}); found {int(y.min())}..{int(y.max())}")
     counts = np.bincount(y, minlength=c).astype(np.float64)
@@ -195,7 +195,7 @@ def calibrate_confident_joint(joint: Any, labels: Any) -> np.ndarray:
 
 # --- finding the issues ------------------------------------------------------
 
-def _keep_at_least_n_per_class(prune: np.ndarray, n: int) -> np.ndarray:
+def keep_at_least_n_per_class(prune: np.ndarray, n: int) -> np.ndarray:
     """cleanlab's _keep_at_least_n_per_class (frac_noise=1) on the prune-count
     matrix (true, given) = calibrated joint transposed: raise each diagonal
     cell to at least n, taking the increase evenly from the non-zero
@@ -243,7 +243,7 @@ def find_label_issues(probs: Any, labels: Any, *, filter_by: str = "prune_by_noi
     else:
         cj = _count(cols, y, c)
         np.fill_diagonal(cj, np.maximum(np.diagonal(cj), 1))
-        prune = _keep_at_least_n_per_class(calibrate_confident_joint(cj, y).T, MIN_EXAMPLES_PER_CLASS)
+        prune = keep_at_least_n_per_class(calibrate_confident_joint(cj, y).T, MIN_EXAMPLES_PER_CLASS)
         issues = np.zeros(n, dtype=bool)
         for i in range(c):                       # given label
             members = np.flatnonzero(y == i)

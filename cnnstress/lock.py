@@ -11,7 +11,7 @@ process (a notebook's or run_pipeline's nested stages) and held only while
 a stage writes, so an idle notebook kernel does not block the CLI.
 
 Taking the lock afresh also removes temporary files of our own naming that
-a killed writer left behind (see checkpoint.remove_stale_temp_files): while
+a killed writer left behind (see io.remove_stale_temp_files): while
 we hold the lock, no other cnnstress process can be writing them.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import CnnstressError
+from .errors import CnnstressError, OutputInUse
 
 try:
     import fcntl
@@ -37,15 +37,11 @@ except ImportError:  # Windows: no flock; folders are then not locked
 LOCK_FILE = ".cnnstress.lock"
 
 
-class OutputInUse(CnnstressError):
-    """Another process is writing to the same output folder."""
-
-
 _held: dict[Path, tuple[int, int]] = {}   # resolved lock path -> (fd, depth), this process
 
 
 def _describe_self() -> dict:
-    from .train import in_notebook
+    from .runtime import in_notebook
     argv = list(sys.argv) or ["python"]
     if in_notebook():
         command = "a Jupyter notebook kernel"
@@ -102,7 +98,7 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
 
 def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
     """Lock `path` (in folder `out`), say so in it, clear stale temp files; the open fd."""
-    from .checkpoint import ensure_writable_dir, remove_stale_temp_files
+    from .io import ensure_writable_dir, remove_stale_temp_files
     from .pipeline import RUN_NAMES
 
     ensure_writable_dir(out)

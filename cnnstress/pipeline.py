@@ -19,15 +19,16 @@ import numpy as np
 import torch
 
 from .augment import normalize, to_float
-from .checkpoint import atomic_write, check_config_matches, ensure_writable_dir, read_checkpoint
+from .checkpoint import check_config_matches, read_checkpoint
 from .compare import bootstrap_accuracy_diff, compare_failures, mcnemar
 from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
 from .corruptions import CORRUPTIONS, SEVERITIES
+from .io import atomic_write, ensure_writable_dir
 from .lock import locks_output
-from .schema import explanations_schema, mismatch, stress_schema
+from .schema import explanations_schema, read_cache, stress_schema
 from .runtime import resolve_device, resolve_precision
 from .train import FitResult, fit, load_model
 
@@ -405,32 +406,6 @@ def stress_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"stress_{name}.json"
 
 
-def _read_cache(path: Path, key: dict, schema: dict | None = None,
-                log: Callable[[str], None] | None = None) -> dict | None:
-    """The results of a JSON cache {"key": ..., "results": ...} when its key
-    equals `key` and its results fit `schema` (cnnstress.schema); None when it
-    is missing, made otherwise, unreadable or malformed (the last two logged)."""
-    import json
-
-    try:
-        cached = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        problem = f"unreadable ({type(exc).__name__})"
-    else:
-        problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
-        if problem is None and cached["key"] != key:
-            return None
-        if problem is None and schema is not None:
-            problem = mismatch(cached["results"], schema)
-        if problem is None:
-            return cached["results"]
-    if log:
-        log(f"{path.name}: not a valid cache ({problem}); recomputing")
-    return None
-
-
 @locks_output
 def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[str, Predictions],
                 out_dir: str | Path | None = None, config: Config | None = None, *, force: bool = False,
@@ -444,9 +419,9 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
     adversarial.png. Returns {model name: results}; with cached_only, None
     unless every model's results are cached."""
     from .adversarial import adversarial_accuracy
-    from .checkpoint import save_json
+    from .io import save_json
     from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
-    from .train import _progress_bar, progress_enabled
+    from .runtime import progress_bar, progress_enabled
 
     out = ensure_writable_dir(out_dir or default_out_dir())
     config = config or next(iter(trained.values())).config
@@ -457,7 +432,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
                    "test_indices": test_indices, "settings": settings} for name, t in trained.items()}
     results: dict[str, dict] = {}
     for name in trained:
-        cached = None if force or not keys[name]["checkpoint_stamp"] else _read_cache(
+        cached = None if force or not keys[name]["checkpoint_stamp"] else read_cache(
             stress_path(out, name), keys[name], stress_schema(len(config.adv_eps)), say)
         if cached is not None:
             results[name] = cached
@@ -475,7 +450,7 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
             val_logits = evaluate_split(t, splits.val).logits
             results[name] = {"calibration": calibration_report(val_logits, splits.val.labels, preds[name], config)}
         temperatures = {name: results[name]["calibration"]["temperature"] for name in todo}
-        bar = _progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
+        bar = progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
         try:
             corr = corruption_report({name: trained[name].model for name in todo}, splits.test, config,
                                      device=device, temperatures=temperatures,
@@ -562,7 +537,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     same checkpoints, test images and settings); writes faithfulness.png,
     sanity_check.png, label_suspects.png and cam_methods.png. With
     cached_only, returns None unless the cache matches."""
-    from .checkpoint import save_json
+    from .io import save_json
     from .explain import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
                           label_suspects, sanity_report)
     from .sanity import verdict_word
@@ -575,7 +550,7 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     path = out / EXPLANATIONS_FILE
     result = None
     if not force and all(key["checkpoint_stamps"].values()):
-        result = _read_cache(path, key, explanations_schema(list(trained)), say)
+        result = read_cache(path, key, explanations_schema(list(trained)), say)
         if result is not None:
             say(f"explanations: reusing {path}")
     if result is None and cached_only:

@@ -627,7 +627,7 @@ def plot_adversarial(results: Mapping[str, Mapping[str, Any]], ax=None) -> Figur
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
     """Write `fig` as PNG to `path` atomically (temp file, then rename) and return the path."""
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .augment import PRESETS
-from .checkpoint import atomic_write, save_json
 from .config import PROFILES
 from .data import CLASSES
+from .io import atomic_write, save_json
 from .lock import locks_output
 from .runtime import describe_hardware, resolve_device
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .checkpoint import save_json
+from .io import save_json
 
 
 def utc_stamp(when: float | None = None) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import sys
 from functools import lru_cache
+from typing import Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import DeviceError
 
@@ -90,3 +93,38 @@ def describe_hardware(device: torch.device) -> str:
                     break
     bf16 = ", AVX-512 BF16" if cpu_has_bf16() else ""
     return f"{cpu}, {os.cpu_count()} cores{bf16}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; restore each module's own flag on exit,
+    exceptions included (a model may mix modes, e.g. frozen BatchNorm inside
+    a training model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
+    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """Show bars in a terminal or notebook; stay quiet in logs and CI."""
+    if progress is not None:
+        return progress
+    return in_notebook() or sys.stderr.isatty()
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    """A tqdm bar of `total` steps, or None when `show` is false."""
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

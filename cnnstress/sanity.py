@@ -32,7 +32,8 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
-from .errors import CnnstressError
+from .arrays import as_numpy
+from .errors import SanityError
 from .gradcam import CAM_METHODS, get_layer, upsample
 
 __all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomization",
@@ -43,16 +44,10 @@ __all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomizat
 DEFAULT_ORDER = ("linear", "layer4", "layer3", "layer2", "layer1", "conv1+bn1")
 
 
-class SanityError(CnnstressError, ValueError):
-    """A sanity-check request with bad maps, options or steps."""
-
-
 # --- similarity metrics --------------------------------------------------------
 
 def _as_float64(a: object, what: str) -> np.ndarray:
-    if isinstance(a, torch.Tensor):
-        a = a.detach().cpu().numpy()
-    arr = np.asarray(a)
+    arr = as_numpy(a)
     real = np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
     if arr.dtype == bool or not real:
         raise SanityError(f"{what} must hold real numbers; got dtype {arr.dtype}")

@@ -15,8 +15,10 @@ A schema is:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from .corruptions import CORRUPTIONS, SEVERITIES
 from .explain import CAM_EXPLAINERS, RANDOM_BASELINES
@@ -120,3 +122,27 @@ def explanations_schema(models: list[str]) -> dict:
         schema["label_agreement"] = {"count": int, "positions": Seq(int),
                                      "failures": {"baseline": Seq(int), "improved": Seq(int)}}
     return schema
+
+
+def read_cache(path: Path, key: dict, schema: dict | None = None,
+               log: Callable[[str], None] | None = None) -> dict | None:
+    """The results of a JSON cache {"key": ..., "results": ...} when its key
+    equals `key` and its results fit `schema`; None when it is missing, made
+    otherwise, unreadable or malformed (the last two logged)."""
+    try:
+        cached = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
+        if problem is None and cached["key"] != key:
+            return None
+        if problem is None and schema is not None:
+            problem = mismatch(cached["results"], schema)
+        if problem is None:
+            return cached["results"]
+    if log:
+        log(f"{path.name}: not a valid cache ({problem}); recomputing")
+    return None

@@ -196,7 +196,7 @@ def write_corruption_csv(path, results: Mapping[str, Mapping[str, Any]]):
     pandas.read_csv(path, header=[0, 1], index_col=0). Written atomically."""
     from pathlib import Path
 
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     cols = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
     lines = ["corruption," + ",".join(c for c, _ in cols),

@@ -119,7 +119,7 @@ def pack_results(work_dir: str | Path, dest: str | Path, *, name: str = RESULTS_
     temporary files, written atomically to dest/name. When it exceeds
     max_bytes, the predictions arrays are left out (DROP_ORDER, each step
     logged); still too big raises ValueError (nothing is written then)."""
-    from .checkpoint import atomic_write
+    from .io import atomic_write
 
     work, dest = Path(work_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -151,7 +151,7 @@ def publish_weights(work_main: Path, out_dir: Path, log: Callable[[str], None],
     With `staging`, the export is written there first and only changed files
     are copied over, SHA256SUMS last: a run killed meanwhile leaves the
     earlier, complete export rather than one without its sums file."""
-    from .checkpoint import atomic_write
+    from .io import atomic_write
     from .weights import export_weights, sha256_file
     if staging is None:
         paths = export_weights(work_main, out_dir)
@@ -276,7 +276,7 @@ def seed_run(result) -> SeedRun:
 
 
 def write_seeds_summary(summary: SeedsSummary, folder: Path) -> None:
-    from .checkpoint import atomic_write, save_json
+    from .io import atomic_write, save_json
     save_json(folder / SEEDS_JSON, summary.to_dict())
     atomic_write(folder / SEEDS_TEXT, lambda t: t.write_text(summary.to_text() + "\n"))
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DRAWS_VERSION, PRESETS, Augmenter
-from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint, save_json
+from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, CifarSplits
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import predict
+from .io import save_json
 from .model import resnet18
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything, tune_backend
+from .runtime import (autocast, in_notebook, progress_bar, progress_enabled, resolve_device,  # noqa: F401 (in_notebook: re-exported)
+                      resolve_precision, seed_everything, tune_backend)
 
 SYNC_EVERY = 20  # steps between host reads of the running loss (progress bar, NaN check)
 
@@ -55,19 +56,6 @@ class FitResult:
 def epoch_seed(seed: int, epoch: int, stream: int) -> int:
     """A distinct, reproducible seed per (run seed, epoch, stream)."""
     return (seed * 1_000_003 + epoch * 101 + stream) % (2**63 - 1)
-
-
-def in_notebook() -> bool:
-    shell = sys.modules.get("IPython")
-    ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
-
-
-def progress_enabled(progress: bool | None) -> bool:
-    """Show bars in a terminal or notebook; stay quiet in logs and CI."""
-    if progress is not None:
-        return progress
-    return in_notebook() or sys.stderr.isatty()
 
 
 def build_model(config: Config, device: torch.device) -> nn.Module:
@@ -218,7 +206,7 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     for epoch in range(start, last):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        bar = _progress_bar(total_steps, f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
+        bar = progress_bar(total_steps, f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
 
         def on_sync(steps_done: int, _total: int, running: float, correct: torch.Tensor, seen: int) -> None:
             _check_finite(running, epoch, steps_done, ckpt_path)
@@ -394,8 +382,3 @@ def _compile_failed(mode: str, exc: BaseException, log: Callable[[str], None] | 
     (log or print)(f"torch.compile (mode {mode}) failed, training eagerly instead: {type(exc).__name__}: {first}")
 
 
-def _progress_bar(total: int, desc: str, show: bool):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)

@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write, read_checkpoint, save_json
+from .checkpoint import read_checkpoint
 from .config import Config, get_config
 from .data import NUM_CLASSES
 from .errors import CheckpointError
+from .io import atomic_write, save_json
 from .model import ARCH, resnet18
 
 FORMAT_VERSION = 1

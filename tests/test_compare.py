@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cnnstress.compare import (_chi2_sf_1dof, bootstrap_accuracy_diff, compare_failures,
+from cnnstress.compare import (bootstrap_accuracy_diff, chi2_sf_1dof, compare_failures,
                                mcnemar)
 from cnnstress.evaluate import mine_failures
 
@@ -65,8 +65,8 @@ def test_mcnemar_textbook_value():
     assert r["statistic"] == pytest.approx(16.818, abs=5e-4)
     assert r["p_value"] == pytest.approx(4.1146e-5, rel=1e-4)
     # chi-square(1) critical values from tables
-    assert _chi2_sf_1dof(3.841458820694124) == pytest.approx(0.05, rel=1e-12)
-    assert _chi2_sf_1dof(6.6348966010212145) == pytest.approx(0.01, rel=1e-12)
+    assert chi2_sf_1dof(3.841458820694124) == pytest.approx(0.05, rel=1e-12)
+    assert chi2_sf_1dof(6.6348966010212145) == pytest.approx(0.01, rel=1e-12)
 
 
 def test_mcnemar_rejects_unpaired():

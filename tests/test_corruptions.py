@@ -57,6 +57,11 @@ def images() -> torch.Tensor:
     return smooth_images(12)
 
 
+def test_tables_name_the_same_corruptions():
+    assert C.tables_consistent()
+    assert len(C.CORRUPTIONS) == 15 - 1  # ImageNet-C's 15 minus frost (its textures are not bundled)
+
+
 def mad(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().mean().item()
 

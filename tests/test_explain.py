@@ -231,11 +231,11 @@ def test_bad_explain_options_are_one_line_errors(shared_cifar_dir, tmp_path, cap
 
 
 def test_unreadable_caches_are_recomputed_not_trusted(tmp_path):
-    from cnnstress.pipeline import _read_cache
+    from cnnstress.schema import read_cache
     path = tmp_path / "stress_baseline.json"
     path.write_text("{ truncated")
-    assert _read_cache(path, {"any": "key"}) is None
+    assert read_cache(path, {"any": "key"}) is None
     path.write_text('{"key": {"other": 1}, "results": {"x": 1}}')
-    assert _read_cache(path, {"any": "key"}) is None
+    assert read_cache(path, {"any": "key"}) is None
     path.write_text('{"key": {"any": "key"}, "results": {"x": 1}}')
-    assert _read_cache(path, {"any": "key"}) == {"x": 1}
+    assert read_cache(path, {"any": "key"}) == {"x": 1}

@@ -89,16 +89,16 @@ def test_calibration_by_hand_with_rounding():
 
 
 def test_keep_at_least_one_per_class_truncates_like_cleanlab():
-    from cnnstress.label_errors import _keep_at_least_n_per_class
+    from cnnstress.label_errors import keep_at_least_n_per_class
     # prune counts (true, given): given label 0 has no example kept (diagonal 0)
     prune = np.array([[0, 1, 0, 2], [3, 5, 1, 0], [3, 0, 4, 1], [3, 1, 0, 6]])
     # column 0: diagonal raised 0 -> 1; 3 non-zero cells - 1 = 2 share the increase:
     # each 3 - 1/2 = 2.5, which cleanlab's astype(int) truncates to 2 (rounding
     # with row totals kept would give 2, 3, 3: rows 2 and 3 sum to x.5 and round up)
-    np.testing.assert_array_equal(_keep_at_least_n_per_class(prune, 1),
+    np.testing.assert_array_equal(keep_at_least_n_per_class(prune, 1),
                                   [[1, 1, 0, 2], [2, 5, 1, 0], [2, 0, 4, 1], [2, 1, 0, 6]])
     # n = 2: columns 1-3 raise nothing (diagonals >= 2); column 0 takes 2/2 = 1 from each
-    np.testing.assert_array_equal(_keep_at_least_n_per_class(prune, 2),
+    np.testing.assert_array_equal(keep_at_least_n_per_class(prune, 2),
                                   [[2, 1, 0, 2], [2, 5, 1, 0], [2, 0, 4, 1], [2, 1, 0, 6]])
 
 

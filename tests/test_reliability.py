@@ -161,15 +161,15 @@ CACHES = [("stress_baseline.json", "calibration.temperature"),
 @pytest.mark.parametrize("content", CONTENTS)
 @pytest.mark.parametrize("cache, field", CACHES)
 def test_malformed_json_cache_is_a_miss(analysed_run, tmp_path, cache, field, content):
-    from cnnstress.pipeline import _read_cache
+    from cnnstress.schema import read_cache
     good = json.loads((analysed_run / cache).read_text())
     schema = stress_schema(2) if cache.startswith("stress") else explanations_schema(["baseline", "improved"])
     path = tmp_path / cache
     path.write_text(json.dumps(good))
-    assert _read_cache(path, good["key"], schema) == good["results"]
+    assert read_cache(path, good["key"], schema) == good["results"]
     path.write_text(json.dumps(_damaged(good, content, field)))
     logged = []
-    assert _read_cache(path, good["key"], schema, logged.append) is None
+    assert read_cache(path, good["key"], schema, logged.append) is None
     assert len(logged) == 1 and logged[0].startswith(f"{cache}: not a valid cache (")
     if content.endswith("missing field"):
         assert f"results.{field} is missing" in logged[0]

@@ -1,0 +1,38 @@
+"""runtime.eval_mode and the progress-bar helpers."""
+import pytest
+from torch import nn
+
+from cnnstress.runtime import eval_mode, progress_bar, progress_enabled
+
+
+def _modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_eval_mode_sets_eval_and_restores_caller_mode(train):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout()).train(train)
+    with eval_mode(model):
+        assert _modes(model) == [False] * 4
+    assert _modes(model) == [train] * 4
+
+
+def test_eval_mode_restores_mixed_modes_after_exception():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
+    model[1].eval()  # frozen BatchNorm inside a training model
+    before = _modes(model)
+    assert before == [True, True, False]
+    with pytest.raises(RuntimeError, match="boom"):
+        with eval_mode(model):
+            assert _modes(model) == [False] * 3
+            raise RuntimeError("boom")
+    assert _modes(model) == before
+
+
+def test_progress_helpers():
+    assert progress_enabled(True) is True and progress_enabled(False) is False
+    assert progress_bar(3, "x", show=False) is None
+    bar = progress_bar(3, "x", show=True)
+    bar.update(3)
+    assert bar.n == 3
+    bar.close()
