@@ -709,7 +709,8 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
                                   f"train both models first (python -m cnnstress run) or pass the right --out-dir")
         trained[name] = (train_model(cfg, splits, out, force=force, progress=progress, log=log, weights=weights)
                          if train or weights is not None else load_trained(cfg, out))
-        timer.lap(f"train {name}", *trained_images(trained[name].result, len(splits.train)))
+        timer.lap(f"train {name}", *(trained_images(trained[name].result, len(splits.train)) if weights is None
+                                     else (None, f"published weights loaded from {weights}")))
         if len(trained) == len(configs):  # only complete curves: a failed run must not leave a one-model figure
             save_training_curves({n: t.result.history for n, t in trained.items()}, out)
         preds[name] = evaluate_model(trained[name], splits.test, out, force=force, log=log)

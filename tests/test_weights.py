@@ -172,6 +172,7 @@ def test_run_with_weights_reproduces_the_source_run(published, analysed_run, sha
     assert main(cli("run", shared_cifar_dir, out, "--weights", str(dest), "--precision", "fp32")) == 0
     log = capsys.readouterr().out
     assert log.count("not trained here") == 2 and "train loss" not in log
+    assert log.count("published weights loaded from") == 2 and "checkpoint reused" not in log
     assert not (out / "baseline").exists() and not (out / "improved").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     source = json.loads((analysed_run / "metrics.json").read_text())
