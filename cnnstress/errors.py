@@ -33,6 +33,10 @@ class GradCAMError(CnnstressError, ValueError):
     """A Grad-CAM(++) request that cannot be served: wrong layer, targets, inputs."""
 
 
+class ResultFormatError(CnnstressError, ValueError):
+    """A saved result (cache, metrics.json) whose structure does not fit its Record type."""
+
+
 class OutputInUse(CnnstressError):
     """Another process is writing to the same output folder."""
 
