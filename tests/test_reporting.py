@@ -98,6 +98,11 @@ def test_blocks_are_checked():
         Table(["a"], [["1", "2"]])
     with pytest.raises(ValueError, match="subsections"):
         Section("a", [Section("b", [Section("c", [])])])
+    late = Section("a", [Section("b", [])])
+    late.blocks[0].blocks.append(Section("c", []))
+    for render in (render_text, lambda doc: render_html(doc, ".")):
+        with pytest.raises(ValueError, match="inside a subsection"):
+            render(Document("t", [], [late]))
     with pytest.raises(TypeError, match="not a report block"):
         render_text(Document("t", [], [Section("s", ["a bare string"])]))
 

@@ -76,11 +76,6 @@ class Section:
             if isinstance(block, Section) and any(isinstance(b, Section) for b in block.blocks):
                 raise ValueError(f"section {self.title!r}: subsections cannot have subsections")
 
-    def subsections(self) -> list[tuple[str, "Section"]]:
-        """(letter, subsection) pairs in order: ("a", first), ("b", second), ..."""
-        subs = [b for b in self.blocks if isinstance(b, Section)]
-        return [(letters(i), s) for i, s in enumerate(subs)]
-
 
 @dataclass(frozen=True)
 class Document:

@@ -46,7 +46,8 @@ p.note .badge { background: var(--note); }
 table { border-collapse: collapse; font-size: 13.5px; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; color: var(--muted); padding: 0 0 4px; }
 th, td { padding: 3px 10px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-th { background: var(--band); border-bottom: 2px solid var(--line); }
+/* long headers wrap so that a wide table fits a narrow window before it has to scroll */
+th { background: var(--band); border-bottom: 2px solid var(--line); white-space: normal; vertical-align: bottom; }
 tbody tr:nth-child(even) td { background: #fbfcfd; }
 .l { text-align: left; } .r { text-align: right; } .c { text-align: center; }
 figure { margin: 14px 0 18px; }
@@ -106,6 +107,8 @@ def blocks_html(blocks: list, number: str, out_dir: Path) -> list[str]:
         elif isinstance(block, Lines):
             out.append(f"<pre>{escape(chr(10).join(block.lines))}</pre>")
         elif isinstance(block, Section):
+            if not number:  # blocks appended after Section() checked them
+                raise ValueError(f"subsection {block.title!r} inside a subsection")
             sub = number + letters(subsection)
             subsection += 1
             out.append(f'<h3 id="s{sub}"><span class="num">{sub}.</span>{escape(block.title)}</h3>')

@@ -57,6 +57,8 @@ def block_lines(blocks: list, number: str) -> list[str]:
         elif isinstance(block, Lines):
             out += list(block.lines)
         elif isinstance(block, Section):
+            if not number:  # blocks appended after Section() checked them
+                raise ValueError(f"subsection {block.title!r} inside a subsection")
             out += ["", f"{number}{letters(subsection)}. {block.title}"] + block_lines(block.blocks, "")
             subsection += 1
         else:
