@@ -13,6 +13,9 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnstress"
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+# Every file, subpackages' too ("plots/style"), for the per-file checks.
+FILES = sorted(p.relative_to(PACKAGE).with_suffix("").as_posix() for p in PACKAGE.rglob("*.py"))
+SUBMODULES = sorted(f.replace("/", ".").removesuffix(".__init__") for f in FILES if "/" in f)
 
 
 def _tree(name: str) -> ast.Module:
@@ -25,8 +28,8 @@ def _private(name: str) -> bool:
 
 def _target(node: ast.ImportFrom) -> str | None:
     """The cnnstress module `node` imports from ('' for the package itself),
-    or None for an outside module."""
-    if node.level == 1:
+    or None for an outside module; `from ..m` in a subpackage is cnnstress too."""
+    if node.level >= 1:
         return node.module or ""
     if node.level == 0 and node.module and (node.module == "cnnstress" or node.module.startswith("cnnstress.")):
         return node.module.removeprefix("cnnstress").lstrip(".")
@@ -66,7 +69,7 @@ def test_private_import_finder_catches_both_forms():
                                      "line 6: cnnstress.pipeline._read_cache"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", FILES)
 def test_no_module_imports_another_modules_private_name(name):
     assert private_imports(_tree(name)) == []
 
@@ -88,7 +91,7 @@ def _defines_only(node: ast.stmt, first: bool) -> bool:
     return False
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", FILES)
 def test_module_top_level_only_defines(name):
     body = _tree(name).body
     bad = [f"line {n.lineno}: {ast.unparse(n).splitlines()[0]}" for i, n in enumerate(body)
@@ -104,7 +107,7 @@ def test_definitions_check_refuses_statements():
 
 def test_importing_every_module_prints_and_writes_nothing(tmp_path):
     """In a fresh interpreter, with an empty working folder: no output, no file."""
-    code = "import importlib\nfor m in %r:\n    importlib.import_module('cnnstress.' + m)\n" % MODULES
+    code = "import importlib\nfor m in %r:\n    importlib.import_module('cnnstress.' + m)\n" % (MODULES + SUBMODULES)
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent), "PYTHONDONTWRITEBYTECODE": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
