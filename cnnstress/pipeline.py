@@ -693,6 +693,7 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
     timer = timer if timer is not None else StageTimer(log=log)
     timer.restart()
     out = ensure_writable_dir(out_dir or default_out_dir())
+    config.save(out / "config.json")   # the resolved config: `python -m cnnstress run --config` repeats this run
     configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
     if weights is not None:  # check the published files (hashes, profile) before reading any data
         from .weights import check_published
