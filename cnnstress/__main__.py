@@ -12,7 +12,7 @@ from .augment import PRESETS
 from .config import COMPILE_MODES, PRECISIONS, PROFILES, get_config
 from .errors import CnnstressError
 from . import pipeline
-from .sanity import verdict_word
+from .xai.randomisation import verdict_word
 from .weights import analysis_config
 
 
