@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import GROUPS, PROFILES, Config, get_config
 from .errors import CnnstressError, ConfigError
 from . import pipeline
-from .sanity import verdict_word
+from .xai.randomisation import verdict_word
 from .weights import analysis_config
 
 

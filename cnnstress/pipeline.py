@@ -25,7 +25,7 @@ from .config import Config
 from .data import CLASSES, CifarSplits, load_splits
 from .errors import CheckpointError, CnnstressError
 from .evaluate import Failure, FailureTable, Predictions, mine_failures, predict, summarize
-from .corruptions import CORRUPTIONS, SEVERITIES
+from .robustness.corruptions import CORRUPTIONS, SEVERITIES
 from .io import atomic_write, ensure_writable_dir
 from .lock import locks_output
 from .schema import explanations_schema, read_cache, stress_schema
@@ -289,7 +289,7 @@ def explain_failures(trained: Trained, split, failures: FailureTable, out_dir: s
     their figures and cases say so (with a caveat unless suspects_reliable)."""
     import matplotlib.pyplot as plt
 
-    from .gradcam import GradCAM, describe_cam, get_layer
+    from .xai.cam import GradCAM, describe_cam, get_layer
     from .plots import plot_failure_case, plot_no_failures, save_figure
 
     out = Path(out_dir or default_out_dir())
@@ -412,15 +412,15 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
                 save: bool = True, show: bool = False, progress: bool | None = None, cached_only: bool = False,
                 log: Callable[[str], None] | None = print) -> dict[str, dict] | None:
     """Stage 12: calibration, corruption robustness and adversarial accuracy
-    for every model (see cnnstress.stress). Results are cached per model in
+    for every model (see cnnstress.robustness.suite). Results are cached per model in
     stress_<name>.json, reused when made from the same checkpoint, test images
     and stress settings. Writes corruption_accuracy.csv and the figures
     robustness.png, corruption_examples.png, reliability_diagram.png and
     adversarial.png. Returns {model name: results}; with cached_only, None
     unless every model's results are cached."""
-    from .adversarial import adversarial_accuracy
+    from .robustness.adversarial import adversarial_accuracy
     from .io import save_json
-    from .stress import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
+    from .robustness.suite import calibration_report, corruption_report, count_failures, sample_positions, stress_settings
     from .runtime import progress_bar, progress_enabled
 
     out = ensure_writable_dir(out_dir or default_out_dir())
@@ -487,9 +487,9 @@ def stress_test(trained: dict[str, Trained], splits: CifarSplits, preds: dict[st
 def save_stress_outputs(results: dict[str, dict], preds: dict[str, Predictions], splits: CifarSplits,
                         config: Config, out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
     """corruption_accuracy.csv and the four stress figures."""
-    from .calibration import apply_temperature, calibration_bins
+    from .robustness.calibration import apply_temperature, calibration_bins
     from .plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
-    from .stress import sample_grid_images, write_corruption_csv
+    from .robustness.suite import sample_grid_images, write_corruption_csv
 
     out = Path(out_dir)
     paths = []
@@ -521,7 +521,7 @@ SUSPECT_TILES = 12          # tiles per group in label_suspects.png
 
 def suspects_for(preds: Predictions, failures: FailureTable) -> dict:
     """Confident-learning label suspects among the failures (cheap: probabilities only)."""
-    from .explain import label_suspects
+    from .xai.checks import label_suspects
     return label_suspects(preds, failures)
 
 
@@ -533,14 +533,14 @@ def explain_models(trained: dict[str, Trained], splits: CifarSplits, preds: dict
     """Stage 13: faithfulness (deletion/insertion AUC of Grad-CAM, Grad-CAM++
     and a random map), the parameter-randomisation sanity check, explanation
     drift between the two models and confident-learning label suspects (see
-    cnnstress.explain). Cached in explanations.json (reused when made from the
+    cnnstress.xai.checks). Cached in explanations.json (reused when made from the
     same checkpoints, test images and settings); writes faithfulness.png,
     sanity_check.png, label_suspects.png and cam_methods.png. With
     cached_only, returns None unless the cache matches."""
     from .io import save_json
-    from .explain import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
+    from .xai.checks import (agreed_suspects, drift_report, explanation_settings, faithfulness_report,
                           label_suspects, sanity_report)
-    from .sanity import verdict_word
+    from .xai.randomisation import verdict_word
 
     out = ensure_writable_dir(out_dir or default_out_dir())
     config = config or next(iter(trained.values())).config
@@ -600,7 +600,7 @@ def save_explanation_figures(result: dict, trained: dict[str, Trained], splits: 
                              preds: dict[str, Predictions], failures: dict[str, FailureTable], config: Config,
                              out_dir: str | Path, *, save: bool = True, show: bool = False) -> list[Path]:
     """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
-    from .explain import cam_maps
+    from .xai.checks import cam_maps
     from .plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
 
     out = Path(out_dir)

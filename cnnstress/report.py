@@ -114,7 +114,7 @@ def build_metrics(result: "RunResult") -> dict[str, Any]:
 
 
 def _stress_details(result: "RunResult") -> dict[str, Any]:
-    from .stress import stress_settings
+    from .robustness.suite import stress_settings
     return {"settings": stress_settings(result.trained["baseline"].config),
             "files": ["corruption_accuracy.csv", "stress_baseline.json", "stress_improved.json",
                       "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"],
@@ -295,7 +295,7 @@ def _better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> st
 
 def _stress_lines(result: "RunResult", metrics: dict[str, Any], number: int = 7) -> list[str]:
     """Section 7: calibration, corruptions, adversarial, and what the one change did to each."""
-    from .corruptions import CORRUPTIONS, SEVERITIES, UNAVAILABLE
+    from .robustness.corruptions import CORRUPTIONS, SEVERITIES, UNAVAILABLE
 
     st = {name: result.stress[name] for name in ("baseline", "improved")}
     cal = {n: r["calibration"] for n, r in st.items()}
@@ -385,7 +385,7 @@ def _stress_lines(result: "RunResult", metrics: dict[str, Any], number: int = 7)
 
 def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) -> list[str]:
     """Explanations: faithfulness, sanity check, drift, label suspects."""
-    from .sanity import verdict_word
+    from .xai.randomisation import verdict_word
 
     ex = result.explanations
     cfg = result.trained["baseline"].config
@@ -464,7 +464,7 @@ def _explain_lines(result: "RunResult", metrics: dict[str, Any], number: int) ->
                    "suspect when the model is confidently sure of another class beyond what that class's per-class "
                    "threshold allows. A suspect high-confidence failure may be a wrong label, not a model error; it "
                    "is marked in the failure-case figures.")
-    from .explain import KNOWN_TEST_LABEL_ERRORS
+    from .xai.checks import KNOWN_TEST_LABEL_ERRORS
     for name, ls in ex["label_suspects"].items():
         lines += _wrap(f"{name}: {ls['suspect_failures']} of {ls['failures']} high-confidence failures are suspected "
                        f"label errors, {ls['failures'] - ls['suspect_failures']} are model errors "

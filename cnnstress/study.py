@@ -260,7 +260,7 @@ def summarize_seeds(runs: Iterable[SeedRun]) -> SeedsSummary:
 
 def seed_run(result) -> SeedRun:
     """The headline figures of a finished run_pipeline result."""
-    from .calibration import expected_calibration_error
+    from .robustness.calibration import expected_calibration_error
 
     def figures(name: str) -> SeedFigures:
         preds = result.predictions[name]

@@ -33,7 +33,7 @@ def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Fi
     CAM method's verdicts against the pixel-noise and the smooth random map.
     One row per model; columns: deletion and insertion for each image group
     ('failures', 'sample').
-    `results`: model -> group -> cnnstress.explain.faithfulness_group output."""
+    `results`: model -> group -> cnnstress.xai.checks.faithfulness_group output."""
     names = list(results)
     groups = [g for g in ("failures", "sample") if any(results[n].get(g, {}).get("n") for n in names)] or ["sample"]
     ncols = 2 * len(groups)
@@ -76,9 +76,9 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     (dotted) of the randomised maps against the originals, per step, per
     method, one panel per model, with the pass threshold; and, when `maps`
     (steps, images, H, W) on [0,1] is given, those maps in a grid below.
-    `summaries`: model -> method -> cnnstress.explain.sanity_report's entry
+    `summaries`: model -> method -> cnnstress.xai.checks.sanity_report's entry
     (steps, verdict with its median_per_step, median_ssim)."""
-    from ..sanity import verdict_word
+    from ..xai.randomisation import verdict_word
 
     names = list(summaries)
     n_img = 0 if maps is None else maps.shape[1]

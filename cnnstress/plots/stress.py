@@ -18,7 +18,7 @@ def plot_reliability_diagram(bins: Mapping[str, Any], axes=None, ncols: int | No
     bin (bars) against the diagonal of perfect calibration, the gap to the
     diagonal hatched, ECE and MCE in the title and the number of images in
     each bin under its bar (a big gap in a near-empty bin says little).
-    `bins` maps a title -> cnnstress.calibration.CalibrationBins; a title
+    `bins` maps a title -> cnnstress.robustness.calibration.CalibrationBins; a title
     "model, ..." (e.g. "baseline, T=1.04") takes the model's colour. `axes`,
     when given, one per entry; else `ncols` panels per row (default: all)."""
     names = list(bins)
@@ -79,7 +79,7 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     heatmap per model on one colour scale, plus improved - baseline in points
     when both are present. A last row gives the mean over types; the title the
     mean corruption accuracy and the clean accuracy on the same images.
-    `results`: model name -> the 'corruptions' dict of cnnstress.stress."""
+    `results`: model name -> the 'corruptions' dict of cnnstress.robustness.suite."""
     names = list(results)
     with_diff = "baseline" in results and "improved" in results
     panels = len(names) + int(with_diff)
@@ -155,7 +155,7 @@ def plot_adversarial(results: Mapping[str, Mapping[str, Any]], ax=None) -> Figur
     """Accuracy against the L-infinity budget (grey levels, eps = k/255) for
     FGSM (dashed) and PGD (solid), one colour per model; budget 0 is the clean
     accuracy on the same images. `results`: model name -> the 'adversarial'
-    dict of cnnstress.stress / cnnstress.adversarial."""
+    dict of cnnstress.robustness.suite / cnnstress.robustness.adversarial."""
     if ax is None:
         fig, axs = new_axes(1, 1, (6.4, 4.6))
         ax = axs[0]

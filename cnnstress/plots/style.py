@@ -129,8 +129,8 @@ def show_image(ax, img: np.ndarray, **kw: Any):
 
 def show_overlay(ax, img: np.ndarray, cam: Any, cmap: str = CAM_COLORMAP):
     """`cam` ((H, W) on [0, 1]) colour-mapped with `cmap`, blended onto `img`
-    (HWC) by cnnstress.gradcam.overlay and drawn into `ax`."""
-    from ..gradcam import overlay   # deferred: gradcam imports torch
+    (HWC) by cnnstress.xai.cam.overlay and drawn into `ax`."""
+    from ..xai.cam import overlay   # deferred: xai imports torch
 
     return show_image(ax, np.clip(overlay(img, np.asarray(cam, dtype=np.float32), colormap=cmap), 0.0, 1.0))
 
