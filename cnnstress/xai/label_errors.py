@@ -42,8 +42,10 @@ Differences from cleanlab 2.x that remain (none matters for typical data):
   1e-9, nothing differed.
 * Only `filter_by` "prune_by_noise_rate" (the default) and
   "confident_learning"; no `frac_noise`, `num_to_remove_per_class`,
-  `min_examples_per_class` (fixed at cleanlab's default 1), ranking,
-  multi-label or multiprocessing.
+  `min_examples_per_class` (fixed at cleanlab's default 1), multi-label or
+  multiprocessing. Ranking: `label_quality_scores` has cleanlab's
+  "self_confidence" and "normalized_margin" (no "confidence_weighted_entropy",
+  no `adjust_pred_probs`).
 """
 from __future__ import annotations
 
@@ -59,6 +61,7 @@ NO_LABEL_THRESHOLD = 2.0  # > any probability: nothing is counted into a class n
 ROW_SUM_TOL = 1e-3        # how far a row of probs may be from summing to 1
 MIN_EXAMPLES_PER_CLASS = 1  # cleanlab's default: a given label with <= 1 example is not pruned
 FILTERS = ("prune_by_noise_rate", "confident_learning")
+SCORE_METHODS = ("self_confidence", "normalized_margin")
 
 
 # --- validation ------------------------------------------------------------
@@ -256,3 +259,27 @@ def find_label_issues(probs: Any, labels: Any, *, filter_by: str = "prune_by_noi
                 margin = p[members, j] - p[members, i]
                 issues[members[np.argsort(-margin, kind="stable")[:k]]] = True
     return issues & (p.argmax(1) != y)
+
+
+# --- ranking -------------------------------------------------------------------
+
+def label_quality_scores(probs: Any, labels: Any, *, method: str = "self_confidence") -> np.ndarray:
+    """How likely each given label is right, float64 (N,) in [0, 1]; lower =
+    more suspicious (cleanlab's rank.get_label_quality_scores, same values).
+
+    probs: float (N,C) out-of-sample probabilities; labels: int (N,) in [0, C).
+    * "self_confidence" (cleanlab's default): probs[i, labels[i]].
+    * "normalized_margin": (p_given - max of the other classes' p + 1) / 2,
+      the margin in [-1, 1] mapped onto [0, 1] as cleanlab does (same order
+      as the plain margin). Needs C >= 2."""
+    if method not in SCORE_METHODS:
+        raise ValueError(f"method must be one of {SCORE_METHODS}, got {method!r}")
+    p, y = _check(probs, labels)
+    given = p[np.arange(y.size), y]
+    if method == "self_confidence":
+        return given
+    if p.shape[1] < 2:
+        raise ValueError("normalized_margin needs at least two classes")
+    others = p.copy()
+    others[np.arange(y.size), y] = -np.inf
+    return (given - others.max(1) + 1.0) / 2.0
