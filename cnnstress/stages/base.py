@@ -96,3 +96,18 @@ class Stage:
 def json_roundtrip(value: Any) -> Any:
     """`value` as it reads back from JSON (tuples become lists, NaN stays)."""
     return json.loads(json.dumps(value))
+
+
+def save_figures(figures: dict, out: "Path", *, save: bool = True, show: bool = False) -> list:
+    """Save {file name: Figure} under `out` (when save) and close each figure
+    unless it is to be shown (a notebook displays it)."""
+    import matplotlib.pyplot as plt
+
+    from ..plots import save_figure
+    paths = []
+    for filename, fig in figures.items():
+        if save:
+            paths.append(save_figure(fig, out / filename))
+        if not show:
+            plt.close(fig)
+    return paths
