@@ -55,7 +55,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 # mkstemp's names above: "." + target name + "." + 8 random characters + ".tmp", for the kinds of file we write
-_TEMP_NAME = re.compile(r"^\..+\.(pt|json|npz|png|csv|txt)\.[a-z0-9_]{8}\.tmp$")
+_TEMP_NAME = re.compile(r"^\..+\.(pt|json|npz|png|csv|txt|html)\.[a-z0-9_]{8}\.tmp$")
 
 
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
