@@ -258,21 +258,24 @@ def summarize_seeds(runs: Iterable[SeedRun]) -> SeedsSummary:
     return SeedsSummary(seeds=tuple(r.seed for r in runs), figures=tuple(figures), runs=runs)
 
 
-def seed_run(result) -> SeedRun:
-    """The headline figures of a finished run_pipeline result."""
+def seed_run(study) -> SeedRun:
+    """The headline figures of a finished study (pipeline.run_pipeline's result)."""
     from .calibration import expected_calibration_error
 
+    failures = study.results["failures"].models
+    stress = study.results.get("stress")
+
     def figures(name: str) -> SeedFigures:
-        preds = result.predictions[name]
+        preds = study.predictions[name]
         corr = None
-        if result.stress and name in result.stress:
-            corr = float(result.stress[name]["corruptions"]["mean_corruption_accuracy"])
-        return SeedFigures(test_accuracy=float(result.summaries[name]["test_accuracy"]),
-                           failures=int(result.summaries[name]["high_confidence_failures"]),
+        if stress is not None and name in stress.models:
+            corr = float(stress.models[name].corruptions.mean_corruption_accuracy)
+        return SeedFigures(test_accuracy=float(failures[name].summary.test_accuracy),
+                           failures=int(failures[name].summary.high_confidence_failures),
                            ece=float(expected_calibration_error(preds.probs, preds.labels,
-                                                                result.config.calibration_bins)),
+                                                                study.config.calibration_bins)),
                            mean_corruption_accuracy=corr)
-    return SeedRun(seed=int(result.config.seed), baseline=figures("baseline"), improved=figures("improved"))
+    return SeedRun(seed=int(study.config.seed), baseline=figures("baseline"), improved=figures("improved"))
 
 
 def write_seeds_summary(summary: SeedsSummary, folder: Path) -> None:

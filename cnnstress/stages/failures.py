@@ -334,7 +334,7 @@ class FailuresStage(Stage):
             if case.label_suspect:
                 text += " Confident learning flags this label as a suspected label error"
                 text += "." if reliable else " (unreliable for this model: see the failure triage below)."
-            blocks.append(Paragraph(text, indent=2))
+            blocks.append(Paragraph(text))
             blocks.append(Figure(case.figure, f"case {case.rank}: image, Grad-CAM of the predicted and the true class"))
         return blocks
 

@@ -171,7 +171,7 @@ class StressStage(Stage):
                 **{n: r.to_dict() for n, r in result.models.items()}}
 
     def sections(self, study: "Study", result: StressStageResult) -> list:
-        from ..reporting import Figure, Heading, Paragraph, Section, Table
+        from ..reporting import Figure, Paragraph, Section, Table
         from ..robustness import CORRUPTIONS, SEVERITIES, UNAVAILABLE
         from .comparison import better
 
@@ -181,7 +181,12 @@ class StressStage(Stage):
         adv = {n: r.adversarial for n, r in m.items()}
         t = study.config.failure_threshold
         c0 = next(iter(cal.values()))
-        blocks: list = [Heading("Calibration (clean test set)")]
+        subs: list[tuple[str, list]] = []
+
+        def sub(title: str) -> list:
+            subs.append((title, []))
+            return subs[-1][1]
+        blocks = sub("Calibration (clean test set)")
         blocks.append(Paragraph(
             f"Expected calibration error with {c0.bins} equal-width confidence bins (Guo et al. 2017) and maximum "
             f"calibration error over non-empty bins. Temperature T fitted by minimising the NLL on the {c0.val_n} "
@@ -196,7 +201,7 @@ class StressStage(Stage):
         blocks.append(Figure("reliability_diagram.png", "reliability diagrams, bars labelled with the images per bin"))
 
         n_cell = next(iter(cor.values())).n
-        blocks.append(Heading(f"Common corruptions ({len(CORRUPTIONS)} CIFAR-10-C types x severities "
+        blocks = sub((f"Common corruptions ({len(CORRUPTIONS)} CIFAR-10-C types x severities "
                               f"{SEVERITIES[0]}-{SEVERITIES[-1]}, {n_cell} test images per cell)"))
         missing = "; ".join(f"{k}: {v}" for k, v in UNAVAILABLE.items())
         blocks.append(Paragraph(
@@ -227,7 +232,7 @@ class StressStage(Stage):
         blocks.append(Paragraph("Also: corruption_accuracy.csv (RobustBench layout)."))
 
         a0 = next(iter(adv.values()))
-        blocks.append(Heading(f"Adversarial robustness (L-infinity, {a0.n} test images, PGD {a0.steps} steps of "
+        blocks = sub((f"Adversarial robustness (L-infinity, {a0.n} test images, PGD {a0.steps} steps of "
                               f"2.5*eps/steps with a seeded random start)"))
         header = ["eps", *[f"{n} {atk.upper()}" for n in adv for atk in ("fgsm", "pgd")]]
         rows = [["0", *[_pct(adv[n].clean_accuracy, 1) for n in adv for _ in (0, 1)]]]
@@ -245,7 +250,7 @@ class StressStage(Stage):
         blocks.append(Figure("adversarial.png", "accuracy under FGSM and PGD by budget"))
 
         if two:
-            blocks.append(Heading("Did the augmentation help beyond clean accuracy?"))
+            blocks = sub(("Did the augmentation help beyond clean accuracy?"))
             failures = study.results.get("failures")
             b, i = m["baseline"], m["improved"]
             text = ""
@@ -273,7 +278,7 @@ class StressStage(Stage):
                 f"The augmentation helped most against {best} and least (or hurt most) against {worst}. Neither "
                 f"model was trained against attacks, so accuracy near zero at {eps[-1]}/255 is expected; the small "
                 f"budgets show how brittle the decision boundary is."))
-        return [Section(self.title, blocks, key=self.name)]
+        return [Section(self.title, [Section(t, b, key=self.name) for t, b in subs], key=self.name)]
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
