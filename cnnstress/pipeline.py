@@ -61,7 +61,8 @@ def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: st
     a Study of `config` run through every stage. train=False never trains;
     weights=DIR analyses the models published in DIR. focus: "stress" or
     "explain"/"explanations" (see run_study's `only`)."""
+    from .runlog import StageTimer
     study = Study(config=config, data_dir=data_dir, out_dir=out_dir, weights=weights, train=train, force=force,
-                  progress=progress, log=log, timer=timer)
+                  progress=progress, log=log, timer=timer if timer is not None else StageTimer(log=log))
     only = {"explain": "explanations"}.get(focus, focus)
     return run_study(study, only=only, force_only=force_focus)

@@ -62,7 +62,7 @@ class Study:
         self.force = force
         self.progress = progress
         self.log = log
-        self.timer = timer if timer is not None else StageTimer(log=log)
+        self.timer = timer if timer is not None else StageTimer(log=None)  # the CLI's run logs its laps
         self.started = time.perf_counter()
         self.models: tuple[str, ...] = tuple(MODELS)
         self.results: dict[str, Any] = {}     # stage name -> its typed result
