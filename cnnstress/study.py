@@ -160,7 +160,8 @@ class Study:
     def curves(self, show: bool = True):
         """training_curves.png for the models trained so far; returns the Figure."""
         from .stages import training
-        return training.stage.curves(self, show=show)
+        with output_lock(self.out, log=self.log):
+            return training.stage.curves(self, show=show)
 
     def failures(self, name: str = "baseline", threshold: float | None = None):
         """Test predictions and high-confidence failures of model `name`

@@ -403,9 +403,8 @@ def test_second_writer_is_refused_and_a_killed_holder_is_taken_over(trained, sha
         assert ckpt.stat().st_mtime_ns == before          # nothing was touched
         with pytest.raises(CnnstressError, match=f"in use by pid {holder.pid}"):   # nor can a notebook write
             from cnnstress.config import get_config
-            from cnnstress.stages.training import stage as training
             from cnnstress.study import Study
-            training.curves(Study(config=get_config("smoke"), out_dir=trained, log=None), show=False)
+            Study(config=get_config("smoke"), out_dir=trained, log=None).curves(show=False)
     finally:
         holder.kill()                                     # kill -9: no chance to release the lock itself
         holder.wait()
