@@ -60,8 +60,8 @@ class ComparisonStage(Stage):
         d, fc = result.accuracy_diff, result.failures.counts
         return (f"comparison: test accuracy {100 * d.acc_a:.2f}% -> {100 * d.acc_b:.2f}% ({100 * d.diff:+.2f} points, "
                 f"{d.confidence:.0%} interval [{100 * d.low:+.2f}, {100 * d.high:+.2f}]), McNemar p = "
-                f"{result.mcnemar.p_value:.3g}; failures {fc['a']} -> {fc['b']}: {fc['fixed']} fixed, "
-                f"{fc['still_high_confidence']} persist, {fc['new']} new, {fc['newly_confident']} newly confident")
+                f"{result.mcnemar.p_value:.3g}; failures {fc.a} -> {fc.b}: {fc.fixed} fixed, "
+                f"{fc.still_high_confidence} persist, {fc.new} new, {fc.newly_confident} newly confident")
 
     def metrics(self, study: "Study", result: Comparison) -> dict[str, Any]:
         return result.to_dict()
@@ -79,11 +79,11 @@ class ComparisonStage(Stage):
                       f"p = {mc.p_value:.3g} ({sig} at 5%).",
                       kind="verdict-good" if mc.p_value < 0.05 and diff.diff > 0 else
                       "verdict-bad" if mc.p_value < 0.05 else "note"),
-            Paragraph(f"High-confidence failures {fc['a']} -> {fc['b']}. Of the baseline's {fc['a']}: {fc['fixed']} "
-                      f"fixed (now correct), {fc['persisting']} still wrong ({fc['still_high_confidence']} still "
-                      f"above {t:.0%} confidence, {fc['wrong_low_confidence']} wrong with less confidence). "
-                      f"Of the improved model's {fc['b']}: {fc['still_high_confidence']} persist from the baseline's, "
-                      f"{fc['new']} new (the baseline predicted the image correctly) and {fc['newly_confident']} newly "
+            Paragraph(f"High-confidence failures {fc.a} -> {fc.b}. Of the baseline's {fc.a}: {fc.fixed} "
+                      f"fixed (now correct), {fc.persisting} still wrong ({fc.still_high_confidence} still "
+                      f"above {t:.0%} confidence, {fc.wrong_low_confidence} wrong with less confidence). "
+                      f"Of the improved model's {fc.b}: {fc.still_high_confidence} persist from the baseline's, "
+                      f"{fc.new} new (the baseline predicted the image correctly) and {fc.newly_confident} newly "
                       f"confident (the baseline got the image wrong too, with at most {t:.0%} confidence)."),
         ]
         failures = study.results.get("failures")

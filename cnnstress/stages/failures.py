@@ -266,7 +266,7 @@ class FailuresStage(Stage):
             plot_confusion_matrix(np.array(m.summary.confusion_matrix), title=f"{name}: confusion matrix "
                                   f"(test accuracy {100 * m.summary.test_accuracy:.2f}%)", ax=ax)
         comparison = study.results.get("comparison")
-        groups = comparison.failures.counts if comparison is not None else None
+        groups = comparison.failures.counts.to_dict() if comparison is not None else None
         summaries = {n: m.summary.to_dict() for n, m in models.items()}
         figures = {"model_comparison.png": plot_model_comparison(summaries, failure_groups=groups),
                    "confusion_matrix.png": fig}

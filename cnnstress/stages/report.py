@@ -83,11 +83,11 @@ class ReportStage(Stage):
         diff, fc, t = comparison.accuracy_diff, comparison.failures.counts, comparison.threshold
         sig = "significant" if comparison.mcnemar.p_value < 0.05 else "not significant"
         better = diff.diff > 0
-        change = f"{(fc['b'] - fc['a']) / fc['a'] * 100 if fc['a'] else 0:+.0f}%"
+        change = f"{(fc.b - fc.a) / fc.a * 100 if fc.a else 0:+.0f}%"
         blocks = [Paragraph(
             f"Changing only the augmentation preset {'raised' if better else 'did not raise'} test accuracy "
             f"({100 * diff.diff:+.2f} points, {sig} by McNemar) and changed the number of wrong predictions "
-            f"made with more than {t:.0%} confidence from {fc['a']} to {fc['b']} ({change}). "
+            f"made with more than {t:.0%} confidence from {fc.a} to {fc.b} ({change}). "
             f"Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold every number "
             f"above; failures_baseline.csv and failures_improved.csv list each failure.",
             kind="verdict-good" if better else "verdict-bad")]

@@ -8,6 +8,7 @@ are the named seed streams "corruption_sample" and "attack_sample".
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -101,8 +102,9 @@ class StressStage(Stage):
                 results[name] = StressResult.from_dict(raw[name])
                 self.write_cache(study, stress_path(out, name), keys[name], results[name])
         # Failure counts before/after temperature scaling follow the current threshold (cheap).
-        results = {n: StressResult(**{**vars(r), "calibration": with_failure_counts(
-            r.calibration, preds[n], config.failure_threshold)}) for n, r in results.items()}
+        results = {n: dataclasses.replace(r, calibration=with_failure_counts(r.calibration, preds[n],
+                                                                          config.failure_threshold))
+                   for n, r in results.items()}
         result = StressStageResult(settings=stress_settings(config), files=list(FILES),
                                    models={n: results[n] for n in study.models})
         self.figures(study, result, show=show)

@@ -19,7 +19,7 @@ from ..checkpoint import check_config_matches, read_checkpoint
 from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_writable_dir
-from ..results import Record
+from ..results import Record, optional
 from ..runtime import resolve_device
 from ..train import FitResult, fit, load_model
 from .base import Stage
@@ -80,7 +80,7 @@ class ModelTraining(Record):
     best_val_epoch: int
     checkpoint: str
     reused_checkpoint: bool            # True: loaded, not trained in this run
-    published_run: dict[str, Any] | None = field(default=None, metadata={"omit_none": True})
+    published_run: dict[str, Any] | None = optional()
 
     @property
     def gap_points(self) -> float:
