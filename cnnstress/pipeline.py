@@ -38,13 +38,14 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
             if stage.name != only and not stage.enabled(study):
                 continue
             kwargs = {}
-            if stage.name in ANALYSIS_STAGES:
-                study.say(f"== {BANNERS[stage.name]} ==")
+            if stage.analysis:
+                study.say(f"== {BANNERS.get(stage.name, stage.title)} ==")
                 kwargs["cached_only"] = only is not None and stage.name != only
             force = study.force or (stage.name == only and force_only)
             result = stage.run(study, force=force, **kwargs)
             if result is None:  # an analysis stage with nothing cached
                 study.results.pop(stage.name, None)
+                study.skipped.add(stage.name)
                 continue
             study.results[stage.name] = result
             line = stage.summary(study, result)

@@ -66,6 +66,7 @@ class Study:
         self.started = time.perf_counter()
         self.models: tuple[str, ...] = tuple(MODELS)
         self.results: dict[str, Any] = {}     # stage name -> its typed result
+        self.skipped: set[str] = set()        # analysis stages left out (nothing cached)
         self.trained: dict[str, Any] = {}     # model name -> stages.training.Trained
         self.predictions: dict[str, Any] = {}  # model name -> evaluate.Predictions on the test split
         self.failure_tables: dict[str, Any] = {}  # model name -> evaluate.FailureTable
@@ -151,6 +152,67 @@ class Study:
         return result
 
     # --- the notebook's steps ------------------------------------------------
+    def describe(self) -> None:
+        """Print the profile, device, data and output folders (the setup cell)."""
+        from . import __version__
+        from .runtime import describe_hardware, resolve_device
+        c = self.config
+        device = resolve_device(c.device)
+        print(f"cnnstress {__version__}: profile {c.profile!r}, {c.epochs} epoch(s), seed {c.seed}"
+              + (f", published weights {self.weights}" if self.weights else ""))
+        print(f"device: {device} - {describe_hardware(device)}")
+        print(f"data: {self.data_dir}   outputs: {self.out}")
+
+    def describe_model(self) -> None:
+        """Print the architecture's size and one forward pass's shapes."""
+        import torch
+
+        from .model import count_parameters, resnet18
+        model = resnet18(num_classes=10)
+        with torch.no_grad():
+            logits = model(torch.zeros(2, 3, 32, 32))
+        print(f"parameters: {count_parameters(model):,}")
+        print(f"forward: input (2, 3, 32, 32) -> logits {tuple(logits.shape)}")
+
+    def show_data(self, n: int = 16):
+        """Per-class counts of each split, and a grid of training images; returns the Figure."""
+        import torch
+
+        from .data import CLASSES
+        from .plots import plot_samples
+        for name in ("train", "val", "test"):
+            split = getattr(self.splits, name)
+            print(f"{name:>5}: {len(split):>6,} images, per class {torch.bincount(split.labels, minlength=10).tolist()}")
+        return plot_samples(self.splits.train.images, self.splits.train.labels, CLASSES, n=n)
+
+    def config_table(self):
+        """The config as a Markdown table, saying which fields change the learned weights."""
+        from IPython.display import Markdown
+        learned = self.config.training_key()
+        return Markdown("| field | value | changes the learned weights |\n|---|---|---|\n" + "\n".join(
+            f"| `{k}` | `{v!r}` | {'yes' if k in learned else 'no'} |" for k, v in self.config.to_dict().items()))
+
+    def confusion_matrix(self, name: str = "baseline"):
+        """Model `name`'s confusion matrix on the test set; returns the Figure."""
+        import numpy as np
+
+        from .evaluate import confusion_matrix
+        from .plots import plot_confusion_matrix
+        from .stages import failures
+        p = failures.stage.predictions(self, name)
+        return plot_confusion_matrix(np.asarray(confusion_matrix(p.labels, p.preds)), title=f"{name}: confusion matrix")
+
+    def failure_examples(self, k: int = 3) -> None:
+        """Print the failure groups' counts and `k` test images of each group."""
+        from .stages import comparison
+        for line in comparison.stage.examples(self, self.stage_result("comparison"), k=k):
+            print(line)
+
+    def show_report(self) -> None:
+        """Print analysis_report.txt as written by the last report()."""
+        from .io import REPORT_FILE
+        print((self.out / REPORT_FILE).read_text())
+
     def train(self, name: str):
         """Train model `name` (or reuse its finished checkpoint); returns its Trained."""
         from .stages import training

@@ -39,6 +39,7 @@ class Stage:
     config_groups: tuple[str, ...] = ()   # Config field groups its cached numbers depend on
     version: int = 1            # bump when the cached numbers change meaning
     enabled_by: str | None = None  # a bool Config field switching the stage off in `run`
+    analysis: bool = False      # an optional analysis: run(..., cached_only=True) returns None unless cached
 
     def enabled(self, study: "Study") -> bool:
         return self.enabled_by is None or bool(getattr(study.config, self.enabled_by))

@@ -56,6 +56,20 @@ class ComparisonStage(Stage):
         study.timer.lap("compare")
         return result
 
+    def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
+        """The failure groups' counts, then up to `k` test images of each group."""
+        from .failures import stage as failures
+        test = study.splits.test
+        base, imp = failures.predictions(study, "baseline"), failures.predictions(study, "improved")
+        groups = result.failures
+        lines = [", ".join(f"{k_}: {v}" for k_, v in groups.counts.to_dict().items())]
+        for kind in ("fixed", "persisting", "new", "newly_confident"):
+            for pos in getattr(groups, kind)[:k]:
+                lines.append(f"{kind:>15}: test image {int(test.indices[pos]):>5}, true {CLASSES[int(base.labels[pos])]:<10} "
+                             f"baseline {CLASSES[int(base.preds[pos])]} ({base.confidence[pos]:.0%}), "
+                             f"improved {CLASSES[int(imp.preds[pos])]} ({imp.confidence[pos]:.0%})")
+        return lines
+
     def summary(self, study: "Study", result: Comparison) -> str:
         d, fc = result.accuracy_diff, result.failures.counts
         return (f"comparison: test accuracy {100 * d.acc_a:.2f}% -> {100 * d.acc_b:.2f}% ({100 * d.diff:+.2f} points, "

@@ -34,6 +34,7 @@ class ExplanationsStage(Stage):
     title = "Can the explanations and the failures be trusted?"
     config_groups = ("explanations",)
     enabled_by = "explain"
+    analysis = True
 
     def cache_key(self, study: "Study", models: tuple[str, ...] | None = None) -> dict[str, Any]:
         from ..xai.checks import explanation_settings

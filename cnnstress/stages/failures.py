@@ -238,6 +238,10 @@ class FailuresStage(Stage):
                 p = int(improved.preds[f.position])
                 case.improved_pred, case.improved_confidence = p, float(improved.probs[f.position, p])
             cases.append(case)
+        for c in cases:
+            study.say(f"case {c.rank}: {CLASSES[c.true]} taken for {CLASSES[c.pred]} ({c.confidence:.0%}); "
+                      f"predicted-class map peaks at the {c.where_pred.peak_region}, true-class map at the "
+                      f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
         return cases
 

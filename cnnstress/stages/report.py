@@ -104,10 +104,24 @@ class ReportStage(Stage):
                     f"{PROFILES['full']['epochs']} epochs on every training image).", kind="note"))
         return blocks
 
+    def complete(self, study: "Study") -> None:
+        """Fill in the stages this session has not run (a notebook after a
+        kernel restart): from their caches, never computing an analysis."""
+        from . import STAGES
+        for s in STAGES:
+            if s is self or s.name in study.results or s.name in study.skipped or not s.enabled(study):
+                continue
+            result = s.run(study, cached_only=True) if s.analysis else s.run(study)
+            if result is None:
+                study.skipped.add(s.name)
+            else:
+                study.results[s.name] = result
+
     def run(self, study: "Study", *, force: bool = False, show: bool = False) -> ReportResult:
         from ..reporting import render_text, write_html
         import time
 
+        self.complete(study)
         seconds = time.perf_counter() - study.started
         metrics = self.build_metrics(study, seconds)
         save_json(study.out / METRICS_FILE, metrics)

@@ -43,6 +43,7 @@ class StressStage(Stage):
     title = "Stress tests beyond accuracy"
     config_groups = ("stress",)
     enabled_by = "stress"
+    analysis = True
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> StressStageResult | None:

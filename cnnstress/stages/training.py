@@ -178,6 +178,8 @@ class TrainingStage(Stage):
         """Train (or reuse, or load published / finished) model `name` into study.trained."""
         cfg = study.model_config(name)
         study.say(f"== {name} model (augment preset {cfg.augment!r}) ==")
+        if name != study.models[0]:
+            study.say(f"configuration change from {study.models[0]}: {study.model_config(study.models[0]).diff(cfg)}")
         if study.weights is not None:
             trained = published_model(cfg, study.weights)
             study.say(f"{name}: published weights {trained.checkpoint.parent} ({trained.result.resumed_from_epoch} "
