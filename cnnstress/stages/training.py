@@ -179,7 +179,7 @@ class TrainingStage(Stage):
         cfg = study.model_config(name)
         study.say(f"== {name} model (augment preset {cfg.augment!r}) ==")
         if name != study.models[0]:
-            study.say(f"configuration change from {study.models[0]}: {study.model_config(study.models[0]).diff(cfg)}")
+            study.say(f"configuration change: {study.model_config(study.models[0]).diff(cfg)}")
         if study.weights is not None:
             trained = published_model(cfg, study.weights)
             study.say(f"{name}: published weights {trained.checkpoint.parent} ({trained.result.resumed_from_epoch} "
