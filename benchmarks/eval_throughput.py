@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from cnnstress.augment import normalize, to_float  # noqa: E402
 from cnnstress.evaluate import predict  # noqa: E402
-from cnnstress.gradcam import GradCAM  # noqa: E402
+from cnnstress.xai.cam import GradCAM  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
 from cnnstress.runtime import describe_hardware, resolve_precision  # noqa: E402
 from benchmarks.timing import open_test_set, warm_rates  # noqa: E402

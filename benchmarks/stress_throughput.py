@@ -5,7 +5,7 @@ all types with 1 and with N worker processes, and FGSM / PGD attacks.
                                            [--workers N] [--pgd-steps 10] [--attack-images 256]
                                            [--repeats 2] [--json]
 
-Corruptions: `cnnstress.corruptions.corrupt` on the first --images test images,
+Corruptions: `cnnstress.robustness.corruptions.corrupt` on the first --images test images,
 all five severities of each type (CPU work, whatever --device says). Then all
 70 cells at once through `corrupt_cells`, as the stress stage makes them, with
 1 worker (in-process) and with --workers processes (default: every CPU this
@@ -15,7 +15,7 @@ time includes starting the workers. Besides wall-clock img/s it reports the
 CPU seconds spent (this process and its workers): on a machine shared with
 other work the wall-clock ratio understates the speed-up, while the CPU
 seconds show the parallel overhead. Attacks:
-`cnnstress.adversarial.fgsm` and `pgd` at eps 8/255 on --attack-images images
+`cnnstress.robustness.adversarial.fgsm` and `pgd` at eps 8/255 on --attack-images images
 with a seeded random-init ResNet-18 (throughput does not depend on the
 weights). Prints min and median images/second over the repeats (an image
 corrupted at all five severities counts five times); with --json one object.
@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cnnstress.adversarial import fgsm, pgd  # noqa: E402
+from cnnstress.robustness.adversarial import fgsm, pgd  # noqa: E402
 from cnnstress.augment import to_float  # noqa: E402
-from cnnstress.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_cells  # noqa: E402
+from cnnstress.robustness.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_cells  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
 from cnnstress.runtime import describe_hardware  # noqa: E402
 from benchmarks.timing import open_test_set, warm_rates  # noqa: E402

@@ -7,7 +7,7 @@ from .config import PROFILES, Config, get_config
 from .data import CIFAR_MEAN, CIFAR_STD, CLASSES, load_splits
 from .errors import CnnstressError
 from .evaluate import Predictions, predict
-from .gradcam import GradCAM, GradCAMPlusPlus
+from .xai.cam import GradCAM, GradCAMPlusPlus
 from .model import resnet18
 from .runtime import resolve_device, resolve_precision, seed_everything
 from .train import FitResult, fit, load_model

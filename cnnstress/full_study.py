@@ -260,7 +260,7 @@ def summarize_seeds(runs: Iterable[SeedRun]) -> SeedsSummary:
 
 def seed_run(study) -> SeedRun:
     """The headline figures of a finished study (pipeline.run_pipeline's result)."""
-    from .calibration import expected_calibration_error
+    from .robustness.calibration import expected_calibration_error
 
     failures = study.results["failures"].models
     stress = study.results.get("stress")

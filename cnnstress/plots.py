@@ -224,7 +224,7 @@ def plot_failure_case(image, cam_pred, cam_true, *, true_name: str, pred_name: s
     top-3 probabilities | Grad-CAM true | overlay true
     `confidence` and the top-3 probabilities are fractions in [0, 1].
     """
-    from .gradcam import overlay
+    from .xai.cam import overlay
 
     if axes is None:
         fig, flat = _new_axes(2, 3, (10, 7))
@@ -458,7 +458,7 @@ def plot_reliability_diagram(bins: Mapping[str, Any], axes=None, ncols: int | No
     bin (bars) against the diagonal of perfect calibration, the gap to the
     diagonal hatched, ECE and MCE in the title and the number of images in
     each bin under its bar (a big gap in a near-empty bin says little).
-    `bins` maps a title -> cnnstress.calibration.CalibrationBins; a title
+    `bins` maps a title -> cnnstress.robustness.calibration.CalibrationBins; a title
     "model, ..." (e.g. "baseline, T=1.04") takes the model's colour. `axes`,
     when given, one per entry; else `ncols` panels per row (default: all)."""
     names = list(bins)
@@ -524,7 +524,7 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     heatmap per model on one colour scale, plus improved - baseline in points
     when both are present. A last row gives the mean over types; the title the
     mean corruption accuracy and the clean accuracy on the same images.
-    `results`: model name -> the 'corruptions' dict of cnnstress.stress."""
+    `results`: model name -> the 'corruptions' dict of cnnstress.robustness.suite."""
     names = list(results)
     with_diff = "baseline" in results and "improved" in results
     panels = len(names) + int(with_diff)
@@ -600,7 +600,7 @@ def plot_adversarial(results: Mapping[str, Mapping[str, Any]], ax=None) -> Figur
     """Accuracy against the L-infinity budget (grey levels, eps = k/255) for
     FGSM (dashed) and PGD (solid), one colour per model; budget 0 is the clean
     accuracy on the same images. `results`: model name -> the 'adversarial'
-    dict of cnnstress.stress / cnnstress.adversarial."""
+    dict of cnnstress.robustness.suite / cnnstress.robustness.adversarial."""
     if ax is None:
         fig, axs = _new_axes(1, 1, (6.4, 4.6))
         ax = axs[0]
@@ -664,7 +664,7 @@ def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Fi
     CAM method's verdicts against the pixel-noise and the smooth random map.
     One row per model; columns: deletion and insertion for each image group
     ('failures', 'sample').
-    `results`: model -> group -> cnnstress.explain.faithfulness_group output."""
+    `results`: model -> group -> cnnstress.xai.checks.faithfulness_group output."""
     names = list(results)
     groups = [g for g in ("failures", "sample") if any(results[n].get(g, {}).get("n") for n in names)] or ["sample"]
     ncols = 2 * len(groups)
@@ -707,9 +707,9 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     (dotted) of the randomised maps against the originals, per step, per
     method, one panel per model, with the pass threshold; and, when `maps`
     (steps, images, H, W) on [0,1] is given, those maps in a grid below.
-    `summaries`: model -> method -> cnnstress.explain.sanity_report's entry
+    `summaries`: model -> method -> cnnstress.xai.checks.sanity_report's entry
     (steps, verdict with its median_per_step, median_ssim)."""
-    from .sanity import verdict_word
+    from .xai.randomisation import verdict_word
 
     names = list(summaries)
     n_img = 0 if maps is None else maps.shape[1]
@@ -794,7 +794,7 @@ def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", n
 def plot_cam_methods(image, maps: Mapping[str, Any], title: str | None = None, axes=None) -> Figure:
     """One image and its maps side by side (e.g. Grad-CAM and Grad-CAM++ at
     layer3 and layer4), each overlaid on the image. `maps`: label -> (H,W) on [0,1]."""
-    from .gradcam import overlay
+    from .xai.cam import overlay
 
     labels = list(maps)
     if axes is None:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .corruptions import CORRUPTIONS, SEVERITIES
-from .explain import CAM_EXPLAINERS, RANDOM_BASELINES
+from .robustness.corruptions import CORRUPTIONS, SEVERITIES
+from .xai.checks import CAM_EXPLAINERS, RANDOM_BASELINES
 
 
 @dataclass(frozen=True)

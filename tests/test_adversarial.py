@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnstress.adversarial import adversarial_accuracy, fgsm, pgd
+from cnnstress.robustness.adversarial import adversarial_accuracy, fgsm, pgd
 from cnnstress.augment import normalize, to_float
 from cnnstress.data import CIFAR_MEAN, CIFAR_STD
 from cnnstress.errors import ConfigError

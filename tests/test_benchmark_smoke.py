@@ -155,7 +155,7 @@ def test_stress_benchmark_json_smoke(tmp_path, capsys, one_thread):
                      "--pgd-steps", "2", "--repeats", "1", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert rc == 0
-    from cnnstress.corruptions import CORRUPTIONS
+    from cnnstress.robustness.corruptions import CORRUPTIONS
     assert set(result["corruption_img_per_s"]) == set(CORRUPTIONS)
     for r in [*result["corruption_img_per_s"].values(), *result["attack_img_per_s"].values()]:
         assert math.isfinite(r["median"]) and 0 < r["min"] <= r["median"]

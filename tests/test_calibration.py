@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnnstress.calibration import (apply_temperature, calibration_bins, expected_calibration_error,
-                                   fit_temperature, max_calibration_error)
+from cnnstress.robustness.calibration import (apply_temperature, calibration_bins, expected_calibration_error,
+                                              fit_temperature, max_calibration_error)
 
 
 def test_ece_and_mce_hand_worked():

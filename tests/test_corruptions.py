@@ -1,4 +1,4 @@
-"""cnnstress.corruptions: the CIFAR-10-C corruptions generated in-package.
+"""cnnstress.robustness.corruptions: the CIFAR-10-C corruptions generated in-package.
 
 1. API constants and input validation.
 2. Every corruption: shape/dtype, no in-place writes, severity 0 identity,
@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import corruptions as C
+from cnnstress.robustness import corruptions as C
 from cnnstress.errors import ConfigError
 
 # Corruptions whose output does not depend on the seed.
@@ -578,7 +578,7 @@ def test_dead_worker_is_a_one_line_error(tmp_path):
     """A script read from stdin cannot be re-imported by spawned workers: the
     pool breaks, and the caller gets a CnnstressError that names the fix."""
     script = ("import torch\n"
-              "from cnnstress.corruptions import corrupt_cells\n"
+              "from cnnstress.robustness.corruptions import corrupt_cells\n"
               "from cnnstress.errors import CnnstressError\n"
               "try:\n"
               "    list(corrupt_cells(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), [('fog', 1)] * 2, workers=2))\n"

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import explain
+from cnnstress.xai import checks as explain
 from cnnstress.__main__ import main
 from conftest import cli
 from cnnstress.config import get_config
 from cnnstress.evaluate import Failure, FailureTable, Predictions
-from cnnstress.label_errors import find_label_issues
+from cnnstress.xai.label_errors import find_label_issues
 from cnnstress.model import resnet18
 
 

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from cnnstress.errors import CnnstressError
-from cnnstress.faithfulness import (FaithfulnessError, FaithfulnessResult, baseline_images,
-                                    deletion_insertion, gaussian_blur, importance_order, random_maps,
-                                    trapezoid_auc)
+from cnnstress.xai.faithfulness import (FaithfulnessError, FaithfulnessResult, baseline_images,
+                                        deletion_insertion, gaussian_blur, importance_order, random_maps,
+                                        trapezoid_auc)
 
 PATCH = (slice(8, 16), slice(16, 24))     # rows 8..15, cols 16..23 of channel 0
 
@@ -194,7 +194,7 @@ def test_importance_order_sorts_values_and_shuffles_only_ties():
 def _span_residual(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Largest distance of each map (N,32,32) from the span of the bilinear
     upsamplings of the h*w unit impulses (a CAM's possible maps at h x w)."""
-    from cnnstress.gradcam import upsample
+    from cnnstress.xai.cam import upsample
     basis = upsample(torch.eye(h * w).view(h * w, h, w), (32, 32)).reshape(h * w, -1).double()
     flat = maps.reshape(maps.shape[0], -1).double()
     coef = torch.linalg.lstsq(basis.T, flat.T).solution
@@ -203,7 +203,7 @@ def _span_residual(maps: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("res", [(4, 4), (8, 8)])
 def test_smooth_random_maps_have_the_cam_block_structure(res):
-    from cnnstress.gradcam import GradCAM
+    from cnnstress.xai.cam import GradCAM
     from cnnstress.model import resnet18
     smooth = random_maps(5, 32, 32, seed=2, resolution=res)
     assert smooth.shape == (5, 32, 32) and smooth.dtype == torch.float32
@@ -242,7 +242,7 @@ def test_batched_through_the_model_and_independent_of_batch_size():
 
 
 def test_resnet_with_gradcam_maps_smoke():
-    from cnnstress.gradcam import GradCAM
+    from cnnstress.xai.cam import GradCAM
     from cnnstress.model import resnet18
     torch.manual_seed(0)
     model = resnet18().eval()

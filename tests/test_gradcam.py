@@ -11,7 +11,7 @@ from torch import nn
 
 from cnnstress.augment import normalize
 from cnnstress.errors import CnnstressError
-from cnnstress.gradcam import (CAM_METHODS, CamExplainer, CamResult, GradCAM, GradCAMError,
+from cnnstress.xai.cam import (CAM_METHODS, CamExplainer, CamResult, GradCAM, GradCAMError,
                                GradCAMPlusPlus, compute_cam, compute_cam_plus_plus, get_layer,
                                normalize_maps, overlay, to_display_image, upsample)
 from cnnstress.model import resnet18
@@ -411,7 +411,7 @@ def test_to_display_image_round_trip():
 
 
 def test_describe_cam_names_peak_and_centroid_separately():
-    from cnnstress.gradcam import describe_cam
+    from cnnstress.xai.cam import describe_cam
     cam = np.zeros((9, 9))
     cam[0, 4] = 2.0   # strongest blob at the top
     cam[8, 4] = 1.0   # weaker blob at the bottom: the centroid falls between them
@@ -423,7 +423,7 @@ def test_describe_cam_names_peak_and_centroid_separately():
 
 
 def test_describe_cam_all_zero_map_is_reported_not_divided():
-    from cnnstress.gradcam import describe_cam
+    from cnnstress.xai.cam import describe_cam
     d = describe_cam(np.zeros((4, 4)))
     assert d["peak_region"].startswith("nowhere") and d["centre_fraction"] == 0.0
 

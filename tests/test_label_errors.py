@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress.label_errors import (calibrate_confident_joint, confident_joint, find_label_issues,
-                                    per_class_thresholds)
+from cnnstress.xai.label_errors import (calibrate_confident_joint, confident_joint, find_label_issues,
+                                        per_class_thresholds)
 
 # Six examples, three classes. Example 3 (given 1) is confidently class 0 and
 # example 5 (given 2) confidently class 1; example 1 is above no threshold.
@@ -89,7 +89,7 @@ def test_calibration_by_hand_with_rounding():
 
 
 def test_keep_at_least_one_per_class_truncates_like_cleanlab():
-    from cnnstress.label_errors import keep_at_least_n_per_class
+    from cnnstress.xai.label_errors import keep_at_least_n_per_class
     # prune counts (true, given): given label 0 has no example kept (diagonal 0)
     prune = np.array([[0, 1, 0, 2], [3, 5, 1, 0], [3, 0, 4, 1], [3, 1, 0, 6]])
     # column 0: diagonal raised 0 -> 1; 3 non-zero cells - 1 = 2 share the increase:

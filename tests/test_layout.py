@@ -12,37 +12,52 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cnnstress"
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
+# Dotted names under cnnstress, subpackages included: "config", "xai.cam",
+# "xai.__init__" (a package's own module).
+MODULES = sorted(".".join(p.relative_to(PACKAGE).with_suffix("").parts) for p in PACKAGE.rglob("*.py"))
 
 
 def _tree(name: str) -> ast.Module:
-    return ast.parse((PACKAGE / f"{name}.py").read_text(), filename=f"{name}.py")
+    path = PACKAGE.joinpath(*name.split(".")).with_suffix(".py")
+    return ast.parse(path.read_text(), filename=str(path.relative_to(PACKAGE)))
 
 
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
 
-def _target(node: ast.ImportFrom) -> str | None:
-    """The cnnstress module `node` imports from ('' for the package itself),
-    or None for an outside module."""
-    if node.level == 1:
-        return node.module or ""
-    if node.level == 0 and node.module and (node.module == "cnnstress" or node.module.startswith("cnnstress.")):
+def _target(node: ast.ImportFrom, name: str = "module") -> str | None:
+    """The dotted cnnstress name `node` (in module `name`) imports from ('' for
+    the package itself, "xai" for a subpackage), or None for an outside module."""
+    if node.level:
+        package = name.split(".")[:-1]
+        if node.level - 1 > len(package):
+            return None  # above cnnstress
+        base = package[:len(package) - (node.level - 1)]
+        return ".".join(base + (node.module.split(".") if node.module else []))
+    if node.module and (node.module == "cnnstress" or node.module.startswith("cnnstress.")):
         return node.module.removeprefix("cnnstress").lstrip(".")
     return None
 
 
-def private_imports(tree: ast.Module) -> list[str]:
-    """`from .m import _x` and `m._x` (m a cnnstress module bound by an import)
-    anywhere in `tree`."""
+def _is_package(target: str) -> bool:
+    return target == "" or f"{target}.__init__" in MODULES
+
+
+def _submodule(target: str, name: str) -> str:
+    return f"{target}.{name}" if target else name
+
+
+def private_imports(tree: ast.Module, name: str = "module") -> list[str]:
+    """`from .m import _x` and `m._x` (m a cnnstress module or package bound
+    by an import) anywhere in `tree`, the source of module `name`."""
     found, bound = [], set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and _target(node) is not None:
+        if isinstance(node, ast.ImportFrom) and (target := _target(node, name)) is not None:
             for alias in node.names:
                 if _private(alias.name):
                     found.append(f"line {node.lineno}: from {'.' * node.level}{node.module or ''} import {alias.name}")
-                elif _target(node) == "" or alias.name in MODULES:
+                elif _is_package(target) or _submodule(target, alias.name) in MODULES:
                     bound.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -64,11 +79,18 @@ def test_private_import_finder_catches_both_forms():
                      "gradcam._eval_mode(m)\ncnnstress.pipeline._read_cache(p)\nos._exit\n")
     assert private_imports(tree) == ["line 1: from .evaluate import _as_numpy", "line 5: gradcam._eval_mode",
                                      "line 6: cnnstress.pipeline._read_cache"]
+    # in a subpackage: `..` reaches the top level, a subpackage's modules bind
+    tree = ast.parse("from ..evaluate import _as_numpy\nfrom .cam import _hook\nfrom ..xai import cam\n"
+                     "from cnnstress.robustness import suite\nfrom . import similarity\n"
+                     "cam._eval_mode(m)\nsuite._cells()\nsimilarity._pair(a, b)\n")
+    assert private_imports(tree, "xai.checks") == [
+        "line 1: from ..evaluate import _as_numpy", "line 2: from .cam import _hook", "line 6: cam._eval_mode",
+        "line 7: suite._cells", "line 8: similarity._pair"]
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_no_module_imports_another_modules_private_name(name):
-    assert private_imports(_tree(name)) == []
+    assert private_imports(_tree(name), name) == []
 
 
 # Top-level statements that only define things (an `if __name__ == "__main__"`
@@ -113,23 +135,48 @@ def test_importing_every_module_prints_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _module_of(target: str) -> str | None:
+    """The graph node for an import target: a module, a subpackage's
+    __init__, or None for the cnnstress package itself (every module is under
+    it, as before subpackages, so it is no edge)."""
+    if target in MODULES:
+        return target
+    if target and f"{target}.__init__" in MODULES:
+        return f"{target}.__init__"
+    return None
+
+
+def _with_packages(dep: str, importer: str) -> set[str]:
+    """`dep` and the __init__ of each subpackage it sits in that `importer`
+    is not already inside (importing xai.cam from outside runs xai/__init__)."""
+    out, parts = {dep}, dep.split(".")[:-1]
+    for i in range(1, len(parts) + 1):
+        package = ".".join(parts[:i])
+        if not importer.startswith(package + "."):
+            out.add(f"{package}.__init__")
+    return out
+
+
 def import_graph() -> dict[str, set[str]]:
     """module -> the cnnstress modules its top level imports (imports inside
-    functions and under `if TYPE_CHECKING` are deferred, so they do not count)."""
+    functions and under `if TYPE_CHECKING` are deferred, so they do not count).
+    Names are MODULES' dotted names."""
     graph = {}
     for name in MODULES:
         deps = set()
         for node in _tree(name).body:
             stmts = node.body if isinstance(node, ast.Try) else [node]
             for stmt in stmts:
-                if isinstance(stmt, ast.ImportFrom) and (target := _target(stmt)) is not None:
-                    if target:
-                        deps.add(target.split(".")[0])
-                    else:  # from . import m
-                        deps.update(a.name for a in stmt.names if a.name in MODULES)
+                targets = []
+                if isinstance(stmt, ast.ImportFrom) and (target := _target(stmt, name)) is not None:
+                    for alias in stmt.names:  # from .xai import cam: the module cam, else the package
+                        sub = _submodule(target, alias.name)
+                        targets.append(sub if sub in MODULES else target)
                 elif isinstance(stmt, ast.Import):
-                    deps.update(a.name.split(".")[1] for a in stmt.names
-                                if a.name.startswith("cnnstress.") and a.name.split(".")[1] in MODULES)
+                    targets = [a.name.removeprefix("cnnstress.") for a in stmt.names if a.name.startswith("cnnstress.")]
+                for target in targets:
+                    if (dep := _module_of(target)) is not None:
+                        deps |= _with_packages(dep, name)
         graph[name] = deps - {name}
     return graph
 
@@ -165,4 +212,6 @@ def test_cycle_finder():
 def test_no_import_cycle():
     graph = import_graph()
     assert graph["checkpoint"] >= {"io", "model"} and "model" not in graph["io"]  # the graph is read
+    assert graph["xai.checks"] >= {"robustness.suite", "robustness.__init__", "xai.cam", "config"}
+    assert "xai.__init__" not in graph["xai.checks"] and graph["__init__"] >= {"xai.cam", "xai.__init__"}
     assert find_cycle(graph) is None

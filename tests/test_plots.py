@@ -27,9 +27,9 @@ def _close_figures():
 
 @pytest.fixture
 def gradcam_overlay(monkeypatch):
-    """The real cnnstress.gradcam.overlay when present, else a stand-in with its contract."""
+    """The real cnnstress.xai.cam.overlay when present, else a stand-in with its contract."""
     try:
-        import cnnstress.gradcam  # noqa: F401
+        import cnnstress.xai.cam  # noqa: F401
         return "real"
     except ImportError:
         from matplotlib import colormaps
@@ -41,9 +41,9 @@ def gradcam_overlay(monkeypatch):
             heat = colormaps[colormap](np.asarray(cam, dtype=np.float32))[..., :3]
             return ((1 - alpha) * img + alpha * heat).astype(np.float32)
 
-        fake = types.ModuleType("cnnstress.gradcam")
+        fake = types.ModuleType("cnnstress.xai.cam")
         fake.overlay = overlay
-        monkeypatch.setitem(sys.modules, "cnnstress.gradcam", fake)
+        monkeypatch.setitem(sys.modules, "cnnstress.xai.cam", fake)
         return "stand-in"
 
 
@@ -280,7 +280,7 @@ def test_plot_samples_grid_titles_and_given_axes():
 
 def test_reliability_diagram_one_panel_per_model_and_given_axes():
     import matplotlib.pyplot as plt
-    from cnnstress.calibration import calibration_bins
+    from cnnstress.robustness.calibration import calibration_bins
     from cnnstress.plots import plot_reliability_diagram
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(10), size=200)

@@ -10,10 +10,10 @@ from torch import nn
 
 from cnnstress.augment import normalize
 from cnnstress.errors import CnnstressError
-from cnnstress.gradcam import GradCAMError
+from cnnstress.xai.cam import GradCAMError
 from cnnstress.model import resnet18
-from cnnstress.sanity import (DEFAULT_ORDER, SanityError, SanityResult, cascading_randomization,
-                              spearman, ssim, verdict)
+from cnnstress.xai.randomisation import DEFAULT_ORDER, SanityError, SanityResult, cascading_randomization, verdict
+from cnnstress.xai.similarity import spearman, ssim
 
 # --- Spearman ------------------------------------------------------------------------
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cnnstress import stress
+from cnnstress.robustness import suite as stress
 from cnnstress.__main__ import main
 from conftest import cli
 from cnnstress.config import get_config
-from cnnstress.corruptions import CORRUPTIONS, SEVERITIES
+from cnnstress.robustness.corruptions import CORRUPTIONS, SEVERITIES
 from cnnstress.data import Split
 from cnnstress.errors import ConfigError
 from cnnstress.evaluate import Predictions

@@ -191,7 +191,8 @@ class FailuresStage(Stage):
         import matplotlib.pyplot as plt
 
         from ..plots import plot_failure_case, plot_no_failures, save_figure
-        from ..xai import GradCAM, describe_cam, get_layer, label_suspects
+        from ..xai import GradCAM, get_layer, label_suspects
+        from ..xai.cam import describe_cam
 
         trained = study.model(name)
         table = self.table(study, name)

@@ -48,7 +48,7 @@ class StressStage(Stage):
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> StressStageResult | None:
         from ..robustness import CORRUPTIONS, adversarial_accuracy, calibration_report, corruption_report
-        from ..robustness import sample_positions, stress_settings
+        from ..robustness.suite import sample_positions, stress_settings
         from ..schema import stress_schema
         from .failures import evaluate_split
         from .failures import stage as failures
@@ -119,7 +119,8 @@ class StressStage(Stage):
     def figures(self, study: "Study", result: StressStageResult, show: bool = False) -> list:
         """corruption_accuracy.csv and the four stress figures."""
         from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
-        from ..robustness import apply_temperature, calibration_bins, sample_grid_images, write_corruption_csv
+        from ..robustness import apply_temperature, calibration_bins
+        from ..robustness.suite import sample_grid_images, write_corruption_csv
         from .failures import stage as failures
 
         config = study.config

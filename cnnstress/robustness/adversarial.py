@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .augment import normalize, to_float
-from .errors import ConfigError
-from .runtime import eval_mode, progress_bar, progress_enabled
+from ..augment import normalize, to_float
+from ..errors import ConfigError
+from ..runtime import eval_mode, progress_bar, progress_enabled
 
 ATTACKS = ("fgsm", "pgd")
 DEFAULT_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)

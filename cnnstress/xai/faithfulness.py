@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import FaithfulnessError
-from .gradcam import upsample
-from .runtime import eval_mode
+from ..errors import FaithfulnessError
+from ..runtime import eval_mode
+from .cam import upsample
 
 __all__ = ["BASELINES", "FaithfulnessError", "FaithfulnessResult", "baseline_images",
            "deletion_insertion", "gaussian_blur", "importance_order", "random_maps", "trapezoid_auc"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .arrays import as_int_vector, as_numpy
+from ..arrays import as_int_vector, as_numpy
 
 DEFAULT_BINS = 15  # Guo et al. 2017
 

@@ -47,10 +47,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arrays import as_numpy
-from .augment import denormalize
-from .errors import GradCAMError
-from .runtime import eval_mode
+from ..arrays import as_numpy
+from ..augment import denormalize
+from ..errors import GradCAMError
+from ..runtime import eval_mode
 
 __all__ = [
     "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus",
@@ -431,7 +431,7 @@ class GradCAMPlusPlus(CamExplainer):
     raw_map = staticmethod(compute_cam_plus_plus)
 
 
-# Explainers by name, e.g. for a CLI flag or cnnstress.sanity.
+# Explainers by name, e.g. for a CLI flag or cnnstress.xai.randomisation.
 CAM_METHODS: dict[str, type[CamExplainer]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
 

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import CnnstressError, ConfigError
+from ..errors import CnnstressError, ConfigError
 
 __all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "UNAVAILABLE", "corrupt", "corrupt_cells", "resolve_workers",
            "severity_parameter"]

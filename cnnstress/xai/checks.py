@@ -16,7 +16,7 @@
   prediction) and the change of map mass in the central quarter, for the
   fixed, persisting, new (the baseline was right) and newly confident (the
   baseline was wrong too, with less confidence) failures separately.
-* **Label suspects**: confident learning (cnnstress.label_errors) on the test
+* **Label suspects**: confident learning (cnnstress.xai.label_errors) on the test
   probabilities, which are out-of-sample for a model trained on the training
   split; a high-confidence failure that is also a suspect may be a wrong label
   rather than a model error.
@@ -32,14 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import normalize, to_float
-from .config import Config
-from .evaluate import FailureTable, Predictions
+from ..augment import normalize, to_float
+from ..config import Config
+from ..evaluate import FailureTable, Predictions
+from ..robustness.suite import sample_positions
+from .cam import CAM_METHODS, describe_cam, get_layer, upsample
 from .faithfulness import deletion_insertion, random_maps
-from .gradcam import CAM_METHODS, describe_cam, get_layer, upsample
 from .label_errors import find_label_issues
-from .sanity import cascading_randomization, spearman, verdict
-from .stress import sample_positions
+from .randomisation import cascading_randomization, verdict
+from .similarity import spearman
 
 EXPLAIN_VERSION = 6  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
 # 4: Student-t paired intervals, prune counts truncated as cleanlab does; 5: drift of newly confident failures;

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from .arrays import as_int_vector, as_numpy
+from ..arrays import as_int_vector, as_numpy
 
 FLOAT_TOL = 1e-6          # cleanlab's FLOATING_POINT_COMPARISON: p >= t - tol counts as above
 THRESHOLD_FLOOR = 2e-6    # cleanlab's CONFIDENT_THRESHOLDS_LOWER_BOUND (> FLOAT_TOL)

@@ -6,7 +6,7 @@ Three questions, each answered per model from a fixed, seeded sample:
   `config.calibration_bins` equal-width bins on the clean test set, before and
   after temperature scaling. The temperature is fitted on the *validation*
   split's logits, never on the test set.
-* **Corruptions**: CIFAR-10-C's common corruptions (cnnstress.corruptions),
+* **Corruptions**: CIFAR-10-C's common corruptions (cnnstress.robustness.corruptions),
   generated from a stratified sample of `config.corruption_subset` clean test
   images (None = all), at severities 1-5: accuracy and ECE per cell, the mean
   corruption accuracy (RobustBench's headline figure, the mean over every type
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import Config
+from ..data import Split, stratified_split
+from ..evaluate import Predictions, infer
+from ..runtime import resolve_precision
 from .calibration import apply_temperature, calibration_bins, fit_temperature
-from .config import Config
 from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt, corrupt_cells
-from .data import Split, stratified_split
-from .evaluate import Predictions, infer
-from .runtime import resolve_precision
 
 STRESS_VERSION = 1  # bump when the stage's numbers change meaning (invalidates caches)
 
@@ -196,7 +196,7 @@ def write_corruption_csv(path, results: Mapping[str, Mapping[str, Any]]):
     pandas.read_csv(path, header=[0, 1], index_col=0). Written atomically."""
     from pathlib import Path
 
-    from .io import atomic_write
+    from ..io import atomic_write
 
     cols = [(c, s) for c in CORRUPTIONS for s in SEVERITIES]
     lines = ["corruption," + ",".join(c for c, _ in cols),
