@@ -6,68 +6,122 @@ and exit with status 2; nothing already saved is overwritten.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+from pathlib import Path
 
-from .augment import PRESETS
-from .config import COMPILE_MODES, PRECISIONS, PROFILES, get_config
-from .errors import CnnstressError
+from .config import GROUPS, PROFILES, Config, get_config
+from .errors import CnnstressError, ConfigError
 from . import pipeline
 from .weights import analysis_config
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+# Each command's flags: the config fields of these groups (flag = field name),
+# less the fields it sets itself: run, stress and explain train or load both
+# models, whose augment preset is fixed (baseline, enhanced); stress and explain
+# always run their stage. The training group also names the models to analyse
+# (a checkpoint is found by its training fields).
+COMMAND_GROUPS = {"train": ("training", "runtime"), "run": GROUPS,
+                  "stress": ("training", "runtime", "failures", "stress"),
+                  "explain": ("training", "runtime", "failures", "explanations")}
+COMMAND_SKIPS = {"train": (), "run": ("augment",), "stress": ("augment", "stress"), "explain": ("augment", "explain")}
+# Older flag names, kept working as aliases of the field's flag.
+ALIASES = {"augment": ("--aug",), "failure_threshold": ("--threshold",), "cam_layer": ("--layer",),
+           "faithfulness_samples": ("--samples",)}
+GROUP_TITLES = {"training": "training (what is learned: a checkpoint is reused only when these match)",
+                "runtime": "runtime (device and speed: the same model either way)",
+                "failures": "failures (mining high-confidence failures)",
+                "stress": "stress (corruptions, calibration, adversarial attacks)",
+                "explanations": "explanations (faithfulness, sanity check, label suspects)"}
+FIELD_HINTS = typing.get_type_hints(Config)
 
 
-def _common(p: argparse.ArgumentParser, force_help: str = "retrain even when a checkpoint exists") -> None:
-    p.add_argument("--profile", default=None,
-                   help=f"one of {', '.join(PROFILES)} (default: $CNNSTRESS_PROFILE, else full on a GPU, quick on a CPU)")
+def flag_name(field_name: str) -> str:
+    """The CLI flag of a config field: adv_eps -> --adv-eps."""
+    return "--" + field_name.replace("_", "-")
+
+
+def _value_type(name: str, base: type, optional: bool, element: bool = False):
+    """argparse `type` for field `name`: parse text as `base` (`none` -> None
+    when `optional`) and check it as Config would, so a bad value is an
+    argparse error naming the flag."""
+    def parse(text: str):
+        if optional and text.lower() == "none":
+            return None
+        try:
+            value = base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole number' if base is int else 'a number'}"
+                                             f"{' or none' if optional else ''}, got {text!r}") from None
+        try:
+            Config().replace(**{name: (value,) if element else value})
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return value
+    parse.__name__ = base.__name__
+    return parse
+
+
+def _add_field(group, f: dataclasses.Field) -> None:
+    """One flag for config field `f`. A flag not given leaves no attribute
+    (argparse.SUPPRESS): the value is then the profile's (or --config's), and
+    `--adv-subset none` can still ask for None."""
+    hint = FIELD_HINTS[f.name]
+    names = [flag_name(f.name), *ALIASES.get(f.name, ())]
+    help_text = f.metadata["help"]
+    if f.name == "profile":
+        group.add_argument(*names, dest=f.name, default=None,
+                           help=f"start from this profile: {', '.join(PROFILES)} (default: $CNNSTRESS_PROFILE, "
+                                "else full on a GPU, quick on a CPU)")
+        return
+    if hint is bool:
+        group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{help_text} (default: the profile's)")
+        return
+    kw: dict = {}
+    if typing.get_origin(hint) is tuple:
+        base, kw["nargs"] = typing.get_args(hint)[0], "+"
+        kw["type"] = _value_type(f.name, base, False, element=True)
+    else:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        kw["type"] = (_value_type(f.name, base, optional=bool(args)) if base in (int, float) else
+                      _value_type(f.name, str, False) if "choices" in f.metadata else str)
+    if "choices" in f.metadata:
+        kw["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+    else:
+        kw["metavar"] = ("N" if base is int else "X" if base is float else "TEXT") + (
+            "|none" if typing.get_args(hint) and typing.get_origin(hint) is not tuple else "")
+    group.add_argument(*names, dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: the profile's)",
+                       **kw)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The config-field flags of `command`, one argparse group per config group."""
+    for group_name in COMMAND_GROUPS[command]:
+        group = parser.add_argument_group(GROUP_TITLES[group_name])
+        for f in dataclasses.fields(Config):
+            if f.metadata["group"] == group_name and f.name not in COMMAND_SKIPS[command]:
+                _add_field(group, f)
+
+
+def _common(p: argparse.ArgumentParser, command: str,
+            force_help: str = "retrain even when a checkpoint exists") -> None:
+    p.add_argument("--config", default=None, metavar="PATH",
+                   help="start from a saved config (e.g. outputs/config.json, which every run writes) instead of "
+                        "the profile; flags given as well override it")
     p.add_argument("--data-dir", default=None, help="folder holding cifar-10-batches-py/ (default: $CNNSTRESS_DATA_DIR or data)")
     p.add_argument("--out-dir", default=None, help="output folder (default: $CNNSTRESS_OUT_DIR or outputs)")
-    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="override the profile's epoch count")
-    p.add_argument("--precision", default=None, help=f"autocast precision: {', '.join(PRECISIONS)} (default: auto)")
-    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
-                   help="torch.compile the model in the training step (default off; reduce-overhead adds CUDA graphs)")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(p, command)
 
 
 def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="analyse the models published in DIR (e.g. results/full) instead of training: hashes "
                         "verified, config checked against --profile (default full), CPU-sized analysis samples")
-
-
-def _threshold(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threshold", type=float, default=None,
-                   help="confidence above which a wrong prediction counts as a failure (default 0.8)")
-
-
-def _stress_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corruption-subset", type=_positive_int, default=None,
-                   help="test images per corruption and severity (default: the profile's)")
-    p.add_argument("--adv-subset", type=_positive_int, default=None,
-                   help="test images attacked (default: the profile's)")
-
-
-def _explain_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layer", default=None, help="Grad-CAM target layer: layer3 (8x8) or layer4 (4x4, default)")
-    p.add_argument("--samples", type=_positive_int, default=None,
-                   help="images per faithfulness group (default: the profile's)")
-
-
-def _analysis_overrides(args: argparse.Namespace) -> dict:
-    """Config overrides of the stress and explanation options a command has."""
-    names = {"corruption_subset": "corruption_subset", "adv_subset": "adv_subset", "layer": "cam_layer",
-             "samples": "faithfulness_samples", "threshold": "failure_threshold"}
-    return {field: getattr(args, arg) for arg, field in names.items() if hasattr(args, arg)}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,43 +135,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m cnnstress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train one model and report its validation and test accuracy")
-    _common(train)
-    train.add_argument("--aug", default="baseline", help=f"augmentation preset: {', '.join(PRESETS)} (default: baseline)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    _common(train, "train")
     run = sub.add_parser("run", help="the whole study: both models, failures, Grad-CAM, comparison, stress "
                                      "tests, explanation checks, report")
-    _common(run)
-    _threshold(run)
     _weights(run)
-    run.add_argument("--no-stress", action="store_true",
-                     help="skip the stress stage (corruptions, calibration, adversarial)")
-    run.add_argument("--no-explain", action="store_true",
-                     help="skip the explanation stage (faithfulness, sanity check, drift, label suspects)")
-    _stress_options(run)
-    _explain_options(run)
+    _common(run, "run")
     stress = sub.add_parser("stress", help="stress-test the two trained models (corruptions, calibration, "
                                            "adversarial) and refresh the report; never trains")
-    _common(stress, force_help="recompute the stress results even when cached ones match")
-    _threshold(stress)
     _weights(stress)
-    _stress_options(stress)
+    _common(stress, "stress", force_help="recompute the stress results even when cached ones match")
     explain = sub.add_parser("explain", help="check the explanations (faithfulness, sanity check, drift) and "
                                              "triage the failures (label suspects); refresh the report; never trains")
-    _common(explain, force_help="recompute the explanation results even when cached ones match")
-    _threshold(explain)
     _weights(explain)
-    _explain_options(explain)
+    _common(explain, "explain", force_help="recompute the explanation results even when cached ones match")
     return parser
 
 
-def _config(args: argparse.Namespace, **extra):
+def _config(args: argparse.Namespace, **forced) -> Config:
+    """The run's config: --config's file or the profile, then every field flag
+    given (a flag not given has no attribute), then `forced` (what the command sets)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+              if f.name != "profile" and hasattr(args, f.name)}
+    values.update(forced)
+    if args.config:
+        if args.profile is not None:
+            raise CnnstressError(f"--profile does not apply with --config {args.config}: the saved config "
+                                 "already names its profile; drop one of them")
+        return Config.load(args.config).replace(**values)
     if getattr(args, "weights", None):
-        if args.epochs is not None:
-            raise CnnstressError("--epochs does not apply to published weights (--weights): they are not trained here")
-        return analysis_config(pipeline.default_profile(args.profile, fallback="full"), device=args.device,
-                               precision=args.precision, **extra)
-    return get_config(pipeline.default_profile(args.profile), device=args.device, epochs=args.epochs,
-                      precision=args.precision, compile=args.compile, **extra)
+        learned = [n for n in Config.fields_in("training") if n in values and n != "precision"]
+        if learned:
+            raise CnnstressError(f"{flag_name(learned[0])} does not apply to published weights (--weights): "
+                                 "they are not trained here")
+        return analysis_config(pipeline.default_profile(args.profile, fallback="full")).replace(**values)
+    # replace, not get_config's overrides: those skip None, and `--adv-subset none` means None
+    return get_config(pipeline.default_profile(args.profile)).replace(**values)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -125,7 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .stages.training import train_model
     from .study import Study
 
-    config = _config(args, augment=args.aug)
+    config = _config(args)
     study = Study(config=config, data_dir=args.data_dir, out_dir=args.out_dir)
     splits = study.splits
     print(f"profile {config.profile}: {len(splits.train)} train / {len(splits.val)} val / "
@@ -138,6 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trained.result.history[-1]
     print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
           f"({len(test)} images), training {trained.result.train_seconds:.0f}s; checkpoint {trained.checkpoint}")
+    config.save(study.out / "config.json")   # rerun with --config
     return 0
 
 
@@ -154,8 +208,7 @@ def _print_result(study) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import matplotlib
     matplotlib.use("Agg")  # headless: files only
-    config = _config(args, stress=False if args.no_stress else None, explain=False if args.no_explain else None,
-                     **_analysis_overrides(args))
+    config = _config(args)
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force, weights=args.weights,
                                    progress=False if args.no_progress else None)
     _print_result(result)
@@ -167,7 +220,7 @@ def _analysis_command(args: argparse.Namespace, focus: str) -> int:
     with --force), take the other analysis stage from its cache, rewrite the report."""
     import matplotlib
     matplotlib.use("Agg")
-    config = _config(args, **{focus: True}, **_analysis_overrides(args))
+    config = _config(args, **{focus: True})
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, train=False, focus=focus,
                                    force_focus=args.force, weights=args.weights,
                                    progress=False if args.no_progress else None)
@@ -193,7 +246,7 @@ def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> s
     from pathlib import Path
 
     out = Path(args.out_dir or pipeline.default_out_dir())
-    names = [pipeline.RUN_NAMES.get(args.aug, "baseline")] if args.command == "train" else ["baseline", "improved"]
+    names = [pipeline.RUN_NAMES.get(getattr(args, "augment", None), "baseline")] if args.command == "train" else ["baseline", "improved"]
     ckpts = [p for p in (out / name / "checkpoint.pt" for name in names) if p.is_file()]
     ours = [p for p in ckpts if p.stat().st_mtime >= started]   # written by this very command
     rerun = [a for a in argv if a != "--force"] if ours and ckpts == ours else list(argv)

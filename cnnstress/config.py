@@ -8,7 +8,10 @@ checkpoint is reusable when all the *other* fields match.
 from __future__ import annotations
 
 import dataclasses
+import json
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -24,50 +27,78 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autot
 FUSED_ADAM = ("auto", "on", "off")  # auto = the fused kernel on CUDA, torch's default elsewhere
 
 
-def _runtime(default: Any) -> Any:
-    """A field that does not change the trained weights' meaning."""
-    return field(default=default, metadata={"train": False})
+# The field groups: which stage a setting belongs to. The CLI makes one flag
+# group of each (python -m cnnstress CMD --help) and caches can key on a group.
+GROUPS = ("training", "runtime", "failures", "stress", "explanations")
+
+
+def _learned(default: Any, help: str, **extra: Any) -> Any:
+    """A field that changes what is learned (part of Config.training_key)."""
+    return field(default=default, metadata={"group": "training", "help": help, **extra})
+
+
+def _runtime(default: Any, help: str, group: str = "runtime", **extra: Any) -> Any:
+    """A field that does not change the trained weights' meaning (train=False)."""
+    return field(default=default, metadata={"train": False, "group": group, "help": help, **extra})
 
 
 @dataclass(frozen=True)
 class Config:
+    """Field metadata: `group` (one of GROUPS), `help` (unit and meaning; the
+    CLI flag's help), `train=False` on fields a checkpoint does not depend on,
+    `choices` where only some strings are valid, and `cache=False` on fields
+    that never change a stage's numbers (switches, worker counts), which
+    `settings` leaves out of cache keys."""
     # --- what is learned -------------------------------------------------
-    seed: int = 42
-    epochs: int = 30
-    batch_size: int = 128            # images per optimiser step
-    lr: float = 1e-3                 # Adam learning rate at epoch 0
-    weight_decay: float = 1e-4       # Adam (L2) weight decay
-    schedule: str = "cosine"         # cosine annealing to 0 over `epochs`, stepped per epoch
-    augment: str = "baseline"        # augmentation preset, see cnnstress.augment
-    val_size: int = 5000             # images held out of the official train set, stratified
-    train_subset: int | None = None  # cap on training images (stratified); None = all
-    precision: str = "auto"          # autocast dtype: auto = bf16 where the hardware has it
+    seed: int = _learned(42, "random seed: split, initialisation, shuffling, augmentation, analysis samples")
+    epochs: int = _learned(30, "training epochs")
+    batch_size: int = _learned(128, "images per optimiser step")
+    lr: float = _learned(1e-3, "Adam learning rate at epoch 0")
+    weight_decay: float = _learned(1e-4, "Adam (L2) weight decay")
+    schedule: str = _learned("cosine", "learning-rate schedule: cosine annealing to 0 over `epochs`, stepped per "
+                                       "epoch, or constant", choices=SCHEDULES)
+    augment: str = _learned("baseline", "augmentation preset, see cnnstress.augment", choices=AUGMENT_PRESETS)
+    val_size: int = _learned(5000, "images held out of the official train set, stratified")
+    train_subset: int | None = _learned(None, "cap on training images (stratified); none = all")
+    precision: str = _learned("auto", "autocast dtype: auto = bf16 where the hardware has it", choices=PRECISIONS)
     # --- runtime: does not change what a checkpoint means ----------------
-    device: str = _runtime("auto")               # auto | cpu | cuda | cuda:N
-    channels_last: bool = _runtime(True)          # NHWC memory layout for conv speed
-    compile: str = _runtime("off")                # torch.compile the model in the training step (COMPILE_MODES)
-    checkpoint_every: int = _runtime(1)           # epochs between checkpoint writes (the last epoch always)
-    fused_adam: str = _runtime("auto")            # Adam's fused kernel: auto (on CUDA) | on | off; same Adam
-    eval_batch_size: int = _runtime(512)          # images per inference batch
-    test_subset: int | None = _runtime(None)      # cap on test images (smoke only); None = all
-    failure_threshold: float = _runtime(0.8)      # confidence above which a wrong prediction is a failure
-    top_failures: int = _runtime(3)               # failure cases drawn with Grad-CAM
-    profile: str = _runtime("custom")             # the profile this config came from
+    device: str = _runtime("auto", "auto | cpu | cuda | cuda:N")
+    channels_last: bool = _runtime(True, "NHWC memory layout for conv speed")
+    compile: str = _runtime("off", "torch.compile the model in the training step (reduce-overhead adds CUDA "
+                                   "graphs); every mode learns the same function", choices=COMPILE_MODES)
+    checkpoint_every: int = _runtime(1, "epochs between checkpoint writes (the last epoch always)")
+    fused_adam: str = _runtime("auto", "Adam's fused kernel: auto (on CUDA) | on | off; same Adam",
+                               choices=FUSED_ADAM)
+    eval_batch_size: int = _runtime(512, "images per inference batch")
+    test_subset: int | None = _runtime(None, "cap on test images (smoke only); none = all")
+    profile: str = _runtime("custom", "the profile this config came from")
+    # --- failure mining ----------------------------------------------------
+    failure_threshold: float = _runtime(0.8, "confidence above which a wrong prediction is a failure",
+                                        group="failures")
+    top_failures: int = _runtime(3, "failure cases drawn with Grad-CAM", group="failures")
     # --- stress tests (corruptions, calibration, adversarial): runtime too --
-    stress: bool = _runtime(True)                 # run the stress stage as part of `run`
-    corruption_subset: int | None = _runtime(None)  # test images per corruption x severity cell (stratified); None = all
-    corruption_workers: int | None = _runtime(None)  # corruption generator processes (any count: same pixels); None = auto
-    adv_subset: int | None = _runtime(1000)       # test images attacked (stratified); None = all
-    adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8))  # L-inf budgets in grey levels: eps = k/255
-    pgd_steps: int = _runtime(10)                 # PGD iterations per budget (step 2.5*eps/steps)
-    calibration_bins: int = _runtime(15)          # equal-width confidence bins for ECE/MCE (Guo et al. 2017)
+    stress: bool = _runtime(True, "run the stress stage as part of `run`", group="stress", cache=False)
+    corruption_subset: int | None = _runtime(None, "test images per corruption x severity cell (stratified); "
+                                                   "none = all", group="stress")
+    corruption_workers: int | None = _runtime(None, "corruption generator processes (any count: same pixels); "
+                                                    "none = auto", group="stress", cache=False)
+    adv_subset: int | None = _runtime(1000, "test images attacked (stratified); none = all", group="stress")
+    adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8), "L-inf budgets in grey levels: eps = k/255", group="stress")
+    pgd_steps: int = _runtime(10, "PGD iterations per budget (step 2.5*eps/steps)", group="stress")
+    calibration_bins: int = _runtime(15, "equal-width confidence bins for ECE/MCE (Guo et al. 2017)",
+                                     group="stress")
     # --- explanations and failure triage: runtime ---------------------------
-    explain: bool = _runtime(True)                # run the explanation stage as part of `run`
-    cam_layer: str = _runtime("layer4")           # CAM target layer: layer4 (4x4 map) or layer3 (8x8)
-    faithfulness_samples: int = _runtime(500)     # images per group (top failures; a stratified sample)
-    faithfulness_steps: int = _runtime(16)        # deletion/insertion steps (pixels changed per step = 1/steps)
-    faithfulness_baseline: str = _runtime("blur")  # what removed pixels become: blur | mean
-    sanity_samples: int = _runtime(64)            # images in the parameter-randomisation test
+    explain: bool = _runtime(True, "run the explanation stage as part of `run`", group="explanations",
+                             cache=False)
+    cam_layer: str = _runtime("layer4", "CAM target layer: layer4 (4x4 map) or layer3 (8x8)",
+                              group="explanations", choices=CAM_LAYERS)
+    faithfulness_samples: int = _runtime(500, "images per faithfulness group (top failures; a stratified "
+                                              "sample)", group="explanations")
+    faithfulness_steps: int = _runtime(16, "deletion/insertion steps (pixels changed per step = 1/steps)",
+                                       group="explanations")
+    faithfulness_baseline: str = _runtime("blur", "what removed pixels become: blur | mean", group="explanations",
+                                          choices=FAITHFULNESS_BASELINES)
+    sanity_samples: int = _runtime(64, "images in the parameter-randomisation test", group="explanations")
 
     def __post_init__(self) -> None:
         # JSON round trips turn tuples into lists; keep the config hashable and frozen.
@@ -148,6 +179,87 @@ class Config:
         """Fields whose values differ: {name: (self's, other's)}."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+    @classmethod
+    def fields_in(cls, group: str) -> tuple[str, ...]:
+        """The names of the fields in `group` (one of GROUPS), in declaration order."""
+        if group not in GROUPS:
+            raise ValueError(f"unknown config group {group!r}; choose one of {', '.join(GROUPS)}")
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["group"] == group)
+
+    def values_in(self, *groups: str) -> dict[str, Any]:
+        """{name: value} of the fields in `groups`, e.g. a cache key of one stage's settings."""
+        return {name: getattr(self, name) for group in groups for name in self.fields_in(group)}
+
+    def settings(self, *groups: str) -> dict[str, Any]:
+        """values_in(*groups) without the cache=False fields: what a stage's
+        cached numbers depend on, so a new field in a group invalidates them."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.values_in(*groups).items() if fields[k].metadata.get("cache", True)}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON to `path` atomically; Config.load reads it back."""
+        from .io import save_json
+
+        save_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        """The config saved at `path` (Config.save, e.g. outputs/config.json).
+        A missing, unreadable or malformed file, an unknown field or a bad value
+        is a one-line ConfigError; fields missing from the file keep their defaults."""
+        path = Path(path)
+        fix = "pass the config.json a run wrote (e.g. outputs/config.json)"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; {fix}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}); {fix}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON ({exc}); {fix}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object of "
+                              f"config fields; {fix}")
+        hints = typing.get_type_hints(cls)
+        unknown = sorted(set(data) - set(hints))
+        if unknown:
+            raise ConfigError(f"config file {path} has unknown field(s) {', '.join(unknown)}; remove them "
+                              f"(the fields are listed by python -m cnnstress run --help)")
+        wrong = [f"{name}={value!r} (expected {_type_name(hints[name])})" for name, value in data.items()
+                 if not _has_type(value, hints[name])
+                 and not (name == "compile" and isinstance(value, bool))]  # saved when compile was a switch
+        if wrong:
+            raise ConfigError(f"config file {path} has values of the wrong type: {'; '.join(wrong)}; fix them")
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a Config field's type (int | None, tuple[int, ...], ...)."""
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_has_type(v, args[0]) for v in value)
+    if args:  # a union
+        return any(_has_type(value, a) for a in args)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) if typing.get_origin(hint) is None else str(hint).replace("typing.", "")
 
 
 # Named profiles. `quick` is sized for a 2-core laptop-class CPU without bf16

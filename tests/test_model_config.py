@@ -62,3 +62,76 @@ def test_training_key_ignores_runtime_fields_and_diff_names_changes():
     assert a.diff(c) == {"augment": ("baseline", "enhanced")}
     assert Config.from_dict(c.to_dict()) == c
     assert set(PROFILES) == {"smoke", "quick", "full"}
+
+
+# --------------------------------------------------------------------------- field metadata, save / load
+
+# The fields a checkpoint depends on, as they were before the metadata carried groups.
+LEARNED = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "augment", "val_size",
+           "train_subset", "precision"]
+
+
+def test_every_field_has_a_group_and_help():
+    from cnnstress.config import GROUPS
+    for f in dataclasses.fields(Config):
+        assert f.metadata.get("group") in GROUPS, f.name
+        assert isinstance(f.metadata.get("help"), str) and len(f.metadata["help"]) > 8, f.name
+        if "choices" in f.metadata:   # the choices shown are the ones Config accepts
+            for choice in f.metadata["choices"]:
+                Config().replace(**{f.name: choice})
+            with pytest.raises(ConfigError):
+                Config().replace(**{f.name: "no-such-choice"})
+    assert {f.metadata["group"] for f in dataclasses.fields(Config)} == set(GROUPS)
+
+
+def test_training_key_is_the_training_group():
+    assert list(Config().training_key()) == LEARNED
+    assert list(Config.fields_in("training")) == LEARNED
+    runtime = [f.name for f in dataclasses.fields(Config) if f.name not in LEARNED]
+    assert all(Config.__dataclass_fields__[n].metadata["train"] is False for n in runtime)
+    assert sum(len(Config.fields_in(g)) for g in ("training", "runtime", "failures", "stress", "explanations")) \
+        == len(dataclasses.fields(Config))
+    cfg = get_config("smoke")
+    assert cfg.values_in("failures") == {"failure_threshold": 0.8, "top_failures": 3}
+    assert cfg.values_in("stress")["adv_eps"] == (2, 8)
+    with pytest.raises(ValueError, match="unknown config group 'gpu'"):
+        Config.fields_in("gpu")
+
+
+def test_save_load_round_trip(tmp_path):
+    import json
+    cfg = get_config("smoke", device="cpu", adv_eps=(1, 3), train_subset=None, lr=0.01)
+    path = cfg.save(tmp_path / "config.json")
+    assert json.loads(path.read_text())["adv_eps"] == [1, 3]
+    assert not list(tmp_path.glob(".*tmp"))
+    loaded = Config.load(path)
+    assert loaded == cfg and loaded.adv_eps == (1, 3) and hash(loaded) == hash(cfg)
+    # an older file without a newer field keeps its default; compile saved as a switch still loads
+    data = cfg.to_dict()
+    del data["sanity_samples"]
+    data["compile"] = True
+    path.write_text(json.dumps(data))
+    assert Config.load(path) == cfg.replace(sanity_samples=Config().sanity_samples, compile="default")
+
+
+@pytest.mark.parametrize("content, needles", [
+    (None, ["does not exist", "outputs/config.json"]),
+    ('{"epochs": 3,', ["is not valid JSON", "outputs/config.json"]),
+    (b"\xff\xfe\x00garbage", ["is not valid JSON"]),
+    ('[1, 2]', ["holds a JSON list"]),
+    ('{"epochs": 3, "learning_rate": 0.1}', ["unknown field(s) learning_rate", "remove them"]),
+    ('{"epochs": "3", "adv_eps": [1, 2.5]}', ["wrong type", "epochs='3' (expected int)", "adv_eps=[1, 2.5]"]),
+    ('{"epochs": 0}', ["epochs must be >= 1"]),
+])
+def test_load_errors_are_one_line(tmp_path, content, needles):
+    path = tmp_path / "config.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError) as info:
+        Config.load(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    for needle in needles:
+        assert needle in message

@@ -80,6 +80,24 @@ def test_run_writes_every_output(run_out):
     assert not (run_out / "explanations.json").exists() and not (run_out / "faithfulness.png").exists()
 
 
+def test_run_saves_its_config_and_reruns_from_it(run_out, shared_cifar_dir, capsys):
+    """`run` writes its resolved config; `run --config` repeats that run on the trained models."""
+    from cnnstress.config import Config, get_config
+    saved = Config.load(run_out / "config.json")
+    assert saved == get_config("smoke", device="cpu", stress=False, explain=False)
+    metrics = (run_out / "metrics.json").read_bytes()
+    code = main(["run", "--config", str(run_out / "config.json"), "--no-progress",
+                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(run_out)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("reusing finished checkpoint") == 2
+    assert Config.load(run_out / "config.json") == saved
+    old, new = json.loads(metrics), json.loads((run_out / "metrics.json").read_text())
+    for model in ("baseline", "improved"):
+        assert new[model]["test_accuracy"] == old[model]["test_accuracy"]
+        assert new[model]["high_confidence_failures"] == old[model]["high_confidence_failures"]
+
+
 def test_rerun_reuses_models_and_explains_failures(run_out, shared_cifar_dir, capsys):
     ckpt = run_out / "baseline" / "checkpoint.pt"
     before = ckpt.read_bytes()

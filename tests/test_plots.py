@@ -332,3 +332,15 @@ def test_model_comparison_stacks_the_failure_groups():
         plots.plot_model_comparison(summaries, failure_groups={**groups, "new": 4})
     with pytest.raises(ValueError, match="two models"):
         plots.plot_model_comparison({"baseline": summaries["baseline"]}, failure_groups=groups)
+
+
+def test_show_overlay_draws_the_clipped_gradcam_overlay(gradcam_overlay):
+    """plots.style.show_overlay is cnnstress.xai.cam.overlay, clipped to [0, 1], drawn pixel for pixel."""
+    import cnnstress.xai.cam
+    from cnnstress.plots.style import show_overlay
+    image, cam, _ = _failure_inputs()
+    fig, ax = plt.subplots()
+    im = show_overlay(ax, image, cam, cmap="viridis")
+    expected = np.clip(cnnstress.xai.cam.overlay(image, cam, colormap="viridis"), 0.0, 1.0)
+    assert np.array_equal(im.get_array(), expected)
+    assert ax.get_xticks().size == 0 and im.get_interpolation() == "nearest"
