@@ -69,8 +69,10 @@ class Stage:
 
     def cache_key(self, study: "Study", models: tuple[str, ...] | None = None) -> dict[str, Any]:
         names = study.models if models is None else models
-        return {"stage": self.name, "models": {n: study.model_stamp(n) for n in names},
-                "test_indices": np.asarray(study.splits.test.indices).tolist(), "settings": self.settings(study)}
+        # As it reads back from JSON (tuples become lists), so a cached key compares equal.
+        return json_roundtrip({"stage": self.name, "models": {n: study.model_stamp(n) for n in names},
+                               "test_indices": np.asarray(study.splits.test.indices).tolist(),
+                               "settings": self.settings(study)})
 
     def read_cache(self, study: "Study", path: "Path", key: dict[str, Any], result_type: type[Record],
                    schema: Any = None) -> Record | None:

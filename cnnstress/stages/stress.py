@@ -111,9 +111,12 @@ class StressStage(Stage):
         self.figures(study, result, show=show)
         per_cell = min(config.corruption_subset or len(study.splits.test), len(study.splits.test))
         from ..robustness import SEVERITIES
-        study.timer.lap("stress", len(todo) * len(CORRUPTIONS) * len(SEVERITIES) * per_cell or None,
-                        f"{len(todo)} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x "
-                        f"{per_cell} images computed; attacks and calibration in the time too")
+        if todo:
+            study.timer.lap("stress", len(todo) * len(CORRUPTIONS) * len(SEVERITIES) * per_cell,
+                            f"{len(todo)} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x "
+                            f"{per_cell} images; attacks and calibration in the time too")
+        else:
+            study.timer.lap("stress", what="read from the caches")
         return result
 
     def figures(self, study: "Study", result: StressStageResult, show: bool = False) -> list:
@@ -144,7 +147,7 @@ class StressStage(Stage):
         return paths + save_figures(figures, study.out, show=show)
 
     def summary(self, study: "Study", result: StressStageResult) -> str:
-        return "; ".join(
+        return "\n".join(
             f"stress {n}: ECE {100 * r.calibration.uncalibrated.ece:.2f}% -> {100 * r.calibration.calibrated.ece:.2f}% "
             f"(T={r.calibration.temperature:.3f}), mean corruption accuracy "
             f"{100 * r.corruptions.mean_corruption_accuracy:.2f}%, PGD {r.adversarial.eps_255[-1]}/255 accuracy "
