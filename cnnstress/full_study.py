@@ -372,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from . import pipeline
     from .config import get_config
+    from .data import load_splits
+    from .io import ensure_writable_dir
+    from .lock import output_lock
+    from .stages.training import train_model, trained_images
     from .errors import CnnstressError
     from .runlog import StageTimer, utc_stamp
     from .runtime import resolve_device
@@ -422,15 +426,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             timer.prefix = ""
         every = args.checkpoint_every or (10 if device.type == "cuda" else 1)
         config = get_config(args.profile, checkpoint_every=every, **overrides)
-        main_dir = work / "main"
+        main_dir = ensure_writable_dir(work / "main")
         _say(f"== main study: profile {config.profile}, {config.epochs} epochs ==")
         timer.prefix = "main "
         configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
-        splits = pipeline.load_data(configs["baseline"], data_dir)
+        splits = load_splits(data_dir, configs["baseline"])
         timer.lap("data", len(splits.train) + len(splits.val) + len(splits.test), "images loaded")
-        for name, cfg in configs.items():
-            trained = pipeline.train_model(cfg, splits, main_dir, progress=False, log=_say)
-            timer.lap(f"train {name}", *pipeline.trained_images(trained.result, len(splits.train)))
+        with output_lock(main_dir, log=_say):
+            for name, cfg in configs.items():
+                trained = train_model(cfg, splits, main_dir, progress=False, log=_say)
+                timer.lap(f"train {name}", *trained_images(trained.result, len(splits.train)))
         del splits
         try:
             publish_weights(main_dir, out, _say)

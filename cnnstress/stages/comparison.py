@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..compare import bootstrap_accuracy_diff, compare_failures, mcnemar
+from ..compare import compare_models
 from ..data import CLASSES
 from ..results import Comparison
 from .base import Stage
@@ -35,19 +33,10 @@ class ComparisonStage(Stage):
         from .failures import stage as failures
         preds = {n: failures.predictions(study, n) for n in ("baseline", "improved")}
         tables = {n: failures.table(study, n) for n in ("baseline", "improved")}
-        a, b = preds["baseline"], preds["improved"]
-        if not torch.equal(a.labels, b.labels):
-            raise ValueError("the two models were evaluated on different test images")
-        correct_a = (a.preds == a.labels).numpy()
-        correct_b = (b.preds == b.labels).numpy()
         base_cfg, imp_cfg = study.model_config("baseline"), study.model_config("improved")
         result = Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
-            "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=self.n_boot, seed=study.config.seed),
-            "mcnemar": mcnemar(correct_a, correct_b),
-            "failures": compare_failures(tables["baseline"], tables["improved"], b.preds, b.labels, preds_a=a.preds),
-            "threshold": tables["baseline"].threshold,
-        })
+            **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
         study.results[self.name] = result
         # The failure bars of model_comparison.png are split by these groups.
         models = study.results.get("failures")
