@@ -28,7 +28,7 @@ from torch import nn
 from ..config import Config
 from ..data import Split, stratified_split
 from ..evaluate import Predictions, infer
-from ..runtime import resolve_precision
+from ..runtime import resolve_precision, seed_stream
 from .calibration import apply_temperature, calibration_bins, fit_temperature
 from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt, corrupt_cells
 
@@ -120,7 +120,7 @@ def corruption_report(models: Mapping[str, nn.Module], test: Split, config: Conf
     once (seeded by config.seed) and fed to every model; the batches are made
     by config.corruption_workers processes (None = auto), which work ahead
     while the models evaluate earlier types, and do not depend on that count."""
-    pos = sample_positions(test.labels, config.corruption_subset, config.seed)
+    pos = sample_positions(test.labels, config.corruption_subset, seed_stream(config.seed, "corruption_sample"))
     images, labels = test.images[pos], test.labels[pos]
     amp = resolve_precision(config.precision, device)
 
@@ -180,7 +180,8 @@ def sample_grid_images(test: Split, config: Config, index: int = 0) -> tuple[int
     """One test image (the `index`-th of the corruption sample) at every
     severity of every type: (dataset index, {type: [HWC uint8 for severity
     0 (clean), 1..5]})."""
-    pos = sample_positions(test.labels, config.corruption_subset, config.seed)[index:index + 1]
+    pos = sample_positions(test.labels, config.corruption_subset,
+                           seed_stream(config.seed, "corruption_sample"))[index:index + 1]
     image = test.images[pos]
     grid = {}
     for cname in CORRUPTIONS:
