@@ -101,8 +101,10 @@ def test_a_registered_stage_is_run_cached_and_reported(toy_registered, analysed_
 
 
 def test_study_after_a_restart_reads_every_stage_from_the_caches(analysed_run, shared_cifar_dir, tmp_path):
-    """A fresh Study (a new kernel) on a finished run: the report alone fills
-    every stage in from the caches, trains nothing and recomputes no analysis."""
+    """A fresh Study (a new kernel) on a finished run, with the run's saved
+    config: the report alone fills every stage in from the caches, trains
+    nothing and recomputes no analysis."""
+    from cnnstress.config import Config
     from cnnstress.study import Study
 
     out = tmp_path / "run"
@@ -110,7 +112,8 @@ def test_study_after_a_restart_reads_every_stage_from_the_caches(analysed_run, s
     before = {p.name: p.stat().st_mtime_ns for p in (out / "stress_baseline.json", out / "explanations.json",
                                                      out / "baseline" / "checkpoint.pt")}
     lines = []
-    study = Study("smoke", data_dir=shared_cifar_dir, out_dir=out, device="cpu", progress=False, log=lines.append)
+    study = Study(config=Config.load(out / "config.json"), data_dir=shared_cifar_dir, out_dir=out, progress=False,
+                  log=lines.append)
     study.report()
     assert set(study.results) == {"training", "failures", "comparison", "stress", "explanations", "report"}
     for p in (out / "stress_baseline.json", out / "explanations.json", out / "baseline" / "checkpoint.pt"):

@@ -3,15 +3,11 @@
 Adding a stage: write a module with a `Stage` subclass and add its instance to
 STAGES (before the report, which renders every stage that ran).
 """
+from . import comparison, explanations, failures, report, stress, training
 from .base import Stage
-from .comparison import stage as comparison
-from .explanations import stage as explanations
-from .failures import stage as failures
-from .report import stage as report
-from .stress import stage as stress
-from .training import stage as training
 
-STAGES: list[Stage] = [training, failures, comparison, stress, explanations, report]
+STAGES: list[Stage] = [training.stage, failures.stage, comparison.stage, stress.stage, explanations.stage,
+                       report.stage]
 
 
 def get_stage(name: str) -> Stage:
