@@ -39,9 +39,7 @@ class ComparisonStage(Stage):
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
         study.results[self.name] = result
         # The failure bars of model_comparison.png are split by these groups.
-        models = study.results.get("failures")
-        if models is not None:
-            failures.figures(study, models.models, show=show)
+        failures.figures(study, {n: failures.evaluate_one(study, n, quiet=True) for n in study.models}, show=show)
         study.timer.lap("compare")
         return result
 

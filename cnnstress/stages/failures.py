@@ -167,12 +167,14 @@ class FailuresStage(Stage):
             study.failure_tables[name] = table
         return study.failure_tables[name]
 
-    def evaluate_one(self, study: "Study", name: str) -> ModelFailures:
+    def evaluate_one(self, study: "Study", name: str, *, quiet: bool = False) -> ModelFailures:
         preds = self.predictions(study, name)
         table = self.table(study, name)
         summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
         result = ModelFailures(name=name, summary=summary,
                                top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]])
+        if quiet:
+            return result
         study.say(f"{name}: test accuracy {100 * preds.accuracy:.2f}%, "
                   f"{len(table)} failures above {study.config.failure_threshold:.0%} confidence")
         trained = study.model(name)
