@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import compare, explain, results, stress
-from cnnstress.adversarial import adversarial_accuracy
+from cnnstress import compare, results
+from cnnstress.robustness import suite as stress
+from cnnstress.robustness.adversarial import adversarial_accuracy
+from cnnstress.xai import checks as explain
 from cnnstress.config import get_config
 from cnnstress.data import Split
 from cnnstress.errors import ResultFormatError
