@@ -37,7 +37,7 @@ from ..config import Config
 from ..evaluate import FailureTable, Predictions
 from ..robustness.suite import sample_positions
 from .cam import CAM_METHODS, describe_cam, get_layer, upsample
-from .faithfulness import deletion_insertion, random_maps
+from .faithfulness import Deletion, Insertion, deletion_insertion, random_maps
 from .label_errors import find_label_issues
 from .randomisation import cascading_randomization, verdict
 from .similarity import spearman
@@ -138,13 +138,22 @@ def _paired(method_auc: np.ndarray, random_auc: np.ndarray) -> dict[str, float]:
     return {"mean_diff": mean, "low": mean - half, "high": mean + half}
 
 
+def _side(interval: dict, higher_is_better: bool) -> str | None:
+    """'better' / 'worse' when the interval of method - random excludes 0,
+    read by the metric's declared direction; None when it straddles 0."""
+    if interval["low"] > 0:
+        return "better" if higher_is_better else "worse"
+    if interval["high"] < 0:
+        return "worse" if higher_is_better else "better"
+    return None
+
+
 def _judge(deletion: dict, insertion: dict) -> str:
     """The verdict against the random map from the paired 95% intervals
     (deletion: lower AUC is better; insertion: higher is better): 'better than
     random' only when both are clearly better, 'worse than random' when both
     are clearly worse, else which metric (if any) separates them."""
-    d = "better" if deletion["high"] < 0 else "worse" if deletion["low"] > 0 else None
-    i = "better" if insertion["low"] > 0 else "worse" if insertion["high"] < 0 else None
+    d, i = _side(deletion, Deletion.higher_is_better), _side(insertion, Insertion.higher_is_better)
     if d == i and d is not None:
         return f"{d} than random"
     if d is None and i is None:
