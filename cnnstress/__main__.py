@@ -197,9 +197,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_result(study) -> None:
     """Each stage's one summary line (the lines its run logged), then where the outputs are."""
-    from .stages import get_stage
     for name, result in study.results.items():
-        line = get_stage(name).summary(study, result)
+        line = study.get_stage(name).summary(study, result)
         if line and name != "report":
             print(line)
     print(f"outputs in {study.out}/ (analysis_report.txt, report.html, metrics.json, figures)")

@@ -26,15 +26,13 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
     commands of those names) runs that stage, recomputed when force_only, and
     includes the other analysis stage only from its cache. Each stage is
     timed (cnnstress.runlog); the report stage writes run_log.json."""
-    from .stages import STAGES
-
     if only is not None and only not in ANALYSIS_STAGES:
         raise ValueError(f"only must be one of {ANALYSIS_STAGES} or None, got {only!r}")
     study.timer.restart()
     study.save_config()
     with output_lock(study.out, log=study.log):
         study.splits  # noqa: B018  (load and log the data first)
-        for stage in STAGES:
+        for stage in study.stage_list:
             if stage.name != only and not stage.enabled(study):
                 continue
             kwargs = {}

@@ -79,6 +79,16 @@ class Study:
             check_published(self.weights, expect_profile=self.config.profile)
 
     # --- what the stages share ---------------------------------------------
+    @property
+    def stage_list(self) -> list:
+        """The stages this study runs, in order: cnnstress.stages.STAGES."""
+        from . import stages
+        return stages.STAGES
+
+    def get_stage(self, name: str):
+        from . import stages
+        return stages.get_stage(name)
+
     def say(self, message: str) -> None:
         if self.log:
             self.log(message)
@@ -135,14 +145,12 @@ class Study:
         """A stage's result: computed in this session, else run (cached stages
         read their caches)."""
         if stage_name not in self.results:
-            from .stages import get_stage
-            self.results[stage_name] = get_stage(stage_name).run(self, show=show)
+            self.results[stage_name] = self.get_stage(stage_name).run(self, show=show)
         return self.results[stage_name]
 
     def run_stage(self, stage_name: str, *, force: bool = False, show: bool = False):
         """Run one stage now (force: recompute even when cached), log its summary line."""
-        from .stages import get_stage
-        stage = get_stage(stage_name)
+        stage = self.get_stage(stage_name)
         with output_lock(self.out, log=self.log):
             result = stage.run(self, force=force or self.force, show=show)
         self.results[stage_name] = result

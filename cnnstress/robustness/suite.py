@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import Split, stratified_split
+from ..data import Split, sample_positions
 from ..evaluate import Predictions, infer
 from ..runtime import resolve_precision, seed_stream
 from .calibration import apply_temperature, calibration_bins, fit_temperature
@@ -48,16 +48,6 @@ def stress_settings(config: Config) -> dict[str, Any]:
         "pgd_steps": config.pgd_steps,
         "calibration_bins": config.calibration_bins,
     }
-
-
-def sample_positions(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    """Sorted positions of a stratified, seeded sample of `size` items (all
-    positions when size is None or not smaller than the split)."""
-    n = int(labels.shape[0])
-    if size is None or size >= n:
-        return torch.arange(n)
-    first, _ = stratified_split(labels, size, seed)
-    return first
 
 
 def _bins_dict(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, Any]:

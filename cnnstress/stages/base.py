@@ -19,11 +19,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from ..errors import ResultFormatError
 from ..io import save_json
+from ..plots import save_figure
 from ..results import Record
+from ..schema import read_cache
 
 if TYPE_CHECKING:  # the Study imports the stages; the stages only take one
     from pathlib import Path
@@ -78,7 +81,6 @@ class Stage:
                    schema: Any = None) -> Record | None:
         """The cached result at `path` when its key is `key` and it parses as
         `result_type`; None otherwise (a malformed file is logged: recomputed)."""
-        from ..schema import read_cache
 
         if not all(key["models"].values()):  # a model without a stable identity is never cached
             return None
@@ -104,9 +106,7 @@ def json_roundtrip(value: Any) -> Any:
 def save_figures(figures: dict, out: "Path", *, save: bool = True, show: bool = False) -> list:
     """Save {file name: Figure} under `out` (when save) and close each figure
     unless it is to be shown (a notebook displays it)."""
-    import matplotlib.pyplot as plt
 
-    from ..plots import save_figure
     paths = []
     for filename, fig in figures.items():
         if save:

@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..compare import compare_models
 from ..data import CLASSES
+from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage
+from .failures import stage as failures
 
 if TYPE_CHECKING:
     from ..study import Study
@@ -30,7 +32,6 @@ class ComparisonStage(Stage):
     n_boot = 2000
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False) -> Comparison:
-        from .failures import stage as failures
         preds = {n: failures.predictions(study, n) for n in ("baseline", "improved")}
         tables = {n: failures.table(study, n) for n in ("baseline", "improved")}
         base_cfg, imp_cfg = study.model_config("baseline"), study.model_config("improved")
@@ -45,7 +46,6 @@ class ComparisonStage(Stage):
 
     def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
         """The failure groups' counts, then up to `k` test images of each group."""
-        from .failures import stage as failures
         test = study.splits.test
         base, imp = failures.predictions(study, "baseline"), failures.predictions(study, "improved")
         groups = result.failures
@@ -68,7 +68,6 @@ class ComparisonStage(Stage):
         return result.to_dict()
 
     def sections(self, study: "Study", result: Comparison) -> list:
-        from ..reporting import Paragraph, Section
         diff, mc, fc, t = result.accuracy_diff, result.mcnemar, result.failures.counts, result.threshold
         sig = "significant" if mc.p_value < 0.05 else "not significant"
         blocks = [

@@ -17,9 +17,16 @@ import numpy as np
 from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE, ensure_writable_dir
+from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
+from ..reporting import Figure, Paragraph, Section, Table
 from ..results import Explanations
 from ..runtime import resolve_device
+from ..schema import explanations_schema
+from ..xai.checks import (KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps, drift_report, explanation_settings,
+                          faithfulness_report, label_suspects, sanity_report)
+from ..xai.randomisation import verdict_word
 from .base import Stage, save_figures
+from .failures import stage as failures
 
 if TYPE_CHECKING:
     from ..study import Study
@@ -37,16 +44,12 @@ class ExplanationsStage(Stage):
     analysis = True
 
     def cache_key(self, study: "Study", models: tuple[str, ...] | None = None) -> dict[str, Any]:
-        from ..xai.checks import explanation_settings
         key = super().cache_key(study, models)
         key["settings"] = {**key["settings"], **explanation_settings(study.config)}  # + the failure threshold
         return key
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> Explanations | None:
-        from ..schema import explanations_schema
-        from ..xai.checks import agreed_suspects, drift_report, faithfulness_report, label_suspects, sanity_report
-        from .failures import stage as failures
 
         config = study.config
         out = ensure_writable_dir(study.out)
@@ -95,9 +98,6 @@ class ExplanationsStage(Stage):
 
     def figures(self, study: "Study", result: Explanations, show: bool = False) -> list:
         """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
-        from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
-        from ..xai.checks import cam_maps
-        from .failures import stage as failures
 
         config = study.config
         test = study.splits.test
@@ -142,7 +142,6 @@ class ExplanationsStage(Stage):
 
     # --- what it reports ---------------------------------------------------
     def summary(self, study: "Study", result: Explanations) -> str:
-        from ..xai.randomisation import verdict_word
         lines = []
         for name, f in result.faithfulness.items():
             ls = result.label_suspects[name]
@@ -177,9 +176,6 @@ class ExplanationsStage(Stage):
         return d
 
     def sections(self, study: "Study", result: Explanations) -> list:
-        from ..reporting import Figure, Paragraph, Section, Table
-        from ..xai.checks import KNOWN_TEST_LABEL_ERRORS
-        from ..xai.randomisation import verdict_word
 
         cfg = study.config
         subs = []

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -18,9 +19,15 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path
+from ..plots import plot_confusion_matrix, plot_failure_case, plot_model_comparison, plot_no_failures, save_figure
+from ..reporting import Figure, Paragraph, Section, Table
 from ..results import Record, TestSummary
 from ..runtime import resolve_device, resolve_precision
-from .base import Stage
+from ..weights import describe_reference
+from ..xai import GradCAM, get_layer, label_suspects
+from ..xai.cam import describe_cam
+from .base import Stage, save_figures
+from .training import model_stamp
 
 if TYPE_CHECKING:
     from ..study import Study
@@ -134,7 +141,6 @@ class FailuresStage(Stage):
         if name in study.predictions and not force:
             return study.predictions[name]
         trained = study.model(name)
-        from .training import model_stamp
         split = study.splits.test
         path = predictions_path(study.out, name)
         stamp = model_stamp(trained)
@@ -179,7 +185,6 @@ class FailuresStage(Stage):
                   f"{len(table)} failures above {study.config.failure_threshold:.0%} confidence")
         trained = study.model(name)
         if trained.reference:
-            from ..weights import describe_reference
             device = resolve_device(study.config.device)
             precision = resolve_precision(study.config.precision, device)
             study.say(f"{name}: " + describe_reference(trained.reference, summary.to_dict(),
@@ -190,11 +195,7 @@ class FailuresStage(Stage):
     def explain_cases(self, study: "Study", *, show: bool = False, name: str = "baseline") -> list[FailureCase]:
         """Grad-CAM for the predicted and the true class of the top failures;
         writes failure_case_<i>.png (or a 'no failures' figure)."""
-        import matplotlib.pyplot as plt
 
-        from ..plots import plot_failure_case, plot_no_failures, save_figure
-        from ..xai import GradCAM, get_layer, label_suspects
-        from ..xai.cam import describe_cam
 
         trained = study.model(name)
         table = self.table(study, name)
@@ -263,10 +264,7 @@ class FailuresStage(Stage):
     def figures(self, study: "Study", models: dict[str, ModelFailures], show: bool = False) -> list[Path]:
         """confusion_matrix.png (a panel per model) and model_comparison.png
         (failure bars split by group once the comparison has run)."""
-        import matplotlib.pyplot as plt
 
-        from ..plots import plot_confusion_matrix, plot_model_comparison
-        from .base import save_figures
         fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
                                  constrained_layout=True)
         for ax, (name, m) in zip(axes[0], models.items()):
@@ -288,7 +286,6 @@ class FailuresStage(Stage):
         return result.models[model].summary.to_dict()
 
     def sections(self, study: "Study", result: FailuresResult) -> list:
-        from ..reporting import Figure, Paragraph, Section, Table
         models = result.models
         n_test = next(iter(models.values())).summary.n
         where = " (a stratified subset of the official test set)" if study.config.test_subset else " (the official test set)"
@@ -316,7 +313,6 @@ class FailuresStage(Stage):
                                         self.case_blocks(study, result), key=self.name)]
 
     def case_blocks(self, study: "Study", result: FailuresResult) -> list:
-        from ..reporting import Figure, Paragraph
         if not result.cases:
             return [Paragraph(f"The baseline made no wrong prediction above {result.threshold:.0%} confidence, "
                               "so there are no failure cases to explain.")]

@@ -7,12 +7,14 @@ render each stage's `sections` in stage order, then this stage's summary.
 from __future__ import annotations
 
 import datetime as _dt
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config import PROFILES
 from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
+from ..reporting import Document, Paragraph, Section, render_text, write_html
 from ..results import Record
 from ..runtime import describe_hardware, resolve_device
 from .base import Stage
@@ -34,8 +36,7 @@ class ReportStage(Stage):
     title = "Summary"
 
     def build_metrics(self, study: "Study", seconds: float) -> dict[str, Any]:
-        from . import STAGES
-        done = [(s, study.results[s.name]) for s in STAGES if s.name in study.results and s is not self]
+        done = [(s, study.results[s.name]) for s in study.stage_list if s.name in study.results and s is not self]
         metrics: dict[str, Any] = {m: {} for m in study.models}
         for s, result in done:
             for m in study.models:
@@ -55,8 +56,6 @@ class ReportStage(Stage):
         return metrics
 
     def document(self, study: "Study", metrics: dict[str, Any]):
-        from ..reporting import Document, Paragraph, Section
-        from . import STAGES
 
         training = study.results.get("training")
         reused = [n for n, m in training.models.items() if m.reused_checkpoint] if training else []
@@ -66,7 +65,7 @@ class ReportStage(Stage):
             timing = (f"this run {seconds:.0f} s with the {' and '.join(reused)} model{'s' if len(reused) > 1 else ''} "
                       f"loaded from finished checkpoints (training times below are from when they were trained)")
         sections = []
-        for s in STAGES:
+        for s in study.stage_list:
             if s is not self and s.name in study.results:
                 sections += s.sections(study, study.results[s.name])
         sections.append(Section(self.title, self.summary_blocks(study), key=self.name))
@@ -75,7 +74,6 @@ class ReportStage(Stage):
         return Document("cnnstress analysis report", meta, sections)
 
     def summary_blocks(self, study: "Study") -> list:
-        from ..reporting import Paragraph
         comparison = study.results.get("comparison")
         training = study.results.get("training")
         if comparison is None:
@@ -107,8 +105,7 @@ class ReportStage(Stage):
     def complete(self, study: "Study") -> None:
         """Fill in the stages this session has not run (a notebook after a
         kernel restart): from their caches, never computing an analysis."""
-        from . import STAGES
-        for s in STAGES:
+        for s in study.stage_list:
             if s is self or s.name in study.results or s.name in study.skipped or not s.enabled(study):
                 continue
             result = s.run(study, cached_only=True) if s.analysis else s.run(study)
@@ -118,8 +115,6 @@ class ReportStage(Stage):
                 study.results[s.name] = result
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False) -> ReportResult:
-        from ..reporting import render_text, write_html
-        import time
 
         self.complete(study)
         seconds = time.perf_counter() - study.started

@@ -13,10 +13,20 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..data import sample_positions
 from ..io import ensure_writable_dir, stress_path
+from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
+from ..reporting import Figure, Paragraph, Section, Table
 from ..results import Record, StressResult, with_failure_counts
+from ..robustness import (CORRUPTIONS, SEVERITIES, UNAVAILABLE, adversarial_accuracy, apply_temperature,
+                          calibration_bins, calibration_report, corruption_report)
+from ..robustness.suite import sample_grid_images, stress_settings, write_corruption_csv
 from ..runtime import progress_bar, progress_enabled, resolve_device, seed_stream
+from ..schema import stress_schema
 from .base import Stage, save_figures
+from .comparison import better
+from .failures import evaluate_split
+from .failures import stage as failures
 
 if TYPE_CHECKING:
     from ..study import Study
@@ -33,7 +43,6 @@ class StressStageResult(Record):
 
     def corruption_change(self) -> dict[str, float]:
         """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
-        from ..robustness import CORRUPTIONS, SEVERITIES
         a, b = self.models["baseline"].corruptions.accuracy, self.models["improved"].corruptions.accuracy
         return {c: (sum(b[c]) - sum(a[c])) / len(SEVERITIES) for c in CORRUPTIONS}
 
@@ -47,11 +56,6 @@ class StressStage(Stage):
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> StressStageResult | None:
-        from ..robustness import CORRUPTIONS, adversarial_accuracy, calibration_report, corruption_report
-        from ..robustness.suite import sample_positions, stress_settings
-        from ..schema import stress_schema
-        from .failures import evaluate_split
-        from .failures import stage as failures
 
         config = study.config
         out = ensure_writable_dir(study.out)
@@ -110,7 +114,6 @@ class StressStage(Stage):
                                    models={n: results[n] for n in study.models})
         self.figures(study, result, show=show)
         per_cell = min(config.corruption_subset or len(study.splits.test), len(study.splits.test))
-        from ..robustness import SEVERITIES
         if todo:
             study.timer.lap("stress", len(todo) * len(CORRUPTIONS) * len(SEVERITIES) * per_cell,
                             f"{len(todo)} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x "
@@ -121,10 +124,6 @@ class StressStage(Stage):
 
     def figures(self, study: "Study", result: StressStageResult, show: bool = False) -> list:
         """corruption_accuracy.csv and the four stress figures."""
-        from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
-        from ..robustness import apply_temperature, calibration_bins
-        from ..robustness.suite import sample_grid_images, write_corruption_csv
-        from .failures import stage as failures
 
         config = study.config
         models = result.models
@@ -178,9 +177,6 @@ class StressStage(Stage):
                 **{n: r.to_dict() for n, r in result.models.items()}}
 
     def sections(self, study: "Study", result: StressStageResult) -> list:
-        from ..reporting import Figure, Paragraph, Section, Table
-        from ..robustness import CORRUPTIONS, SEVERITIES, UNAVAILABLE
-        from .comparison import better
 
         m = result.models
         cal = {n: r.calibration for n, r in m.items()}

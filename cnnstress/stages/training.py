@@ -10,18 +10,24 @@ config is reused, an unfinished one resumed (see cnnstress.train.fit).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import matplotlib.pyplot as plt
 
 from ..augment import PRESETS
 from ..checkpoint import check_config_matches, read_checkpoint
 from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_writable_dir
+from ..plots import plot_training_curves, save_figure
+from ..reporting import Figure, Paragraph, Section
 from ..results import Record, optional
 from ..runtime import resolve_device
+from ..study import MODELS
 from ..train import FitResult, fit, load_model
+from ..weights import METADATA_FILE, load_published
 from .base import Stage
 
 if TYPE_CHECKING:
@@ -32,7 +38,6 @@ CURVES_FILE = "training_curves.png"
 
 
 def checkpoint_path(out_dir: str | Path, config: Config) -> Path:
-    from ..study import MODELS
     name = next(n for n, preset in MODELS.items() if preset == config.augment)
     return Path(out_dir) / name / "checkpoint.pt"
 
@@ -156,7 +161,6 @@ def published_model(config: Config, weights_dir: str | Path) -> Trained:
     """A published model (cnnstress.weights) for `config`'s augmentation
     preset, never trained: its hashes must verify and its training config must
     be config.profile's. The analysis uses `config` (device, sizes)."""
-    from ..weights import METADATA_FILE, load_published
 
     if config.profile not in PROFILES:
         raise ConfigError(f"published weights need the profile they were trained with (one of {', '.join(PROFILES)}), "
@@ -207,13 +211,11 @@ class TrainingStage(Stage):
     def curves(self, study: "Study", show: bool = False):
         """training_curves.png of every model trained so far (written once
         both are); returns the Figure."""
-        from ..plots import plot_training_curves, save_figure
 
         fig = plot_training_curves({n: t.result.history for n, t in study.trained.items()})
         if set(study.models) <= set(study.trained):
             save_figure(fig, study.out / CURVES_FILE)
         if not show:
-            import matplotlib.pyplot as plt
             plt.close(fig)
         return fig
 
@@ -236,7 +238,6 @@ class TrainingStage(Stage):
                 **({"published_run": m.published_run} if m.published_run else {})}
 
     def sections(self, study: "Study", result: TrainingResult) -> list:
-        from ..reporting import Paragraph, Section
         cfg = study.model_config("baseline")
         shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
                  "precision", "device", "failure_threshold"]
@@ -261,7 +262,6 @@ class TrainingStage(Stage):
                 f"validation loss {m.final_val_loss:.3f} / accuracy {100 * m.final_val_accuracy:.2f}% (best "
                 f"{100 * m.best_val_accuracy:.2f}% at epoch {m.best_val_epoch}). Gap train-validation accuracy: "
                 f"{m.gap_points:+.1f} points."))
-        from ..reporting import Figure
         blocks.append(Figure(CURVES_FILE, "loss and accuracy per epoch, training solid, validation dashed"))
         return [Section("Configuration", config_blocks, key="training"), Section(self.title, blocks, key="training")]
 
