@@ -150,3 +150,15 @@ SEED_STREAMS = {
 def seed_stream(seed: int, stream: str) -> int:
     """The seed of a named stream (SEED_STREAMS) for a run seeded with `seed`."""
     return seed + SEED_STREAMS[stream]
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """The one batching rule of the package: consecutive slices covering
+    range(n), each `batch_size` long but the last (shorter when n is not a
+    multiple). n = 0 gives no slices. Every batched loop (inference, attacks,
+    CAMs, deletion/insertion, randomisation) walks these, so a result never
+    depends on which loop cut the batches."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    return [slice(start, min(start + batch_size, n)) for start in range(0, max(int(n), 0), batch_size)]
+

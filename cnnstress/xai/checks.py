@@ -36,7 +36,7 @@ from ..augment import normalize, to_float
 from ..config import Config
 from ..evaluate import FailureTable, Predictions
 from ..data import sample_positions
-from ..runtime import seed_stream
+from ..runtime import batch_slices, seed_stream
 from .cam import CAM_METHODS, describe_cam, get_layer, upsample
 from .faithfulness import Deletion, Insertion, deletion_insertion, random_maps
 from .label_errors import find_label_issues
@@ -75,8 +75,8 @@ def cam_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: s
     `method` at `layer` for normalised images x (N,3,H,W), on the CPU."""
     explainer = CAM_METHODS[method](model, get_layer(model, layer))
     raw, maps = [], []
-    for start in range(0, x.shape[0], batch_size):
-        r = explainer.attribute(x[start:start + batch_size], targets[start:start + batch_size])
+    for batch in batch_slices(x.shape[0], batch_size):
+        r = explainer.attribute(x[batch], targets[batch])
         raw.append(upsample(r.raw, tuple(x.shape[2:])).cpu())
         maps.append(r.maps.cpu())
     return torch.cat(raw), torch.cat(maps)

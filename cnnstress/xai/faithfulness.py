@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FaithfulnessError
-from ..runtime import eval_mode
+from ..runtime import batch_slices, eval_mode
 from .cam import upsample
 from .metric import ExplainFunc, Metric
 
@@ -277,8 +277,8 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         per_image = len(modes) * (steps + 1)   # [modes[0] s=0..S, modes[1] s=0..S, ...]
         total = n * per_image
         probs = torch.empty(total, dtype=torch.float32, device=dev)
-        for start in range(0, total, batch_size):
-            j = torch.arange(start, min(start + batch_size, total), device=dev)
+        for batch in batch_slices(total, batch_size):
+            j = torch.arange(batch.start, batch.stop, device=dev)
             img, rest = j // per_image, j % per_image
             insertion, s = is_insertion[rest // (steps + 1)], rest % (steps + 1)
             changed = rank[img] < counts[s].unsqueeze(1)            # (B,P): top-k_s pixels

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..errors import SanityError
+from ..runtime import batch_slices
 from .cam import CAM_METHODS, get_layer, upsample
 from .metric import ExplainFunc, Metric, SimilarityFunc
 from .similarity import abs_spearman, spearman, ssim
@@ -201,9 +202,9 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None
     def explain(tgt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cam = explainer(work, get_layer(work, layer))
         raws, maps, idx = [], [], []
-        for s in range(0, n, batch_size):
-            t = tgt[s:s + batch_size] if isinstance(tgt, torch.Tensor) else tgt
-            res = cam.attribute(images[s:s + batch_size], targets=t)
+        for batch in batch_slices(n, batch_size):
+            t = tgt[batch] if isinstance(tgt, torch.Tensor) else tgt
+            res = cam.attribute(images[batch], targets=t)
             raws.append(res.raw.cpu())
             maps.append(res.maps.cpu())
             idx.append(res.targets.cpu())
