@@ -241,8 +241,6 @@ COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain":
 def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> str:
     """What survived an interruption, and a command that continues from there."""
     import shlex
-    import time
-    from pathlib import Path
 
     out = Path(args.out_dir or pipeline.default_out_dir())
     names = [pipeline.RUN_NAMES.get(getattr(args, "augment", None), "baseline")] if args.command == "train" else ["baseline", "improved"]

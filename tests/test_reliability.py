@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import pipeline
 from cnnstress.__main__ import build_parser, main
 from cnnstress.checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from cnnstress.errors import CnnstressError

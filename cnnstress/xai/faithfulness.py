@@ -289,7 +289,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise FaithfulnessError(f"the model must return logits (B,C); got {shape}")
             t = tgt[img]
-            if start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
+            if batch.start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
                 bad = tgt[(tgt < 0) | (tgt >= logits.shape[1])][0].item()
                 raise FaithfulnessError(f"target class {bad} is out of range for {logits.shape[1]} classes")
             p = torch.softmax(logits.float(), dim=1)
