@@ -14,7 +14,6 @@ from pathlib import Path
 from .config import GROUPS, PROFILES, Config, get_config
 from .errors import CnnstressError, ConfigError
 from . import pipeline
-from .xai.randomisation import verdict_word
 from .weights import analysis_config
 
 
@@ -175,44 +174,34 @@ def _config(args: argparse.Namespace, **forced) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .stages.failures import evaluate_split
+    from .stages.training import train_model
+    from .study import Study
+
     config = _config(args)
-    out_dir = args.out_dir or pipeline.default_out_dir()
-    splits = pipeline.load_data(config, args.data_dir)
+    study = Study(config=config, data_dir=args.data_dir, out_dir=args.out_dir)
+    splits = study.splits
     print(f"profile {config.profile}: {len(splits.train)} train / {len(splits.val)} val / "
           f"{len(splits.test)} test images, {config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {config.augment}")
-    trained = pipeline.train_model(config, splits, out_dir, force=args.force, resume=args.resume,
-                                   progress=False if args.no_progress else None)
-    test = pipeline.evaluate_split(trained, splits.test)
+    from .lock import output_lock
+    with output_lock(study.out):
+        trained = train_model(config, splits, study.out, force=args.force, resume=args.resume,
+                              progress=False if args.no_progress else None)
+    test = evaluate_split(trained, splits.test)
     last = trained.result.history[-1]
     print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
           f"({len(test)} images), training {trained.result.train_seconds:.0f}s; checkpoint {trained.checkpoint}")
-    config.save(Path(out_dir) / "config.json")   # rerun with --config
+    config.save(study.out / "config.json")   # rerun with --config
     return 0
 
 
-def _print_result(result) -> None:
-    for name in ("baseline", "improved"):
-        s = result.summaries[name]
-        line = (f"{name}: test accuracy {100 * s['test_accuracy']:.2f}%, "
-                f"{s['high_confidence_failures']} high-confidence failures, "
-                f"training {result.trained[name].result.train_seconds:.0f}s")
-        if result.stress:
-            r = result.stress[name]
-            line += (f"; ECE {100 * r['calibration']['uncalibrated']['ece']:.2f}% "
-                     f"(calibrated {100 * r['calibration']['calibrated']['ece']:.2f}%), "
-                     f"mean corruption accuracy {100 * r['corruptions']['mean_corruption_accuracy']:.2f}%, "
-                     f"PGD {round(255 * r['adversarial']['eps'][-1])}/255 {100 * r['adversarial']['pgd'][-1]:.1f}%")
-        if result.explanations:
-            ex = result.explanations
-            ls = ex["label_suspects"][name]
-            faith = ex["faithfulness"][name]["sample"]["methods"]["gradcam"]
-            sanity = verdict_word(ex["sanity"][name]["gradcam"]["verdict"]["passed"])
-            line += (f"; Grad-CAM deletion/insertion AUC {faith['deletion_auc']:.3f}/{faith['insertion_auc']:.3f} "
-                     f"({faith['verdict']} vs pixel noise, {faith['verdict_smooth']} vs smooth random), "
-                     f"sanity check {sanity}, "
-                     f"{ls['suspect_failures']}/{ls['failures']} failures suspected label errors")
-        print(line)
-    print(f"outputs in {result.outputs}/ (analysis_report.txt, metrics.json, figures)")
+def _print_result(study) -> None:
+    """Each stage's one summary line (the lines its run logged), then where the outputs are."""
+    for name, result in study.results.items():
+        line = study.get_stage(name).summary(study, result)
+        if line and name != "report":
+            print(line)
+    print(f"outputs in {study.out}/ (analysis_report.txt, report.html, metrics.json, figures)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -252,8 +241,6 @@ COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain":
 def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> str:
     """What survived an interruption, and a command that continues from there."""
     import shlex
-    import time
-    from pathlib import Path
 
     out = Path(args.out_dir or pipeline.default_out_dir())
     names = [pipeline.RUN_NAMES.get(getattr(args, "augment", None), "baseline")] if args.command == "train" else ["baseline", "improved"]

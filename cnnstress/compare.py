@@ -150,3 +150,23 @@ def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b
     out["counts"] = {"a": int(pos_a.size), "b": int(pos_b.size),
                      **{k: len(v) for k, v in out.items()}}
     return out
+
+
+def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> dict[str, Any]:
+    """The paired comparison of "baseline" and "improved" on the same test
+    images (evaluate.Predictions and FailureTable per model): accuracy
+    difference with a bootstrap interval (seeded by config.seed), McNemar's
+    test, and which failures were fixed, persist, are new or newly confident.
+    The dict form of results.Comparison (without config_diff)."""
+    a, b = preds["baseline"], preds["improved"]
+    if not np.array_equal(np.asarray(a.labels), np.asarray(b.labels)):
+        raise ValueError("the two models were evaluated on different test images")
+    correct_a = np.asarray(a.preds == a.labels)
+    correct_b = np.asarray(b.preds == b.labels)
+    return {
+        "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=n_boot, seed=config.seed),
+        "mcnemar": mcnemar(correct_a, correct_b),
+        "failures": compare_failures(failures["baseline"], failures["improved"], b.preds, b.labels, preds_a=a.preds),
+        "threshold": failures["baseline"].threshold,
+    }
+

@@ -46,7 +46,9 @@ def _runtime(default: Any, help: str, group: str = "runtime", **extra: Any) -> A
 class Config:
     """Field metadata: `group` (one of GROUPS), `help` (unit and meaning; the
     CLI flag's help), `train=False` on fields a checkpoint does not depend on,
-    and `choices` where only some strings are valid."""
+    `choices` where only some strings are valid, and `cache=False` on fields
+    that never change a stage's numbers (switches, worker counts), which
+    `settings` leaves out of cache keys."""
     # --- what is learned -------------------------------------------------
     seed: int = _learned(42, "random seed: split, initialisation, shuffling, augmentation, analysis samples")
     epochs: int = _learned(30, "training epochs")
@@ -75,18 +77,19 @@ class Config:
                                         group="failures")
     top_failures: int = _runtime(3, "failure cases drawn with Grad-CAM", group="failures")
     # --- stress tests (corruptions, calibration, adversarial): runtime too --
-    stress: bool = _runtime(True, "run the stress stage as part of `run`", group="stress")
+    stress: bool = _runtime(True, "run the stress stage as part of `run`", group="stress", cache=False)
     corruption_subset: int | None = _runtime(None, "test images per corruption x severity cell (stratified); "
                                                    "none = all", group="stress")
     corruption_workers: int | None = _runtime(None, "corruption generator processes (any count: same pixels); "
-                                                    "none = auto", group="stress")
+                                                    "none = auto", group="stress", cache=False)
     adv_subset: int | None = _runtime(1000, "test images attacked (stratified); none = all", group="stress")
     adv_eps: tuple[int, ...] = _runtime((1, 2, 4, 8), "L-inf budgets in grey levels: eps = k/255", group="stress")
     pgd_steps: int = _runtime(10, "PGD iterations per budget (step 2.5*eps/steps)", group="stress")
     calibration_bins: int = _runtime(15, "equal-width confidence bins for ECE/MCE (Guo et al. 2017)",
                                      group="stress")
     # --- explanations and failure triage: runtime ---------------------------
-    explain: bool = _runtime(True, "run the explanation stage as part of `run`", group="explanations")
+    explain: bool = _runtime(True, "run the explanation stage as part of `run`", group="explanations",
+                             cache=False)
     cam_layer: str = _runtime("layer4", "CAM target layer: layer4 (4x4 map) or layer3 (8x8)",
                               group="explanations", choices=CAM_LAYERS)
     faithfulness_samples: int = _runtime(500, "images per faithfulness group (top failures; a stratified "
@@ -187,6 +190,12 @@ class Config:
     def values_in(self, *groups: str) -> dict[str, Any]:
         """{name: value} of the fields in `groups`, e.g. a cache key of one stage's settings."""
         return {name: getattr(self, name) for group in groups for name in self.fields_in(group)}
+
+    def settings(self, *groups: str) -> dict[str, Any]:
+        """values_in(*groups) without the cache=False fields: what a stage's
+        cached numbers depend on, so a new field in a group invalidates them."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.values_in(*groups).items() if fields[k].metadata.get("cache", True)}
 
     def save(self, path: str | Path) -> Path:
         """Write the config as JSON to `path` atomically; Config.load reads it back."""

@@ -224,3 +224,13 @@ def load_splits(data_dir: str | Path, config, download: bool = True) -> CifarSpl
     train, test = load_cifar10(data_dir, download=download)
     return make_splits(train, test, val_size=config.val_size, seed=config.seed,
                        train_subset=config.train_subset, test_subset=config.test_subset)
+
+
+def sample_positions(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """Sorted positions of a stratified, seeded sample of `size` items (all
+    positions when size is None or not smaller than the split)."""
+    n = int(labels.shape[0])
+    if size is None or size >= n:
+        return torch.arange(n)
+    first, _ = stratified_split(labels, size, seed)
+    return first

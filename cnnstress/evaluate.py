@@ -18,7 +18,7 @@ from .arrays import as_int_vector, as_numpy
 from .augment import normalize, to_float
 from .data import CLASSES
 from .io import atomic_write
-from .runtime import autocast, eval_mode
+from .runtime import autocast, batch_slices, eval_mode
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ def infer(model: nn.Module, images: torch.Tensor, *, device: torch.device,
     # the logits stay there until the single read-back at the end.
     images = images.to(device)
     with eval_mode(model):
-        for start in range(0, images.shape[0], batch_size):
-            x = normalize(to_float(images[start:start + batch_size]))
+        for batch in batch_slices(images.shape[0], batch_size):
+            x = normalize(to_float(images[batch]))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp_dtype):

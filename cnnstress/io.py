@@ -124,3 +124,46 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# --- where things live -------------------------------------------------------
+DEFAULT_DATA_DIR = "data"
+DEFAULT_OUT_DIR = "outputs"
+ENV_PROFILE, ENV_DATA_DIR, ENV_OUT_DIR = "CNNSTRESS_PROFILE", "CNNSTRESS_DATA_DIR", "CNNSTRESS_OUT_DIR"
+
+
+def default_data_dir() -> str:
+    return os.environ.get(ENV_DATA_DIR, DEFAULT_DATA_DIR)
+
+
+def default_out_dir() -> str:
+    return os.environ.get(ENV_OUT_DIR, DEFAULT_OUT_DIR)
+
+
+def default_profile(explicit: str | None = None, *, fallback: str | None = None) -> str:
+    """The profile to use: `explicit` (a --profile flag) when given, else
+    $CNNSTRESS_PROFILE, else `fallback`, else full on a GPU and quick on a CPU.
+    The variable sets a default; it never overrides a flag."""
+    if explicit:
+        return explicit
+    if ENV_PROFILE in os.environ:
+        return os.environ[ENV_PROFILE]
+    if fallback:
+        return fallback
+    import torch
+    return "full" if torch.cuda.is_available() else "quick"
+
+
+def predictions_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"predictions_{name}.npz"
+
+
+def stress_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / f"stress_{name}.json"
+
+
+EXPLANATIONS_FILE = "explanations.json"
+RUN_LOG = "run_log.json"
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "analysis_report.txt"
+HTML_REPORT_FILE = "report.html"

@@ -379,7 +379,7 @@ def with_failure_counts(calibration: Calibration, test_predictions: "Predictions
     """A copy of `calibration` with the failure counts (wrong predictions
     with confidence above `threshold`, before and after temperature scaling)
     and failure_threshold set; the numbers stress.count_failures writes."""
-    from .calibration import apply_temperature
+    from .robustness.calibration import apply_temperature
 
     def failures(probs: Any) -> int:
         conf, pred = probs.max(1)

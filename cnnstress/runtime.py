@@ -128,3 +128,37 @@ def progress_bar(total: int, desc: str, show: bool):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+# Named seed streams, as offsets from config.seed: every sample or random draw
+# of the analysis says which stream it uses, so two draws never share one by
+# accident. Streams at the same offset feed different generators (a
+# stratified sample, torch noise, NumPy maps), which is how the published
+# numbers were made; changing an offset changes them.
+SEED_STREAMS = {
+    "corruption_sample": 0,     # which test images are corrupted (and the corruption noise)
+    "attack_sample": 1,         # which test images are attacked
+    "faithfulness_sample": 2,   # the stratified faithfulness group
+    "sanity_sample": 3,         # the images of the parameter-randomisation test
+    "random_maps": 0,           # pixel-noise random explanation maps
+    "smooth_random_maps": 4,    # smooth random maps (CAM resolution, upsampled)
+    "tie_breaking": 5,          # ranking ties in deletion/insertion
+    "randomisation": 0,         # re-initialised weights in the sanity check
+}
+
+
+def seed_stream(seed: int, stream: str) -> int:
+    """The seed of a named stream (SEED_STREAMS) for a run seeded with `seed`."""
+    return seed + SEED_STREAMS[stream]
+
+
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """The one batching rule of the package: consecutive slices covering
+    range(n), each `batch_size` long but the last (shorter when n is not a
+    multiple). n = 0 gives no slices. Every batched loop (inference, attacks,
+    CAMs, deletion/insertion, randomisation) walks these, so a result never
+    depends on which loop cut the batches."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    return [slice(start, min(start + batch_size, n)) for start in range(0, max(int(n), 0), batch_size)]
+

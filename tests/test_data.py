@@ -131,3 +131,14 @@ def test_batches_pickled_by_numpy_1_and_2_are_read(tmp_path, protocol, numpy_mod
     images, labels = read_batch(path)
     np.testing.assert_array_equal(images.reshape(5, -1), data)
     np.testing.assert_array_equal(labels, [0, 1, 2, 3, 9])
+
+
+def test_sample_positions_stratified_and_all():
+    from cnnstress.data import sample_positions
+    labels = torch.arange(100) % 10
+    pos = sample_positions(labels, 30, seed=1)
+    assert pos.numel() == 30 and torch.equal(pos, pos.sort().values)
+    assert torch.bincount(labels[pos], minlength=10).tolist() == [3] * 10
+    assert torch.equal(sample_positions(labels, None, 1), torch.arange(100))
+    assert torch.equal(sample_positions(labels, 500, 1), torch.arange(100))
+    assert torch.equal(pos, sample_positions(labels, 30, seed=1))

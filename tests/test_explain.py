@@ -220,7 +220,9 @@ def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_run, sh
 
 
 def test_bad_explain_options_are_one_line_errors(shared_cifar_dir, tmp_path, capsys):
-    assert main(cli("explain", shared_cifar_dir, tmp_path / "out", "--layer", "layer9")) == 2
+    with pytest.raises(SystemExit) as exc:                  # the flags are checked as Config checks the field
+        main(cli("explain", shared_cifar_dir, tmp_path / "out", "--layer", "layer9"))
+    assert exc.value.code == 2 and not (tmp_path / "out").exists()
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cam_layer" in err and "layer4" in err
     with pytest.raises(SystemExit) as exc:                  # argparse refuses it before anything runs

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import pipeline
 from cnnstress.__main__ import build_parser, main
 from cnnstress.checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from cnnstress.errors import CnnstressError
@@ -79,12 +77,15 @@ def analysed_copy(analysed_run, tmp_path) -> Path:
 def test_broken_predictions_cache_is_recomputed(trained, shared_cifar_dir, tmp_path, capsys, damage):
     from cnnstress.config import get_config
     cfg = get_config("smoke", device="cpu")
-    splits = pipeline.load_data(cfg, shared_cifar_dir)
+    from cnnstress.io import predictions_path
+    from cnnstress.stages.failures import stage as failures
+    from cnnstress.study import Study
     out = tmp_path / "out"
     shutil.copytree(trained, out)
-    model = pipeline.load_trained(cfg, out)
-    good = pipeline.evaluate_model(model, splits.test, out)
-    path = pipeline.predictions_path(out, "baseline")
+    study = Study(config=cfg, data_dir=shared_cifar_dir, out_dir=out, train=False)
+    splits = study.splits
+    good = failures.predictions(study, "baseline")
+    path = predictions_path(out, "baseline")
     raw = path.read_bytes()
     if damage == "garbage":
         path.write_bytes(b"\x00not an npz at all" * 10)
@@ -100,7 +101,8 @@ def test_broken_predictions_cache_is_recomputed(trained, shared_cifar_dir, tmp_p
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
     capsys.readouterr()
-    again = pipeline.evaluate_model(model, splits.test, out)
+    study.predictions.clear()                          # as after a kernel restart: read the cache again
+    again = failures.predictions(study, "baseline")
     logged = capsys.readouterr().out
     assert logged.count("\n") == 1 and logged.startswith(f"predictions: {path}") and "; recomputing" in logged
     for field in ("logits", "probs", "preds", "labels"):
@@ -295,20 +297,21 @@ def test_sigterm_during_a_checkpoint_write_cleans_up(shared_cifar_dir, tmp_path)
 
 def _interrupt_improved(monkeypatch):
     """Train the baseline as usual, then 'press Ctrl-C' when the improved model starts."""
-    real = pipeline.train_model
+    from cnnstress.stages import training
+    real = training.train_model
 
     def train_model(config, *a, **k):
         if config.augment == "enhanced":
             raise KeyboardInterrupt
         return real(config, *a, **k)
-    monkeypatch.setattr(pipeline, "train_model", train_model)
+    monkeypatch.setattr(training, "train_model", train_model)
 
 
 def test_ctrl_c_in_run_advises_a_command_that_works(shared_cifar_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain")
     with monkeypatch.context() as mp:
-        mp.setattr(pipeline, "load_data", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        mp.setattr("cnnstress.data.load_splits", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         code, _, err = _run(capsys, argv)
     assert code == 130
     message = _one_line(err, "interrupted before any checkpoint was written")
@@ -397,7 +400,9 @@ def test_second_writer_is_refused_and_a_killed_holder_is_taken_over(trained, sha
         _one_line(err, f"output folder {trained} is in use by pid {holder.pid}", "--out-dir")
         assert ckpt.stat().st_mtime_ns == before          # nothing was touched
         with pytest.raises(CnnstressError, match=f"in use by pid {holder.pid}"):   # nor can a notebook write
-            pipeline.save_training_curves({}, trained)
+            from cnnstress.config import get_config
+            from cnnstress.study import Study
+            Study(config=get_config("smoke"), out_dir=trained, log=None).curves(show=False)
     finally:
         holder.kill()                                     # kill -9: no chance to release the lock itself
         holder.wait()
@@ -437,13 +442,14 @@ def test_garbage_history_json_is_repaired_from_the_checkpoint(trained, shared_ci
 
 
 def test_failed_run_leaves_no_one_model_training_curves(shared_cifar_dir, tmp_path, monkeypatch, capsys):
-    real = pipeline.train_model
+    from cnnstress.stages import training
+    real = training.train_model
 
     def train_model(config, *a, **k):
         if config.augment == "enhanced":
             raise CnnstressError("simulated failure of the improved model")
         return real(config, *a, **k)
-    monkeypatch.setattr(pipeline, "train_model", train_model)
+    monkeypatch.setattr(training, "train_model", train_model)
     out = tmp_path / "out"
     code, _, err = _run(capsys, cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain"))
     assert code == 2 and "simulated failure" in err

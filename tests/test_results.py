@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from cnnstress import compare, explain, results, stress
-from cnnstress.adversarial import adversarial_accuracy
+from cnnstress import compare, results
+from cnnstress.robustness import suite as stress
+from cnnstress.robustness.adversarial import adversarial_accuracy
+from cnnstress.xai import checks as explain
 from cnnstress.config import get_config
 from cnnstress.data import Split
 from cnnstress.errors import ResultFormatError
@@ -185,7 +187,7 @@ def test_test_summary_from_summarize():
 
 
 def test_comparison_from_compare_models_and_metrics_form():
-    from cnnstress.pipeline import compare_models
+    from cnnstress.compare import compare_models
 
     logits_a, labels = _logits(300, seed=1)
     logits_b = logits_a.clone()

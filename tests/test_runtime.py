@@ -36,3 +36,16 @@ def test_progress_helpers():
     bar.update(3)
     assert bar.n == 3
     bar.close()
+
+
+def test_batch_slices_cover_the_range_once_in_order():
+    from cnnstress.runtime import batch_slices
+    assert batch_slices(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert batch_slices(8, 4) == [slice(0, 4), slice(4, 8)]
+    assert batch_slices(3, 100) == [slice(0, 3)] and batch_slices(0, 5) == []
+    for n, b in ((97, 7), (1, 1), (64, 64)):
+        covered = [i for s in batch_slices(n, b) for i in range(s.start, s.stop)]
+        assert covered == list(range(n)) and all(s.stop - s.start <= b for s in batch_slices(n, b))
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size"):
+            batch_slices(5, bad)

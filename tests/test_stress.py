@@ -34,16 +34,6 @@ def _overconfident(n: int, seed: int, scale: float = 4.0):
     return base * scale, labels
 
 
-def test_sample_positions_stratified_and_all():
-    labels = torch.arange(100) % 10
-    pos = stress.sample_positions(labels, 30, seed=1)
-    assert pos.numel() == 30 and torch.equal(pos, pos.sort().values)
-    assert torch.bincount(labels[pos], minlength=10).tolist() == [3] * 10
-    assert torch.equal(stress.sample_positions(labels, None, 1), torch.arange(100))
-    assert torch.equal(stress.sample_positions(labels, 500, 1), torch.arange(100))
-    assert torch.equal(pos, stress.sample_positions(labels, 30, seed=1))
-
-
 def test_calibration_report_fits_on_validation_and_counts_failures():
     config = get_config("smoke", failure_threshold=0.8)
     val_logits, val_labels = _overconfident(3000, seed=0)

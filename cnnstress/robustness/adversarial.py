@@ -31,7 +31,7 @@ from torch import nn
 
 from ..augment import normalize, to_float
 from ..errors import ConfigError
-from ..runtime import eval_mode, progress_bar, progress_enabled
+from ..runtime import batch_slices, eval_mode, progress_bar, progress_enabled
 
 ATTACKS = ("fgsm", "pgd")
 DEFAULT_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
@@ -245,14 +245,14 @@ def adversarial_accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: t
             for a in attacks if a == "pgd" for i in range(len(eps_values))}
     clean = 0
     correct = {a: [0] * len(eps_values) for a in attacks}
-    batches = range(0, n, batch_size)
+    batches = batch_slices(n, batch_size)
     bar = progress_bar(len(batches) * len(attacks) * len(eps_values), "adversarial",
                         progress_enabled(progress))
     try:
         with eval_mode(model):
-            for start in batches:
-                x = to_float(images_uint8[start:start + batch_size].to(dev))
-                y = labels[start:start + batch_size].to(dev)
+            for batch in batches:
+                x = to_float(images_uint8[batch].to(dev))
+                y = labels[batch].to(dev)
                 batch_clean = _correct(model, x, y)
                 clean += batch_clean
                 for a in attacks:

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from ..config import Config
-from ..data import Split, stratified_split
+from ..data import Split, sample_positions
 from ..evaluate import Predictions, infer
-from ..runtime import resolve_precision
+from ..runtime import resolve_precision, seed_stream
 from .calibration import apply_temperature, calibration_bins, fit_temperature
 from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt, corrupt_cells
 
@@ -48,16 +48,6 @@ def stress_settings(config: Config) -> dict[str, Any]:
         "pgd_steps": config.pgd_steps,
         "calibration_bins": config.calibration_bins,
     }
-
-
-def sample_positions(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
-    """Sorted positions of a stratified, seeded sample of `size` items (all
-    positions when size is None or not smaller than the split)."""
-    n = int(labels.shape[0])
-    if size is None or size >= n:
-        return torch.arange(n)
-    first, _ = stratified_split(labels, size, seed)
-    return first
 
 
 def _bins_dict(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[str, Any]:
@@ -120,7 +110,7 @@ def corruption_report(models: Mapping[str, nn.Module], test: Split, config: Conf
     once (seeded by config.seed) and fed to every model; the batches are made
     by config.corruption_workers processes (None = auto), which work ahead
     while the models evaluate earlier types, and do not depend on that count."""
-    pos = sample_positions(test.labels, config.corruption_subset, config.seed)
+    pos = sample_positions(test.labels, config.corruption_subset, seed_stream(config.seed, "corruption_sample"))
     images, labels = test.images[pos], test.labels[pos]
     amp = resolve_precision(config.precision, device)
 
@@ -180,7 +170,8 @@ def sample_grid_images(test: Split, config: Config, index: int = 0) -> tuple[int
     """One test image (the `index`-th of the corruption sample) at every
     severity of every type: (dataset index, {type: [HWC uint8 for severity
     0 (clean), 1..5]})."""
-    pos = sample_positions(test.labels, config.corruption_subset, config.seed)[index:index + 1]
+    pos = sample_positions(test.labels, config.corruption_subset,
+                           seed_stream(config.seed, "corruption_sample"))[index:index + 1]
     image = test.images[pos]
     grid = {}
     for cname in CORRUPTIONS:

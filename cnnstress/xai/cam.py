@@ -53,7 +53,7 @@ from ..errors import GradCAMError
 from ..runtime import eval_mode
 
 __all__ = [
-    "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus",
+    "CAM_METHODS", "CamExplainer", "CamResult", "GradCAM", "GradCAMError", "GradCAMPlusPlus", "cam_explain_func",
     "compute_cam", "compute_cam_plus_plus", "get_layer", "normalize_maps", "overlay",
     "to_display_image", "upsample",
 ]
@@ -433,6 +433,27 @@ class GradCAMPlusPlus(CamExplainer):
 
 # Explainers by name, e.g. for a CLI flag or cnnstress.xai.randomisation.
 CAM_METHODS: dict[str, type[CamExplainer]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+
+
+def cam_explain_func(method: str = "gradcam", layer: str = "layer4", *, normalized: bool = True,
+                     batch_size: int = 256) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A CAM method as an explain_func for the metrics (cnnstress.xai.metric):
+    f(model, x, targets) -> float32 CPU maps (N,H,W) of `method` (a key of
+    CAM_METHODS) at `layer` of whatever model it is given (e.g. a randomised
+    copy). normalized=True: the [0, 1] maps; False: the raw map upsampled to
+    (H,W), >= 0, un-normalised (what the explanation stage scores)."""
+    if method not in CAM_METHODS:
+        raise GradCAMError(f"unknown CAM method {method!r}; choose one of {', '.join(CAM_METHODS)}")
+
+    def explain(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cam = CAM_METHODS[method](model, get_layer(model, layer))
+        out = []
+        for s in range(0, x.shape[0], batch_size):
+            res = cam.attribute(x[s:s + batch_size], targets[s:s + batch_size])
+            out.append((res.maps if normalized else upsample(res.raw, tuple(x.shape[2:]))).cpu())
+        return torch.cat(out)
+
+    return explain
 
 
 # --- display -----------------------------------------------------------------

@@ -35,9 +35,10 @@ from torch import nn
 from ..augment import normalize, to_float
 from ..config import Config
 from ..evaluate import FailureTable, Predictions
-from ..robustness.suite import sample_positions
+from ..data import sample_positions
+from ..runtime import batch_slices, seed_stream
 from .cam import CAM_METHODS, describe_cam, get_layer, upsample
-from .faithfulness import deletion_insertion, random_maps
+from .faithfulness import Deletion, Insertion, deletion_insertion, random_maps
 from .label_errors import find_label_issues
 from .randomisation import cascading_randomization, verdict
 from .similarity import spearman
@@ -50,9 +51,7 @@ CAM_EXPLAINERS = ("gradcam", "gradcam++")
 # resolution upsampled like the CAM, so that beating it is not just being smooth.
 RANDOM_BASELINES = ("random", "random_smooth")
 FAITHFULNESS_METHODS = CAM_EXPLAINERS + RANDOM_BASELINES
-# Seeds, as offsets from config.seed (2 and 3 pick the faithfulness and sanity samples)
-SMOOTH_SEED_OFFSET = 4   # the smooth random maps (not the pixel maps' stream)
-TIE_SEED_OFFSET = 5      # tie-breaking in every map's pixel order (not a random map's stream)
+# Every seed below is a named stream of runtime.SEED_STREAMS (offsets from config.seed).
 CONFIDENCE = 0.95  # of the paired intervals (Student's t: the groups hold only 8 to 32 images)
 DRIFT_GROUPS = ("fixed", "persisting", "new", "newly_confident")  # compare_failures' groups
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
@@ -76,8 +75,8 @@ def cam_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: s
     `method` at `layer` for normalised images x (N,3,H,W), on the CPU."""
     explainer = CAM_METHODS[method](model, get_layer(model, layer))
     raw, maps = [], []
-    for start in range(0, x.shape[0], batch_size):
-        r = explainer.attribute(x[start:start + batch_size], targets[start:start + batch_size])
+    for batch in batch_slices(x.shape[0], batch_size):
+        r = explainer.attribute(x[batch], targets[batch])
         raw.append(upsample(r.raw, tuple(x.shape[2:])).cpu())
         maps.append(r.maps.cpu())
     return torch.cat(raw), torch.cat(maps)
@@ -138,13 +137,22 @@ def _paired(method_auc: np.ndarray, random_auc: np.ndarray) -> dict[str, float]:
     return {"mean_diff": mean, "low": mean - half, "high": mean + half}
 
 
+def _side(interval: dict, higher_is_better: bool) -> str | None:
+    """'better' / 'worse' when the interval of method - random excludes 0,
+    read by the metric's declared direction; None when it straddles 0."""
+    if interval["low"] > 0:
+        return "better" if higher_is_better else "worse"
+    if interval["high"] < 0:
+        return "worse" if higher_is_better else "better"
+    return None
+
+
 def _judge(deletion: dict, insertion: dict) -> str:
     """The verdict against the random map from the paired 95% intervals
     (deletion: lower AUC is better; insertion: higher is better): 'better than
     random' only when both are clearly better, 'worse than random' when both
     are clearly worse, else which metric (if any) separates them."""
-    d = "better" if deletion["high"] < 0 else "worse" if deletion["low"] > 0 else None
-    i = "better" if insertion["low"] > 0 else "worse" if insertion["high"] < 0 else None
+    d, i = _side(deletion, Deletion.higher_is_better), _side(insertion, Insertion.higher_is_better)
     if d == i and d is not None:
         return f"{d} than random"
     if d is None and i is None:
@@ -175,13 +183,14 @@ def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch
     h, w = x.shape[2:]
     maps = {m: cam_maps(model, x, targets, m, config.cam_layer)[0] for m in CAM_EXPLAINERS}
     res = cam_resolution(model, x, config.cam_layer)
-    maps["random"] = random_maps(n, h, w, seed=config.seed)
-    maps["random_smooth"] = random_maps(n, h, w, seed=config.seed + SMOOTH_SEED_OFFSET, resolution=res)
+    maps["random"] = random_maps(n, h, w, seed=seed_stream(config.seed, "random_maps"))
+    maps["random_smooth"] = random_maps(n, h, w, seed=seed_stream(config.seed, "smooth_random_maps"),
+                                     resolution=res)
     out: dict[str, Any] = {"n": n, "cam_resolution": list(res), "methods": {}}
     for method, m in maps.items():
         r = deletion_insertion(model, x, m.to(device), targets.to(device), steps=config.faithfulness_steps,
                                baseline=config.faithfulness_baseline, batch_size=config.eval_batch_size,
-                               seed=config.seed + TIE_SEED_OFFSET)
+                               seed=seed_stream(config.seed, "tie_breaking"))
         out["fractions"] = r.fractions.tolist()
         out["methods"][method] = {
             "deletion_auc": float(r.deletion_auc.mean()), "insertion_auc": float(r.insertion_auc.mean()),
@@ -203,7 +212,7 @@ def faithfulness_report(model: nn.Module, test_images: torch.Tensor, preds: Pred
     """Faithfulness on the top failures and on a fixed stratified sample."""
     k = config.faithfulness_samples
     fail_pos = torch.as_tensor(failures.positions[:k], dtype=torch.long)
-    sample_pos = sample_positions(preds.labels, k, config.seed + 2)
+    sample_pos = sample_positions(preds.labels, k, seed_stream(config.seed, "faithfulness_sample"))
     groups = {"failures": fail_pos, "sample": sample_pos}
     return {name: faithfulness_group(model, test_images[pos], preds.preds[pos], config, device)
             for name, pos in groups.items()}
@@ -219,12 +228,12 @@ def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Prediction
     """Cascading randomisation of a copy of `model` for Grad-CAM and Grad-CAM++
     on a fixed sample. Returns (JSON-ready summary, {method: SanityResult}) —
     the second for the figure; the model is never modified."""
-    pos = sample_positions(preds.labels, config.sanity_samples, config.seed + 3)
+    pos = sample_positions(preds.labels, config.sanity_samples, seed_stream(config.seed, "sanity_sample"))
     x = _inputs(test_images[pos], device)
     summary, results = {"n": int(pos.numel()), "dataset_positions": pos.tolist()}, {}
     for method in CAM_EXPLAINERS:
         res = cascading_randomization(model, x, preds.preds[pos].to(device), method=method, layer=config.cam_layer,
-                                      seed=config.seed)
+                                      seed=seed_stream(config.seed, "randomisation"))
         results[method] = res
         v = verdict(res, SANITY_THRESHOLD)
         summary[method] = {"steps": list(res.steps), "verdict": v,

@@ -41,17 +41,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FaithfulnessError
-from ..runtime import eval_mode
+from ..runtime import batch_slices, eval_mode
 from .cam import upsample
+from .metric import ExplainFunc, Metric
 
-__all__ = ["BASELINES", "FaithfulnessError", "FaithfulnessResult", "baseline_images",
-           "deletion_insertion", "gaussian_blur", "importance_order", "random_maps", "trapezoid_auc"]
+__all__ = ["BASELINES", "Deletion", "FaithfulnessError", "FaithfulnessResult", "Insertion", "MODES",
+           "PixelPerturbation", "baseline_images", "deletion_insertion", "gaussian_blur", "importance_order",
+           "perturbation_curves", "random_maps", "trapezoid_auc"]
 
 BASELINES = ("blur", "mean")
 
@@ -200,6 +203,9 @@ def importance_order(maps: torch.Tensor, seed: int | None = 0) -> torch.Tensor:
     return perm.gather(1, torch.argsort(key.gather(1, perm), dim=1, stable=True))
 
 
+MODES = ("deletion", "insertion")
+
+
 def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tensor,
                        targets: torch.Tensor, *, steps: int = 16, baseline: str = "blur",
                        device: torch.device | str | None = None, batch_size: int = 256,
@@ -222,9 +228,29 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
              order, None = raster order (lower pixel index first).
     Returns a FaithfulnessResult (CPU float32 tensors).
     """
+    curves, fractions = perturbation_curves(model, images, maps, targets, MODES, steps=steps, baseline=baseline,
+                                            device=device, batch_size=batch_size, blur_sigma=blur_sigma, seed=seed)
+    deletion, insertion = curves["deletion"], curves["insertion"]
+    return FaithfulnessResult(
+        deletion=deletion, insertion=insertion, fractions=fractions,
+        deletion_auc=trapezoid_auc(deletion, fractions), insertion_auc=trapezoid_auc(insertion, fractions),
+        targets=targets.detach().to("cpu", torch.long), baseline=baseline)
+
+
+def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor,
+                        modes: tuple[str, ...] = MODES, *, steps: int = 16, baseline: str = "blur",
+                        device: torch.device | str | None = None, batch_size: int = 256,
+                        blur_sigma: float = 5.0, seed: int | None = 0,
+                        ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The curves of `modes` (a subset of MODES, in any order) as
+    deletion_insertion computes them (same arguments): ({mode: float32 CPU
+    (N, steps+1)}, fractions float32 (steps+1,)). The perturbed inputs of all
+    modes share the forward batches, image by image, mode by mode."""
     _check_inputs(images, maps, targets, steps, batch_size)
     if baseline not in BASELINES:
         raise FaithfulnessError(f"unknown baseline {baseline!r}; choose one of {', '.join(BASELINES)}")
+    if not modes or len(set(modes)) != len(modes) or not set(modes) <= set(MODES):
+        raise FaithfulnessError(f"modes must be distinct names out of {', '.join(MODES)}; got {modes!r}")
     param = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (param.device if param is not None
                                                            else images.device)
@@ -238,6 +264,7 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
     npix = h * w
     counts = torch.tensor([s * npix // steps for s in range(steps + 1)], dtype=torch.long, device=dev)
     fractions = counts.double().div(npix).float().cpu()
+    is_insertion = torch.tensor([m == "insertion" for m in modes], device=dev)
 
     with torch.no_grad(), eval_mode(model):
         x = images.detach().to(device=dev, dtype=dtype)
@@ -247,13 +274,13 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
         rank.scatter_(1, order, torch.arange(npix, device=dev).expand(n, npix))
         tgt = targets.detach().to(device=dev, dtype=torch.long)
 
-        per_image = 2 * (steps + 1)          # [deletion s=0..S, insertion s=0..S]
+        per_image = len(modes) * (steps + 1)   # [modes[0] s=0..S, modes[1] s=0..S, ...]
         total = n * per_image
         probs = torch.empty(total, dtype=torch.float32, device=dev)
-        for start in range(0, total, batch_size):
-            j = torch.arange(start, min(start + batch_size, total), device=dev)
+        for batch in batch_slices(total, batch_size):
+            j = torch.arange(batch.start, batch.stop, device=dev)
             img, rest = j // per_image, j % per_image
-            insertion, s = rest // (steps + 1) == 1, rest % (steps + 1)
+            insertion, s = is_insertion[rest // (steps + 1)], rest % (steps + 1)
             changed = rank[img] < counts[s].unsqueeze(1)            # (B,P): top-k_s pixels
             take_base = (changed != insertion.unsqueeze(1)).view(-1, 1, h, w)
             batch = torch.where(take_base, base[img], x[img])
@@ -262,15 +289,70 @@ def deletion_insertion(model: nn.Module, images: torch.Tensor, maps: torch.Tenso
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise FaithfulnessError(f"the model must return logits (B,C); got {shape}")
             t = tgt[img]
-            if start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
+            if batch.start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
                 bad = tgt[(tgt < 0) | (tgt >= logits.shape[1])][0].item()
                 raise FaithfulnessError(f"target class {bad} is out of range for {logits.shape[1]} classes")
             p = torch.softmax(logits.float(), dim=1)
             probs[j] = p.gather(1, t.view(-1, 1)).squeeze(1)
 
-    curves = probs.view(n, 2, steps + 1).cpu()
-    deletion, insertion = curves[:, 0].contiguous(), curves[:, 1].contiguous()
-    return FaithfulnessResult(
-        deletion=deletion, insertion=insertion, fractions=fractions,
-        deletion_auc=trapezoid_auc(deletion, fractions), insertion_auc=trapezoid_auc(insertion, fractions),
-        targets=targets.detach().to("cpu", torch.long), baseline=baseline)
+    curves = probs.view(n, len(modes), steps + 1).cpu()
+    return {m: curves[:, i].contiguous() for i, m in enumerate(modes)}, fractions
+
+
+class PixelPerturbation(Metric):
+    """Area under a deletion or insertion curve (Petsiuk et al. 2018) of the
+    maps an explanation method gives: a Metric whose `mode` says which
+    curve. Settings as deletion_insertion's; calling it scores one batch:
+
+        metric(model, images, targets, explain_func=f)  # maps = f(model, images, targets)
+        metric(model, images, targets, maps=maps)        # maps computed already
+
+    images float (N,3,H,W) normalised; targets int (N,); maps (N,H,W), any
+    real scale (only the order matters; ties broken with `seed`). Returns the
+    per-image AUCs, float32 CPU (N,) on [0, 1]; `curves` gives the curves.
+    explain_func is called outside no_grad (gradient methods need autograd),
+    before the model is put in eval mode for the perturbed forwards.
+    """
+    mode: ClassVar[str]
+
+    def __init__(self, *, steps: int = 16, baseline: str = "blur", device: torch.device | str | None = None,
+                 batch_size: int = 256, blur_sigma: float = 5.0, seed: int | None = 0) -> None:
+        self.settings = dict(steps=steps, baseline=baseline, device=device, batch_size=batch_size,
+                             blur_sigma=blur_sigma, seed=seed)
+
+    def curves(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+               explain_func: ExplainFunc | None = None,
+               maps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(curves float32 (N, steps+1), fractions float32 (steps+1,)) on the CPU."""
+        if (explain_func is None) == (maps is None):
+            raise FaithfulnessError(f"{self.name} needs exactly one of explain_func (a callable "
+                                    f"(model, x, targets) -> maps (N,H,W)) and maps")
+        if explain_func is not None:
+            if not callable(explain_func):
+                raise FaithfulnessError(f"explain_func must be callable; got {type(explain_func).__name__}")
+            maps = explain_func(model, images, targets)
+            if not isinstance(maps, torch.Tensor):
+                raise FaithfulnessError(f"explain_func must return a tensor (N,H,W); got {type(maps).__name__}")
+        curves, fractions = perturbation_curves(model, images, maps, targets, (self.mode,), **self.settings)
+        return curves[self.mode], fractions
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+                 explain_func: ExplainFunc | None = None, maps: torch.Tensor | None = None) -> torch.Tensor:
+        curves, fractions = self.curves(model, images, targets, explain_func=explain_func, maps=maps)
+        return trapezoid_auc(curves, fractions)
+
+
+class Deletion(PixelPerturbation):
+    """Deletion AUC: the target probability falls fast when the most
+    important pixels go first, so a faithful map scores low."""
+    name = "deletion_auc"
+    mode = "deletion"
+    higher_is_better = False
+
+
+class Insertion(PixelPerturbation):
+    """Insertion AUC: the target probability rises fast when the most
+    important pixels come back first, so a faithful map scores high."""
+    name = "insertion_auc"
+    mode = "insertion"
+    higher_is_better = True

@@ -23,7 +23,7 @@ The similarity scores live in cnnstress.xai.similarity.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,10 +31,13 @@ import torch
 from torch import nn
 
 from ..errors import SanityError
+from ..runtime import batch_slices
 from .cam import CAM_METHODS, get_layer, upsample
-from .similarity import spearman, ssim
+from .metric import ExplainFunc, Metric, SimilarityFunc
+from .similarity import abs_spearman, spearman, ssim
 
-__all__ = ["DEFAULT_ORDER", "SanityError", "SanityResult", "cascading_randomization", "verdict"]
+__all__ = ["CascadeStep", "DEFAULT_ORDER", "ParameterRandomisation", "RandomisationResult", "SanityError",
+           "SanityResult", "cascading_randomization", "finite_median", "randomised_copies", "verdict"]
 
 # Head first. Entries name one or more modules (dotted names, joined by "+");
 # the stem's BatchNorm goes with the stem convolution.
@@ -107,6 +110,41 @@ def _covers(step_names: Sequence[str], layer: str) -> bool:
     return any(layer == m or layer.startswith(m + ".") for m in step_names)
 
 
+@dataclass(frozen=True)
+class CascadeStep:
+    """One step of the cascade: `model` (the one deep copy, randomised
+    cumulatively) after step `index` (0: the original parameters), which
+    re-initialised the modules `names`; `not_reset`: parameters among them
+    whose module has no reset_parameters() (left as they were)."""
+    index: int
+    names: list[str]
+    model: nn.Module
+    not_reset: list[str]
+
+
+def randomised_copies(model: nn.Module, groups: Sequence[Sequence[str]], seed: int = 0) -> Iterator[CascadeStep]:
+    """Deep-copy `model` and yield it unchanged (step 0), then after
+    re-initialising each group of module names in turn (cumulative; groups
+    head first, e.g. [["linear"], ["layer4"], ...]). Step k is seeded from
+    `seed` and k only, inside torch.random.fork_rng (the global RNG state is
+    left as it was). The caller's model is never touched; use each yielded
+    model before asking for the next step (it is the same object)."""
+    work = copy.deepcopy(model)
+    yield CascadeStep(0, [], work, [])
+    gen = torch.Generator().manual_seed(int(seed))
+    step_seeds = torch.randint(0, 2**62, (len(groups),), generator=gen).tolist()
+    cuda = sorted({p.device.index or 0 for p in work.parameters() if p.device.type == "cuda"})
+    for step, (names, step_seed) in enumerate(zip(groups, step_seeds), start=1):
+        not_reset: list[str] = []
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(step_seed)
+            for name in names:
+                mod = get_layer(work, name)
+                not_reset += _not_reset(mod, name)
+                _reinitialize(mod)
+        yield CascadeStep(step, list(names), work, not_reset)
+
+
 def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None, *,
                             method: str = "gradcam", layer: str = "layer4", seed: int = 0,
                             order: Sequence[str] | None = None,
@@ -157,15 +195,16 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None
                               f"dtype {targets.dtype}, shape {tuple(targets.shape)}")
         targets = targets.long()
 
-    work = copy.deepcopy(model)
+    steps = randomised_copies(model, groups, seed)
+    work = next(steps).model
     explainer = CAM_METHODS[method]
 
     def explain(tgt) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         cam = explainer(work, get_layer(work, layer))
         raws, maps, idx = [], [], []
-        for s in range(0, n, batch_size):
-            t = tgt[s:s + batch_size] if isinstance(tgt, torch.Tensor) else tgt
-            res = cam.attribute(images[s:s + batch_size], targets=t)
+        for batch in batch_slices(n, batch_size):
+            t = tgt[batch] if isinstance(tgt, torch.Tensor) else tgt
+            res = cam.attribute(images[batch], targets=t)
             raws.append(res.raw.cpu())
             maps.append(res.maps.cpu())
             idx.append(res.targets.cpu())
@@ -182,25 +221,16 @@ def cascading_randomization(model: nn.Module, images: torch.Tensor, targets=None
                 [spearman(up0[i], up[i], absolute=True) for i in range(n)],
                 [ssim(m0[i], mpd[i], data_range=1.0) for i in range(n)])
 
-    gen = torch.Generator().manual_seed(int(seed))
-    step_seeds = torch.randint(0, 2**62, (len(groups),), generator=gen).tolist()
-    cuda = sorted({p.device.index or 0 for p in work.parameters() if p.device.type == "cuda"})
-
     raws, maps = [raw0], [maps0]
     rho, rho_abs, sims = ([row] for row in scores(raw0, maps0))   # row 0: original vs itself
     not_reset: list[str] = []
     layer_step = None
     done: list[str] = []
-    for step, (names, step_seed) in enumerate(zip(groups, step_seeds), start=1):
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(step_seed)
-            for name in names:
-                mod = get_layer(work, name)
-                not_reset += _not_reset(mod, name)
-                _reinitialize(mod)
-        done += names
+    for step in steps:
+        not_reset += step.not_reset
+        done += step.names
         if layer_step is None and _covers(done, layer):
-            layer_step = step
+            layer_step = step.index
         raw, mp, _ = explain(fixed)
         raws.append(raw)
         maps.append(mp)
@@ -223,6 +253,12 @@ VERDICT_WORDS = {True: "pass", False: "FAIL", None: "undecided"}
 def verdict_word(passed: bool | None) -> str:
     """How a verdict's `passed` (True, False or None) is written in logs, figures and the report."""
     return VERDICT_WORDS[passed]
+
+
+def finite_median(row: np.ndarray) -> float:
+    """Median of the finite entries of `row` (nan when there is none)."""
+    fin = row[np.isfinite(row)]
+    return float(np.median(fin)) if fin.size else float("nan")
 
 
 def verdict(result: SanityResult, threshold: float = 0.5) -> dict:
@@ -251,11 +287,7 @@ def verdict(result: SanityResult, threshold: float = 0.5) -> dict:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise SanityError(f"threshold must be a number in (0, 1]; got {threshold!r}")
     scores = np.abs(np.asarray(result.spearman_abs, dtype=np.float64))     # nan stays nan
-
-    def med(row: np.ndarray) -> float:
-        fin = row[np.isfinite(row)]
-        return float(np.median(fin)) if fin.size else float("nan")
-
+    med = finite_median
     out = {"passed": None, "reason": "", "step": None, "step_index": result.layer_step,
            "metric": "|spearman_abs|", "threshold": float(threshold), "median": float("nan"),
            "median_ssim": float("nan"), "n_images": int(scores.shape[1]), "n_used": 0, "n_nan": 0,
@@ -279,3 +311,90 @@ def verdict(result: SanityResult, threshold: float = 0.5) -> dict:
     out["reason"] = (f"median |Spearman| {out['median']:.3f} {relation} {threshold} after randomising "
                      f"down to {result.steps[k]!r} ({out['n_used']} images, {out['n_nan']} undefined)")
     return out
+
+
+@dataclass(frozen=True)
+class RandomisationResult:
+    """A ParameterRandomisation run on N images.
+
+    steps:     ["original", *order] (S names).
+    scores:    float64 (S,N): similarity_func(original map, map after step s)
+               per image; row 0 compares the original maps with themselves.
+    step:      the row the verdict reads (None: the cascade never reaches
+               the metric's `layer`).
+    median:    median of the finite scores in that row (nan if none).
+    passed:    median < threshold (the maps changed), or None when undefined.
+    threshold: the similarity below which the maps count as changed.
+    """
+    steps: list[str]
+    scores: np.ndarray
+    step: int | None
+    median: float
+    passed: bool | None
+    threshold: float
+
+
+class ParameterRandomisation(Metric):
+    """Model-parameter randomisation check (Adebayo et al. 2018) for any
+    explanation method, as Quantus' MPRT(similarity_func=...): the maps of
+    the explain_func on a cascade of randomised copies of the model (head
+    first, cumulative, seeded; see randomised_copies) are compared with the
+    original model's by similarity_func, image by image.
+
+    The score is that similarity, so lower is better: maps that stay similar
+    once the weights are destroyed do not depend on what the model learned.
+    The check passes when the median similarity (finite scores only) at the
+    verdict step is below `threshold`. The verdict step is the first step
+    that randomises `layer` (e.g. the CAM's target layer), or the last step
+    when layer is None.
+
+    similarity_func(a, b) -> float on two maps (H,W); default abs_spearman
+    (|Spearman| of |maps|: what `verdict` reads for the CAM cascade).
+    explain_func(model, x, targets) -> maps (N,H,W), given when called; the
+    targets stay fixed for every step.
+    """
+    name = "parameter_randomisation"
+    higher_is_better = False
+
+    def __init__(self, *, similarity_func: SimilarityFunc = abs_spearman, threshold: float = 0.5,
+                 order: Sequence[str] | None = None, layer: str | None = None, seed: int = 0) -> None:
+        if not callable(similarity_func):
+            raise SanityError(f"similarity_func must be callable; got {type(similarity_func).__name__}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not np.isfinite(threshold):
+            raise SanityError(f"threshold must be a finite number; got {threshold!r}")
+        self.order = list(DEFAULT_ORDER if order is None else order)
+        if not self.order or not all(isinstance(o, str) and o for o in self.order):
+            raise SanityError(f"order must be a non-empty list of module names; got {self.order!r}")
+        self.similarity_func, self.threshold, self.layer, self.seed = similarity_func, float(threshold), layer, seed
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *,
+                 explain_func: ExplainFunc) -> RandomisationResult:
+        if not callable(explain_func):
+            raise SanityError(f"explain_func must be callable; got {type(explain_func).__name__}")
+        groups = [o.split("+") for o in self.order]
+        for name in [n for g in groups for n in g] + ([self.layer] if self.layer else []):
+            get_layer(model, name)                    # fail fast, before the copy
+        n = int(images.shape[0])
+
+        def explain(m: nn.Module) -> np.ndarray:
+            maps = explain_func(m, images, targets)
+            if not isinstance(maps, torch.Tensor) or maps.ndim != 3 or maps.shape[0] != n:
+                got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
+                raise SanityError(f"explain_func must return maps (N,H,W) with N={n}; got {got}")
+            return maps.detach().cpu().double().numpy()
+
+        rows, original, step, done = [], None, None, []
+        for cascade_step in randomised_copies(model, groups, self.seed):
+            maps = explain(cascade_step.model)
+            original = maps if original is None else original
+            rows.append([float(self.similarity_func(original[i], maps[i])) for i in range(n)])
+            done += cascade_step.names
+            if step is None and self.layer is not None and _covers(done, self.layer):
+                step = cascade_step.index
+        if self.layer is None:
+            step = len(groups)
+        scores = np.asarray(rows, dtype=np.float64).reshape(len(groups) + 1, n)
+        median = finite_median(scores[step]) if step is not None else float("nan")
+        passed = None if np.isnan(median) else bool(median < self.threshold)
+        return RandomisationResult(steps=["original", *self.order], scores=scores, step=step, median=median,
+                                   passed=passed, threshold=self.threshold)

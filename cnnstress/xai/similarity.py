@@ -18,7 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from ..arrays import as_numpy
 from ..errors import SanityError
 
-__all__ = ["spearman", "ssim"]
+__all__ = ["abs_spearman", "spearman", "ssim"]
 
 
 def _as_float64(a: object, what: str) -> np.ndarray:
@@ -72,6 +72,14 @@ def spearman(a: object, b: object, *, absolute: bool = False) -> float:
     if den == 0:
         return float("nan")
     return float(np.clip((rx * ry).sum() / den, -1.0, 1.0))
+
+
+def abs_spearman(a: object, b: object) -> float:
+    """|Spearman| of |a| and |b|: how much of a map's ranking survives, a
+    flipped ranking (rho near -1) counting as similar. The default
+    similarity of the parameter-randomisation check (and the score its
+    verdict reads). On [0, 1]; nan as `spearman`."""
+    return abs(spearman(a, b, absolute=True))
 
 
 SSIM_SIGMA, SSIM_TRUNCATE, SSIM_K1, SSIM_K2 = 1.5, 3.5, 0.01, 0.03

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cnnstress.runlog import StageTime, StageTimer
-from cnnstress.study import (ALWAYS_DROP, DROP_ORDER, MAX_FILES, SeedFigures, SeedRun, check_out_dir, main, pack_results,
+from cnnstress.full_study import (ALWAYS_DROP, DROP_ORDER, MAX_FILES, SeedFigures, SeedRun, check_out_dir, main, pack_results,
                              pinned_versions, summarize_seeds)
 
 
@@ -194,7 +194,7 @@ def test_study_end_to_end_on_fixture_data(shared_cifar_dir, tmp_path, capsys):
 
 
 def test_budget_decides_what_still_fits(capsys):
-    from cnnstress.study import fits
+    from cnnstress.full_study import fits
     timer = StageTimer(log=None)
     timer.started -= 100.0                      # 100 s spent
     assert fits(None, timer, 1e9, "anything")
@@ -225,7 +225,7 @@ def test_a_failing_preflight_exits_3_with_its_trace(shared_cifar_dir, tmp_path, 
 
 
 def test_bench_writes_the_benchmark_json(shared_cifar_dir, tmp_path, capsys):
-    from cnnstress.study import bench
+    from cnnstress.full_study import bench
     dest = tmp_path / "bench.json"
     ok = bench(torch.device("cpu"), dest, shared_cifar_dir,
                extra=["--variants", "baseline,fused", "--steps", "1", "--warmup", "0", "--repeats", "1",

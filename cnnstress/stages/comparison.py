@@ -1,0 +1,98 @@
+"""Stage: the paired comparison of the two models on the same test images.
+
+Accuracy difference with a bootstrap interval, McNemar's test, and what
+happened to the failures (fixed, persisting, new, newly confident).
+Cheap (predictions only), so it is recomputed on every run, never cached.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ..compare import compare_models
+from ..data import CLASSES
+from ..reporting import Paragraph, Section
+from ..results import Comparison
+from .base import Stage
+from .failures import stage as failures
+
+if TYPE_CHECKING:
+    from ..study import Study
+
+
+def better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str:
+    """'better', 'worse' or 'unchanged' for a change `delta` of a score with that direction."""
+    if abs(delta) <= tol:
+        return "unchanged"
+    return "better" if (delta > 0) == higher_is_better else "worse"
+
+
+class ComparisonStage(Stage):
+    name = "comparison"
+    title = "What the enhanced augmentation changed"
+    n_boot = 2000
+
+    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> Comparison:
+        preds = {n: failures.predictions(study, n) for n in ("baseline", "improved")}
+        tables = {n: failures.table(study, n) for n in ("baseline", "improved")}
+        base_cfg, imp_cfg = study.model_config("baseline"), study.model_config("improved")
+        result = Comparison.from_dict({
+            "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
+            **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
+        study.results[self.name] = result
+        # The failure bars of model_comparison.png are split by these groups.
+        failures.figures(study, {n: failures.evaluate_one(study, n, quiet=True) for n in study.models}, show=show)
+        study.timer.lap("compare")
+        return result
+
+    def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
+        """The failure groups' counts, then up to `k` test images of each group."""
+        test = study.splits.test
+        base, imp = failures.predictions(study, "baseline"), failures.predictions(study, "improved")
+        groups = result.failures
+        lines = [", ".join(f"{k_}: {v}" for k_, v in groups.counts.to_dict().items())]
+        for kind in ("fixed", "persisting", "new", "newly_confident"):
+            for pos in getattr(groups, kind)[:k]:
+                lines.append(f"{kind:>15}: test image {int(test.indices[pos]):>5}, true {CLASSES[int(base.labels[pos])]:<10} "
+                             f"baseline {CLASSES[int(base.preds[pos])]} ({base.confidence[pos]:.0%}), "
+                             f"improved {CLASSES[int(imp.preds[pos])]} ({imp.confidence[pos]:.0%})")
+        return lines
+
+    def summary(self, study: "Study", result: Comparison) -> str:
+        d, fc = result.accuracy_diff, result.failures.counts
+        return (f"comparison: test accuracy {100 * d.acc_a:.2f}% -> {100 * d.acc_b:.2f}% ({100 * d.diff:+.2f} points, "
+                f"{d.confidence:.0%} interval [{100 * d.low:+.2f}, {100 * d.high:+.2f}]), McNemar p = "
+                f"{result.mcnemar.p_value:.3g}; failures {fc.a} -> {fc.b}: {fc.fixed} fixed, "
+                f"{fc.still_high_confidence} persist, {fc.new} new, {fc.newly_confident} newly confident")
+
+    def metrics(self, study: "Study", result: Comparison) -> dict[str, Any]:
+        return result.to_dict()
+
+    def sections(self, study: "Study", result: Comparison) -> list:
+        diff, mc, fc, t = result.accuracy_diff, result.mcnemar, result.failures.counts, result.threshold
+        sig = "significant" if mc.p_value < 0.05 else "not significant"
+        blocks = [
+            Paragraph(f"Test accuracy {100 * diff.acc_a:.2f}% -> {100 * diff.acc_b:.2f}%: {100 * diff.diff:+.2f} "
+                      f"points, {100 * diff.confidence:.0f}% paired-bootstrap interval [{100 * diff.low:+.2f}, "
+                      f"{100 * diff.high:+.2f}] ({diff.n_boot} resamples)."),
+            Paragraph(f"McNemar's test on the paired predictions ({mc.method}): {mc.b} images only the baseline "
+                      f"gets right, {mc.c} only the improved model gets right; statistic {mc.statistic:.2f}, "
+                      f"p = {mc.p_value:.3g} ({sig} at 5%).",
+                      kind="verdict-good" if mc.p_value < 0.05 and diff.diff > 0 else
+                      "verdict-bad" if mc.p_value < 0.05 else "note"),
+            Paragraph(f"High-confidence failures {fc.a} -> {fc.b}. Of the baseline's {fc.a}: {fc.fixed} "
+                      f"fixed (now correct), {fc.persisting} still wrong ({fc.still_high_confidence} still "
+                      f"above {t:.0%} confidence, {fc.wrong_low_confidence} wrong with less confidence). "
+                      f"Of the improved model's {fc.b}: {fc.still_high_confidence} persist from the baseline's, "
+                      f"{fc.new} new (the baseline predicted the image correctly) and {fc.newly_confident} newly "
+                      f"confident (the baseline got the image wrong too, with at most {t:.0%} confidence)."),
+        ]
+        failures = study.results.get("failures")
+        if failures is not None:
+            base, imp = (failures.models[n].summary.per_class_accuracy for n in ("baseline", "improved"))
+            gains = sorted(((imp[c] or 0) - (base[c] or 0), c) for c in CLASSES)
+            blocks.append(Paragraph(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
+                                    f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points)."))
+        return [Section(self.title, blocks, key=self.name)]
+
+
+stage = ComparisonStage()

@@ -1,0 +1,299 @@
+"""Stage: can the explanations and the failures be trusted?
+
+Faithfulness (deletion/insertion AUC of Grad-CAM, Grad-CAM++ and two random
+maps), the parameter-randomisation sanity check, explanation drift between
+the two models and confident-learning label suspects (cnnstress.xai.checks).
+Cached in explanations.json (reused when made from the same checkpoints, test
+images and settings); writes faithfulness.png, sanity_check.png,
+label_suspects.png and cam_methods.png.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..augment import normalize, to_float
+from ..data import CLASSES
+from ..io import EXPLANATIONS_FILE, ensure_writable_dir
+from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
+from ..reporting import Figure, Paragraph, Section, Table
+from ..results import Explanations
+from ..runtime import resolve_device
+from ..schema import explanations_schema
+from ..xai.checks import (KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps, drift_report, explanation_settings,
+                          faithfulness_report, label_suspects, sanity_report)
+from ..xai.randomisation import verdict_word
+from .base import Stage, save_figures
+from .failures import stage as failures
+
+if TYPE_CHECKING:
+    from ..study import Study
+
+SANITY_FIGURE_IMAGES = 3    # images whose maps are drawn at every randomisation step
+SUSPECT_TILES = 12          # tiles per group in label_suspects.png
+CAM_METHODS = ("gradcam", "gradcam++")
+
+
+class ExplanationsStage(Stage):
+    name = "explanations"
+    title = "Can the explanations and the failures be trusted?"
+    config_groups = ("explanations",)
+    enabled_by = "explain"
+    analysis = True
+
+    def cache_key(self, study: "Study", models: tuple[str, ...] | None = None) -> dict[str, Any]:
+        key = super().cache_key(study, models)
+        key["settings"] = {**key["settings"], **explanation_settings(study.config)}  # + the failure threshold
+        return key
+
+    def run(self, study: "Study", *, force: bool = False, show: bool = False,
+            cached_only: bool = False) -> Explanations | None:
+
+        config = study.config
+        out = ensure_writable_dir(study.out)
+        names = study.models
+        preds = {n: failures.predictions(study, n) for n in names}
+        tables = {n: failures.table(study, n) for n in names}
+        key = self.cache_key(study)
+        path = out / EXPLANATIONS_FILE
+        result = None if force else self.read_cache(study, path, key, Explanations, explanations_schema(list(names)))
+        if result is not None:
+            study.say(f"explanations: reusing {path}")
+        elif cached_only:
+            study.say("explanations: no cached results match these models and settings; "
+                      "`python -m cnnstress explain` computes them")
+            return None
+        else:
+            device = resolve_device(config.device)
+            images = study.splits.test.images
+            t0 = time.perf_counter()
+            raw: dict[str, Any] = {"faithfulness": {}, "sanity": {}, "label_suspects": {}, "seconds": {}}
+            sanity_maps = None
+            for name in names:
+                t1 = time.perf_counter()
+                model = study.model(name).model
+                raw["faithfulness"][name] = faithfulness_report(model, images, preds[name], tables[name], config, device)
+                summary, maps = sanity_report(model, images, preds[name], config, device)
+                raw["sanity"][name] = summary
+                if sanity_maps is None:
+                    g = maps["gradcam"]
+                    sanity_maps = {"model": name, "steps": list(g.steps),
+                                   "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
+                raw["label_suspects"][name] = label_suspects(preds[name], tables[name])
+                raw["seconds"][name] = time.perf_counter() - t1
+            if {"baseline", "improved"} <= set(names):
+                comparison = study.stage_result("comparison")
+                raw["label_agreement"] = agreed_suspects(raw["label_suspects"], preds)
+                raw["drift"] = drift_report({n: study.model(n).model for n in ("baseline", "improved")}, images,
+                                            preds, comparison.failures.to_dict(), config, device)
+            raw["sanity_maps"] = sanity_maps
+            raw["seconds"]["total"] = time.perf_counter() - t0
+            result = Explanations.from_dict(raw)
+            self.write_cache(study, path, key, result)
+        self.figures(study, result, show=show)
+        study.timer.lap("explain")
+        return result
+
+    def figures(self, study: "Study", result: Explanations, show: bool = False) -> list:
+        """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
+
+        config = study.config
+        test = study.splits.test
+        sm = result.sanity_maps
+        figures = {
+            "faithfulness.png": plot_faithfulness({n: f.to_dict() for n, f in result.faithfulness.items()}),
+            "sanity_check.png": plot_sanity_check(
+                {n: s.to_dict() for n, s in result.sanity.items()},
+                np.asarray(sm.maps, dtype=np.float32) if sm else None, sm.steps if sm else None,
+                map_title=f"{sm.model if sm else ''}: Grad-CAM ({config.cam_layer}) of {SANITY_FIGURE_IMAGES} test "
+                          "images as the layers are re-initialised"),
+        }
+        name = "baseline" if "baseline" in result.label_suspects else next(iter(result.label_suspects))
+        ls = result.label_suspects[name]
+        p = failures.predictions(study, name)
+        entries = []
+        for group, positions in (("suspect", ls.suspect_failure_positions), ("model", ls.model_error_positions)):
+            for pos in positions[:SUSPECT_TILES]:
+                entries.append({"image": test.images[pos].permute(1, 2, 0).numpy(),
+                                "given": CLASSES[int(p.labels[pos])], "predicted": CLASSES[int(p.preds[pos])],
+                                "confidence": float(p.confidence[pos]), "suspect": group == "suspect",
+                                "dataset_index": int(test.indices[pos])})
+        title = (f"{name}: high-confidence failures (>{config.failure_threshold:.0%}) triaged by confident "
+                 f"learning ({ls.suspect_failures} suspects of {ls.failures}; at most {SUSPECT_TILES} shown each)")
+        if not ls.reliable:
+            title += (f"\nUNRELIABLE: {ls.flagged_fraction:.0%} of all test images flagged; the model is too weak "
+                      "to tell wrong labels from its own mistakes")
+        figures["label_suspects.png"] = plot_label_suspects(
+            entries, title=title, totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
+        rows = failures.table(study, name).rows
+        pos = rows[0].position if rows else 0
+        model = study.model(name).model
+        x = normalize(to_float(test.images[pos:pos + 1])).to(resolve_device(config.device))
+        target = p.preds[pos:pos + 1]
+        maps = {f"{label} {layer}": cam_maps(model, x, target, method, layer)[1][0].numpy()
+                for layer in ("layer3", "layer4") for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
+        figures["cam_methods.png"] = plot_cam_methods(
+            test.images[pos].permute(1, 2, 0).numpy(), maps,
+            title=f"{name}, test image {int(test.indices[pos])}: predicted {CLASSES[int(target[0])]}, "
+                  f"label {CLASSES[int(p.labels[pos])]} (layer3: 8x8 map, layer4: 4x4)")
+        return save_figures(figures, study.out, show=show)
+
+    # --- what it reports ---------------------------------------------------
+    def summary(self, study: "Study", result: Explanations) -> str:
+        lines = []
+        for name, f in result.faithfulness.items():
+            ls = result.label_suspects[name]
+            methods = f.sample.methods or {}
+            verdicts = ", ".join(f"{m} {methods[m].verdict} (pixel noise) / {methods[m].verdict_smooth} (smooth)"
+                                 for m in CAM_METHODS if m in methods) or "no sample"
+            sanity = ", ".join(f"{m} {verdict_word(result.sanity[name].methods[m].verdict.passed)}" for m in CAM_METHODS)
+            lines.append(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "
+                         f"{ls.suspect_failures} of {ls.failures} failures are suspected label errors")
+        return "\n".join(lines)
+
+    def model_metrics(self, study: "Study", result: Explanations, model: str) -> dict[str, Any]:
+        faith = {group: {m: {"deletion_auc": v.deletion_auc, "insertion_auc": v.insertion_auc,
+                             **({"verdict": v.verdict} if v.verdict is not None else {}),
+                             **({"verdict_smooth": v.verdict_smooth} if v.verdict_smooth is not None else {})}
+                         for m, v in g.methods.items()}
+                 for group, g in (("failures", result.faithfulness[model].failures),
+                                  ("sample", result.faithfulness[model].sample)) if g.n}
+        ls = result.label_suspects[model]
+        return {
+            "faithfulness": faith,
+            "sanity_check": {m: result.sanity[model].methods[m].verdict.passed for m in CAM_METHODS},
+            "label_suspect_failures": ls.suspect_failures,
+            "model_error_failures": ls.failures - ls.suspect_failures,
+            "label_suspects_test": ls.suspects,
+            "label_suspects_reliable": ls.reliable,
+        }
+
+    def metrics(self, study: "Study", result: Explanations) -> dict[str, Any]:
+        d = result.to_dict()
+        d.pop("sanity_maps", None)   # drawn in sanity_check.png; too big for metrics.json
+        return d
+
+    def sections(self, study: "Study", result: Explanations) -> list:
+
+        cfg = study.config
+        subs = []
+        start = "a blurred copy of the image" if cfg.faithfulness_baseline == "blur" else "a mean-colour image"
+        rows = []
+        weak = []
+        for name, f in result.faithfulness.items():
+            for group, g in (("failures", f.failures), ("sample", f.sample)):
+                if not g.n:
+                    rows.append([name, f"{group} (0)", "no images"])
+                    continue
+                for method, m in g.methods.items():
+                    verdict = f"{m.verdict} | {m.verdict_smooth}" if m.verdict is not None else "(reference)"
+                    rows.append([name, f"{group} ({g.n})", method, f"{m.deletion_auc:.3f}", f"{m.insertion_auc:.3f}",
+                                 verdict])
+                    if m.verdict is not None and {m.verdict, m.verdict_smooth} != {"better than random"}:
+                        weak.append(f"{method} ({name}, {group}): {m.verdict} | {m.verdict_smooth}")
+        faith = [
+            Paragraph(f"Pixels are replaced by those of {start} in order of the map's importance (deletion), or "
+                      f"restored into it (insertion), in {cfg.faithfulness_steps} steps, and the probability of the "
+                      f"explained class (the model's prediction) is recorded; AUC over the fraction of pixels. Lower "
+                      f"deletion and higher insertion AUC = more faithful. Equal map values (e.g. the zeros of a CAM "
+                      f"after its ReLU) are ordered at random (seeded), not top row first. Two chance levels: a "
+                      f"pixel-noise map, and a smooth random map drawn at the CAM's own resolution and upsampled as "
+                      f"the CAM is (a CAM removes connected regions, which alone changes the curves, so beating the "
+                      f"smooth map is the stricter test). A method counts as better than a random map only when the "
+                      f"paired 95% intervals (Student's t over the images) of both differences exclude zero."),
+            Table(["model", "images", "method", "deletion", "insertion", "verdict vs pixel noise | vs smooth random"],
+                  rows, align="lllrrl"),
+            Paragraph("Every explanation method beat both random maps on both measures in every group." if not weak else
+                      "Not clearly better than both random maps on both measures (verdict vs pixel noise | vs "
+                      "smooth random): " + "; ".join(weak) + ". Where a method does not beat random, its maps are "
+                      "no evidence of what the model used; where it beats pixel noise but not the smooth map, the "
+                      "advantage may be smoothness alone.", kind="verdict-bad" if weak else "verdict-good"),
+            Figure("faithfulness.png", "deletion and insertion curves per method and group"),
+        ]
+        subs.append(Section(f"Faithfulness: deletion / insertion (Petsiuk et al. 2018), maps at {cfg.cam_layer}",
+                            faith, key=self.name))
+
+        n = next(iter(result.sanity.values())).n
+        sanity = [Paragraph(
+            f"On a copy of each model (the trained weights are untouched), the layers are re-initialised from the "
+            f"head down, cumulatively, and the maps of {n} test images recomputed for the same classes. A method "
+            f"passes when, once {cfg.cam_layer} and everything above it are random, the median |Spearman| rank "
+            f"correlation with the original maps is below the threshold: maps that survive the destruction of the "
+            f"weights do not explain the model.")]
+        for name, s in result.sanity.items():
+            for method in CAM_METHODS:
+                sm = s.methods[method]
+                v = sm.verdict
+                signed = sm.median_spearman_signed[v.step_index] if v.step_index is not None else None
+                signed = "n/a" if signed is None else f"{signed:.3f}"
+                sanity.append(Paragraph(
+                    f"{verdict_word(v.passed).upper()}: {name}, {method}: {v.reason}; there the signed Spearman "
+                    f"median is {signed} and the median SSIM {v.median_ssim:.3f}.",
+                    kind="verdict-good" if v.passed else "verdict-bad" if v.passed is False else "note"))
+        sanity.append(Figure("sanity_check.png", "rank correlation as the layers are re-initialised, and the maps"))
+        subs.append(Section("Sanity check: cascading model-parameter randomisation (Adebayo et al. 2018)", sanity,
+                            key=self.name))
+
+        if result.drift is not None:
+            drift_rows = []
+            for group in ("fixed", "persisting", "new", "newly_confident"):
+                g = result.drift.groups[group]
+                label = group.replace("_", " ")
+                if not g.n:
+                    drift_rows.append([label, "0"])
+                    continue
+                rho = "n/a" if g.median_spearman is None else f"{g.median_spearman:.3f}"
+                drift_rows.append([label, str(g.n), rho, _pct(g.centre_fraction["baseline"], 1),
+                                   _pct(g.centre_fraction["improved"], 1), f"{g.moved_onto_centre} of {g.n}"])
+            subs.append(Section("Explanation drift: baseline vs improved Grad-CAM on the same images", [
+                Paragraph("Each model explains its own prediction. Rank correlation of the two maps (1 = same order "
+                          "of importance) and the mean share of map mass in the central quarter of the image, where "
+                          "CIFAR objects usually sit."),
+                Table(["failures", "images", "median rho", "centre: baseline", "improved", "moved onto centre"],
+                      drift_rows)], key=self.name))
+
+        triage = [Paragraph(
+            "Confident learning (Northcutt et al. 2021, cleanlab's prune_by_noise_rate) on the test-set "
+            "probabilities, which are out-of-sample for a model trained on the training split: an image is a "
+            "suspect when the model is confidently sure of another class beyond what that class's per-class "
+            "threshold allows. A suspect high-confidence failure may be a wrong label, not a model error; it "
+            "is marked in the failure-case figures.")]
+        triage.append(Table(["model", "failures", "suspected label errors", "model errors", "suspects in test set"],
+                            [[name, str(ls.failures), str(ls.suspect_failures), str(ls.failures - ls.suspect_failures),
+                              f"{ls.suspects} of {ls.n_test} ({100 * ls.flagged_fraction:.1f}%)"]
+                             for name, ls in result.label_suspects.items()]))
+        for name, ls in result.label_suspects.items():
+            triage.append(Paragraph(
+                f"{name}: {ls.suspect_failures} of {ls.failures} high-confidence failures are suspected label errors, "
+                f"{ls.failures - ls.suspect_failures} are model errors ({ls.suspects} suspects in all {ls.n_test} "
+                f"test images, {100 * ls.flagged_fraction:.1f}%)."))
+        agree = result.label_agreement
+        if agree is not None:
+            triage.append(Paragraph(
+                f"Both models flag {agree.count} test images and predict the same other class for them. The two "
+                f"models are not independent (same initial weights, same batch order: only the augmentation "
+                f"differs), so they share many mistakes and this agreement is weaker evidence of a wrong label than "
+                f"two independently trained models would give. Among the baseline's failures "
+                f"{len(agree.failures['baseline'])}, among the improved model's {len(agree.failures['improved'])}.",
+                kind="note"))
+        weak_models = [name for name, ls in result.label_suspects.items() if not ls.reliable]
+        if weak_models:
+            triage.append(Paragraph(
+                f"Unreliable here ({', '.join(weak_models)}): Northcutt et al. (2021) found {KNOWN_TEST_LABEL_ERRORS} "
+                f"label errors in CIFAR-10's 10,000 test images (about 0.5%); flagging far more means confident "
+                f"learning is flagging the model's own confident mistakes. Its thresholds come from the model's "
+                f"probabilities, so it needs an accurate model (train longer, e.g. the 'full' profile) before its "
+                f"suspects mean anything.", kind="verdict-bad"))
+        triage.append(Figure("label_suspects.png", "baseline's failures, suspects and model errors"))
+        triage.append(Figure("cam_methods.png", "Grad-CAM vs Grad-CAM++, layer3 vs layer4"))
+        subs.append(Section("Failure triage: suspected label errors (confident learning)", triage, key=self.name))
+        return [Section(self.title, subs, key=self.name)]
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+stage = ExplanationsStage()

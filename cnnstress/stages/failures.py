@@ -1,0 +1,360 @@
+"""Stage: test predictions, high-confidence failures, and Grad-CAM of the top ones.
+
+Writes predictions_<model>.npz (the cache: reused when made from the same
+checkpoint and test images), failures_<model>.csv, failure_case_<i>.png
+(the baseline's top `top_failures`, or one "no failures" figure),
+confusion_matrix.png and model_comparison.png once both models are evaluated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from ..augment import normalize, to_float
+from ..data import CLASSES
+from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
+from ..io import atomic_write, ensure_writable_dir, predictions_path
+from ..plots import plot_confusion_matrix, plot_failure_case, plot_model_comparison, plot_no_failures, save_figure
+from ..reporting import Figure, Paragraph, Section, Table
+from ..results import Record, TestSummary
+from ..runtime import resolve_device, resolve_precision
+from ..weights import describe_reference
+from ..xai import GradCAM, get_layer, label_suspects
+from ..xai.cam import describe_cam
+from .base import Stage, save_figures
+from .training import model_stamp
+
+if TYPE_CHECKING:
+    from ..study import Study
+
+SUSPECT_NOTE = "suspected label error (confident learning)"
+SUSPECT_NOTE_WEAK = "label suspect (confident learning; unreliable for this model, see report)"
+TABLE_ROWS = 10  # failures listed when a result is shown in a notebook
+
+
+@dataclass
+class CamRegion(Record):
+    """Where a Grad-CAM map's mass lies (xai.cam.describe_cam): pixels, 32x32 image."""
+    region: str
+    peak_region: str
+    centroid: list[float]
+    peak: list[int]
+    centre_fraction: float
+
+    def words(self) -> str:
+        if self.peak_region.startswith("nowhere"):
+            return "is all zero (no positive evidence for the class at this layer)"
+        return (f"peaks at the {self.peak_region} (peak at row {self.peak[0]}, col {self.peak[1]}; centroid row "
+                f"{self.centroid[0]:.0f}, col {self.centroid[1]:.0f}; {100 * self.centre_fraction:.0f}% of the "
+                f"mass in the central quarter)")
+
+
+@dataclass
+class FailureCase(Record):
+    """One explained failure of the baseline."""
+    rank: int
+    position: int                 # index in the loaded test split
+    dataset_index: int            # index in the official test set
+    true: int
+    pred: int
+    confidence: float             # probability of `pred`, [0, 1]
+    top3: list[list[float]]       # [[class id, probability], ...] most probable first
+    where_pred: CamRegion
+    where_true: CamRegion
+    figure: str | None = None
+    label_suspect: bool = False   # confident learning flags the label as possibly wrong
+    improved_pred: int | None = None
+    improved_confidence: float | None = None
+
+
+@dataclass
+class ModelFailures(Record):
+    """One model's test results: the summary (metrics.json) and its top failures."""
+    name: str
+    summary: TestSummary
+    top: list[list[Any]] = field(default_factory=list)  # [dataset_index, true, pred, confidence] of the top rows
+
+    def _repr_markdown_(self) -> str:
+        s = self.summary
+        head = (f"**{self.name}**: test accuracy {100 * s.test_accuracy:.2f}% on {s.n:,} images; "
+                f"{s.high_confidence_failures} failures above {s.threshold:.0%} confidence\n\n")
+        if not self.top:
+            return head
+        rows = [f"| {i} | {d} | {CLASSES[t]} | {CLASSES[p]} | {100 * c:.1f}% |"
+                for i, (d, t, p, c) in enumerate(self.top, 1)]
+        return head + "| rank | test image | true | predicted | confidence |\n|---|---|---|---|---|\n" + "\n".join(rows)
+
+
+@dataclass
+class FailuresResult(Record):
+    models: dict[str, ModelFailures]
+    threshold: float
+    top_failures: int
+    cases: list[FailureCase] = field(default_factory=list)
+
+
+def evaluate_split(trained, split) -> Predictions:
+    """Predictions of a trained model on one split."""
+    config = trained.config
+    device = resolve_device(config.device)
+    return predict(trained.model, split.images, split.labels, device=device, batch_size=config.eval_batch_size,
+                   amp_dtype=resolve_precision(config.precision, device), channels_last=config.channels_last)
+
+
+def read_predictions(path: Path, stamp: str, indices: np.ndarray, log) -> Predictions | None:
+    """The cached Predictions when `path` holds this checkpoint's predictions
+    for these test images, with the shapes and dtypes `predictions` writes."""
+    n = indices.shape[0]
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            if (str(cached["checkpoint_stamp"]) != stamp
+                    or not np.array_equal(cached["dataset_indices"], indices)):
+                return None
+            arrays = {k: cached[k] for k in ("logits", "probs", "preds", "labels")}
+    except Exception as exc:  # truncated, not a zip, not numpy, a missing array: all a cache miss
+        if log:
+            log(f"predictions: {path} is unreadable ({type(exc).__name__}); recomputing")
+        return None
+    shapes = {"logits": (n, len(CLASSES)), "probs": (n, len(CLASSES)), "preds": (n,), "labels": (n,)}
+    bad = [k for k, a in arrays.items()
+           if a.shape != shapes[k] or a.dtype.kind != ("f" if k in ("logits", "probs") else "i")]
+    if bad:
+        if log:
+            log(f"predictions: {path} holds a malformed {bad[0]} array; recomputing")
+        return None
+    return Predictions(**{k: torch.from_numpy(a) for k, a in arrays.items()})
+
+
+class FailuresStage(Stage):
+    name = "failures"
+    title = "Test results"
+
+    # --- one model ---------------------------------------------------------
+    def predictions(self, study: "Study", name: str, *, force: bool = False) -> Predictions:
+        """Test-set predictions of model `name`, cached as predictions_<name>.npz
+        (probs (N,10) float32, labels, preds, logits, dataset indices)."""
+        if name in study.predictions and not force:
+            return study.predictions[name]
+        trained = study.model(name)
+        split = study.splits.test
+        path = predictions_path(study.out, name)
+        stamp = model_stamp(trained)
+        indices = split.indices.numpy()
+        preds = None
+        if path.exists() and not force and stamp:
+            preds = read_predictions(path, stamp, indices, study.log)
+        if preds is None:
+            preds = evaluate_split(trained, split)
+            ensure_writable_dir(study.out)
+            arrays = dict(probs=preds.probs.numpy(), labels=preds.labels.numpy(), preds=preds.preds.numpy(),
+                          logits=preds.logits.numpy(), dataset_indices=indices,
+                          checkpoint_stamp=np.array(stamp), classes=np.array(CLASSES))
+
+            def write(tmp: Path) -> None:
+                with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a path
+                    np.savez_compressed(f, **arrays)
+            atomic_write(path, write)
+        study.timer.lap(f"evaluate {name}", len(split), "test images, or read from the cache")
+        study.predictions[name] = preds
+        return preds
+
+    def table(self, study: "Study", name: str) -> FailureTable:
+        """Wrong predictions above config.failure_threshold, ranked, saved as failures_<name>.csv."""
+        if name not in study.failure_tables:
+            preds = self.predictions(study, name)
+            table = mine_failures(preds.probs, preds.labels, study.config.failure_threshold,
+                                  dataset_indices=study.splits.test.indices)
+            table.to_csv(study.out / f"failures_{name}.csv")
+            study.failure_tables[name] = table
+        return study.failure_tables[name]
+
+    def evaluate_one(self, study: "Study", name: str, *, quiet: bool = False) -> ModelFailures:
+        preds = self.predictions(study, name)
+        table = self.table(study, name)
+        summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
+        result = ModelFailures(name=name, summary=summary,
+                               top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]])
+        if quiet:
+            return result
+        study.say(f"{name}: test accuracy {100 * preds.accuracy:.2f}%, "
+                  f"{len(table)} failures above {study.config.failure_threshold:.0%} confidence")
+        trained = study.model(name)
+        if trained.reference:
+            device = resolve_device(study.config.device)
+            precision = resolve_precision(study.config.precision, device)
+            study.say(f"{name}: " + describe_reference(trained.reference, summary.to_dict(),
+                                                       f"{device}, {str(precision or 'fp32').replace('torch.', '')}"))
+        return result
+
+    # --- Grad-CAM of the baseline's top failures ---------------------------
+    def explain_cases(self, study: "Study", *, show: bool = False, name: str = "baseline") -> list[FailureCase]:
+        """Grad-CAM for the predicted and the true class of the top failures;
+        writes failure_case_<i>.png (or a 'no failures' figure)."""
+
+
+        trained = study.model(name)
+        table = self.table(study, name)
+        preds = self.predictions(study, name)
+        config = study.config
+        out = study.out
+        rows = table.rows[:config.top_failures]
+        for stale in out.glob("failure_case_*.png"):
+            stale.unlink()
+        if not rows:
+            fig = plot_no_failures(config.failure_threshold, name)
+            save_figure(fig, out / "failure_case_1.png")
+            if not show:
+                plt.close(fig)
+            return []
+        suspects = label_suspects(preds, table)
+        flagged = set(suspects["suspect_failure_positions"])
+        device = resolve_device(config.device)
+        positions = torch.tensor([f.position for f in rows])
+        images = study.splits.test.images[positions]
+        x = normalize(to_float(images)).to(device)
+        cam = GradCAM(trained.model, get_layer(trained.model, config.cam_layer))
+        pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
+        true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
+        improved = study.predictions.get("improved")
+        cases = []
+        for i, f in enumerate(rows):
+            suspect = f.position in flagged
+            fig = plot_failure_case(
+                images[i].permute(1, 2, 0).numpy(), pred_maps[i], true_maps[i], true_name=CLASSES[f.true],
+                pred_name=CLASSES[f.pred], confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
+                title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
+                note=(SUSPECT_NOTE if suspects["reliable"] else SUSPECT_NOTE_WEAK) if suspect else None)
+            path = save_figure(fig, out / f"failure_case_{i + 1}.png")
+            if not show:
+                plt.close(fig)
+            case = FailureCase(
+                rank=i + 1, position=f.position, dataset_index=f.dataset_index, true=f.true, pred=f.pred,
+                confidence=f.confidence, top3=[[c, p] for c, p in f.top3],
+                where_pred=CamRegion.from_dict(_plain(describe_cam(pred_maps[i]))),
+                where_true=CamRegion.from_dict(_plain(describe_cam(true_maps[i]))),
+                figure=path.name, label_suspect=suspect)
+            if improved is not None:
+                p = int(improved.preds[f.position])
+                case.improved_pred, case.improved_confidence = p, float(improved.probs[f.position, p])
+            cases.append(case)
+        for c in cases:
+            study.say(f"case {c.rank}: {CLASSES[c.true]} taken for {CLASSES[c.pred]} ({c.confidence:.0%}); "
+                      f"predicted-class map peaks at the {c.where_pred.peak_region}, true-class map at the "
+                      f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else ""))
+        study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
+        return cases
+
+    # --- the contract ------------------------------------------------------
+    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> FailuresResult:
+        models = {}
+        for name in study.models:
+            if force:
+                self.predictions(study, name, force=True)
+            models[name] = self.evaluate_one(study, name)
+        cases = self.explain_cases(study, show=show)
+        self.figures(study, models, show=show)
+        return FailuresResult(models=models, threshold=study.config.failure_threshold,
+                              top_failures=study.config.top_failures, cases=cases)
+
+    def figures(self, study: "Study", models: dict[str, ModelFailures], show: bool = False) -> list[Path]:
+        """confusion_matrix.png (a panel per model) and model_comparison.png
+        (failure bars split by group once the comparison has run)."""
+
+        fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
+                                 constrained_layout=True)
+        for ax, (name, m) in zip(axes[0], models.items()):
+            plot_confusion_matrix(np.array(m.summary.confusion_matrix), title=f"{name}: confusion matrix "
+                                  f"(test accuracy {100 * m.summary.test_accuracy:.2f}%)", ax=ax)
+        comparison = study.results.get("comparison")
+        groups = comparison.failures.counts.to_dict() if comparison is not None else None
+        summaries = {n: m.summary.to_dict() for n, m in models.items()}
+        figures = {"model_comparison.png": plot_model_comparison(summaries, failure_groups=groups),
+                   "confusion_matrix.png": fig}
+        return save_figures(figures, study.out, show=show)
+
+    def summary(self, study: "Study", result: FailuresResult) -> str:
+        return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
+                         f"{m.summary.high_confidence_failures} high-confidence failures"
+                         for n, m in result.models.items())
+
+    def model_metrics(self, study: "Study", result: FailuresResult, model: str) -> dict[str, Any]:
+        return result.models[model].summary.to_dict()
+
+    def sections(self, study: "Study", result: FailuresResult) -> list:
+        models = result.models
+        n_test = next(iter(models.values())).summary.n
+        where = " (a stratified subset of the official test set)" if study.config.test_subset else " (the official test set)"
+        t = result.threshold
+        overview = Table(["model", "accuracy", "loss", f"failures >{t:.0%}", "mean conf."],
+                         [[n, _pct(m.summary.test_accuracy), f"{m.summary.loss:.3f}",
+                           str(m.summary.high_confidence_failures), _pct(m.summary.mean_confidence, 1)]
+                          for n, m in models.items()])
+        names = list(models)
+        per_class = Table(["class", *names, "change"] if len(names) == 2 else ["class", *names],
+                          [[c, *[_pct(models[n].summary.per_class_accuracy[c], 1) for n in names],
+                            *([_change(models[names[0]].summary.per_class_accuracy[c],
+                                       models[names[1]].summary.per_class_accuracy[c])] if len(names) == 2 else [])]
+                           for c in CLASSES])
+        test = Section(f"Test results ({n_test} test images{where})",
+                       [overview, per_class, Figure("model_comparison.png", "accuracy, failures, per-class accuracy"),
+                        Figure("confusion_matrix.png", "both confusion matrices")], key=self.name)
+        pairs = []
+        for n, m in models.items():
+            text = "; ".join(f"{p.a}/{p.b} {p.total} ({p.a}->{p.b} {p.a_as_b}, {p.b}->{p.a} {p.b_as_a})"
+                             for p in m.summary.top_confused_pairs) or "none"
+            pairs.append(Paragraph(f"{n}: {text}."))
+        confused = Section("Most confused class pairs (both directions)", pairs, key=self.name)
+        return [test, confused, Section(f"The baseline's top high-confidence failures (>{t:.0%})",
+                                        self.case_blocks(study, result), key=self.name)]
+
+    def case_blocks(self, study: "Study", result: FailuresResult) -> list:
+        if not result.cases:
+            return [Paragraph(f"The baseline made no wrong prediction above {result.threshold:.0%} confidence, "
+                              "so there are no failure cases to explain.")]
+        blocks = []
+        if len(result.cases) < result.top_failures:
+            blocks.append(Paragraph(f"Only {len(result.cases)} high-confidence failure(s) exist, fewer than the "
+                                    f"{result.top_failures} cases asked for; all are shown."))
+        explanations = study.results.get("explanations")
+        reliable = True
+        if explanations is not None and "baseline" in explanations.label_suspects:
+            reliable = explanations.label_suspects["baseline"].reliable
+        for case in result.cases:
+            top3 = ", ".join(f"{CLASSES[int(c)]} {100 * p:.1f}%" for c, p in case.top3)
+            text = (f"Case {case.rank} ({case.figure}): test image {case.dataset_index}, "
+                    f"true {CLASSES[case.true]}, predicted {CLASSES[case.pred]} with {100 * case.confidence:.1f}% "
+                    f"confidence (top-3: {top3}). Grad-CAM for the predicted class "
+                    f"{case.where_pred.words()}; for the true class it {case.where_true.words()}.")
+            if case.improved_pred is not None:
+                verdict = "fixed" if case.improved_pred == case.true else "still wrong"
+                text += (f" The improved model predicts {CLASSES[case.improved_pred]} "
+                         f"({100 * case.improved_confidence:.1f}%): {verdict}.")
+            if case.label_suspect:
+                text += " Confident learning flags this label as a suspected label error"
+                text += "." if reliable else " (unreliable for this model: see the failure triage below)."
+            blocks.append(Paragraph(text))
+            blocks.append(Figure(case.figure, f"case {case.rank}: image, Grad-CAM of the predicted and the true class"))
+        return blocks
+
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _change(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{100 * (b - a):+.1f}"
+
+
+def _plain(d: dict) -> dict:
+    """describe_cam's dict with NumPy scalars and tuples as JSON types."""
+    return {k: [float(x) if isinstance(x, (float, np.floating)) else int(x) for x in v]
+            if isinstance(v, (tuple, list)) else (float(v) if isinstance(v, (np.floating,)) else v)
+            for k, v in d.items()}
+
+
+stage = FailuresStage()

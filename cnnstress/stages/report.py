@@ -1,0 +1,137 @@
+"""Stage: metrics.json, analysis_report.txt and report.html from the other stages.
+
+The report derives no numbers: metrics.json is each stage's `model_metrics`
+(merged per model) and `metrics` (under the stage's name), and both reports
+render each stage's `sections` in stage order, then this stage's summary.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import PROFILES
+from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
+from ..reporting import Document, Paragraph, Section, render_text, write_html
+from ..results import Record
+from ..runtime import describe_hardware, resolve_device
+from .base import Stage
+
+if TYPE_CHECKING:
+    from ..study import Study
+
+
+@dataclass
+class ReportResult(Record):
+    metrics: str          # paths of what was written
+    text: str
+    html: str
+    seconds: float        # the study's wall time when the report was written
+
+
+class ReportStage(Stage):
+    name = "report"
+    title = "Summary"
+
+    def build_metrics(self, study: "Study", seconds: float) -> dict[str, Any]:
+        done = [(s, study.results[s.name]) for s in study.stage_list if s.name in study.results and s is not self]
+        metrics: dict[str, Any] = {m: {} for m in study.models}
+        for s, result in done:
+            for m in study.models:
+                metrics[m].update(s.model_metrics(study, result, m))
+        for s, result in done:
+            section = s.metrics(study, result)
+            if section is not None:
+                metrics[s.name] = section
+        metrics.update({
+            "config": study.model_config("baseline").to_dict(),
+            "profile": study.config.profile,
+            "hardware": describe_hardware(resolve_device(study.config.device)),
+            "pipeline_seconds": seconds,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "stages": [s.name for s, _ in done],
+        })
+        return metrics
+
+    def document(self, study: "Study", metrics: dict[str, Any]):
+
+        training = study.results.get("training")
+        reused = [n for n, m in training.models.items() if m.reused_checkpoint] if training else []
+        seconds = metrics["pipeline_seconds"]
+        timing = f"whole pipeline {seconds:.0f} s"
+        if reused:  # a rerun: its wall time says nothing about training
+            timing = (f"this run {seconds:.0f} s with the {' and '.join(reused)} model{'s' if len(reused) > 1 else ''} "
+                      f"loaded from finished checkpoints (training times below are from when they were trained)")
+        sections = []
+        for s in study.stage_list:
+            if s is not self and s.name in study.results:
+                sections += s.sections(study, study.results[s.name])
+        sections.append(Section(self.title, self.summary_blocks(study), key=self.name))
+        meta = [f"Created {metrics['created']}, profile '{metrics['profile']}', {timing}.",
+                f"Hardware: {metrics['hardware']}."]
+        return Document("cnnstress analysis report", meta, sections)
+
+    def summary_blocks(self, study: "Study") -> list:
+        comparison = study.results.get("comparison")
+        training = study.results.get("training")
+        if comparison is None:
+            return [Paragraph("The comparison did not run; see the sections above.")]
+        diff, fc, t = comparison.accuracy_diff, comparison.failures.counts, comparison.threshold
+        sig = "significant" if comparison.mcnemar.p_value < 0.05 else "not significant"
+        better = diff.diff > 0
+        change = f"{(fc.b - fc.a) / fc.a * 100 if fc.a else 0:+.0f}%"
+        blocks = [Paragraph(
+            f"Changing only the augmentation preset {'raised' if better else 'did not raise'} test accuracy "
+            f"({100 * diff.diff:+.2f} points, {sig} by McNemar) and changed the number of wrong predictions "
+            f"made with more than {t:.0%} confidence from {fc.a} to {fc.b} ({change}). "
+            f"Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold every number "
+            f"above; failures_baseline.csv and failures_improved.csv list each failure.",
+            kind="verdict-good" if better else "verdict-bad")]
+        if training is not None:
+            b, i = training.models["baseline"], training.models["improved"]
+            if not better and i.final_train_accuracy < b.final_train_accuracy:
+                # Augmentation makes the training task harder; in a short run that shows
+                # as underfitting rather than as better generalisation.
+                blocks.append(Paragraph(
+                    f"The improved model also fits its training data less ({100 * i.final_train_accuracy:.2f}% vs "
+                    f"{100 * b.final_train_accuracy:.2f}% training accuracy after {i.epochs} epochs, train-validation "
+                    f"gap {i.gap_points:+.1f} vs {b.gap_points:+.1f} points): it is still underfitting, and stronger "
+                    f"augmentation needs more epochs than this run had to pay off (the 'full' profile trains "
+                    f"{PROFILES['full']['epochs']} epochs on every training image).", kind="note"))
+        return blocks
+
+    def complete(self, study: "Study") -> None:
+        """Fill in the stages this session has not run (a notebook after a
+        kernel restart): from their caches, never computing an analysis."""
+        for s in study.stage_list:
+            if s is self or s.name in study.results or s.name in study.skipped or not s.enabled(study):
+                continue
+            result = s.run(study, cached_only=True) if s.analysis else s.run(study)
+            if result is None:
+                study.skipped.add(s.name)
+            else:
+                study.results[s.name] = result
+
+    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> ReportResult:
+
+        self.complete(study)
+        seconds = time.perf_counter() - study.started
+        metrics = self.build_metrics(study, seconds)
+        save_json(study.out / METRICS_FILE, metrics)
+        doc = self.document(study, metrics)
+        text = render_text(doc)
+        path = study.out / REPORT_FILE
+        atomic_write(path, lambda tmp: tmp.write_text(text))
+        html = write_html(doc, study.out, name=HTML_REPORT_FILE)
+        study.timer.lap("report", what=f"{METRICS_FILE}, {REPORT_FILE}, {HTML_REPORT_FILE}")
+        study.timer.write(study.out / RUN_LOG, resolve_device(study.config.device), profile=study.config.profile,
+                          config=study.config.to_dict())
+        return ReportResult(metrics=str(study.out / METRICS_FILE), text=str(path), html=str(html), seconds=seconds)
+
+    def summary(self, study: "Study", result: ReportResult) -> str:
+        return f"report: {result.text}, {Path(result.html).name} ({result.seconds:.0f}s in all)"
+
+
+stage = ReportStage()

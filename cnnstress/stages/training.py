@@ -1,0 +1,269 @@
+"""Stage: training both models (or reusing / loading them), and their curves.
+
+    outputs/
+      baseline/checkpoint.pt, history.json     (augment preset "baseline")
+      improved/checkpoint.pt, history.json     (augment preset "enhanced")
+      training_curves.png                      (once both models are trained)
+
+The cache is the checkpoint itself: a finished one with the same training
+config is reused, an unfinished one resumed (see cnnstress.train.fit).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import matplotlib.pyplot as plt
+
+from ..augment import PRESETS
+from ..checkpoint import check_config_matches, read_checkpoint
+from ..config import PROFILES, Config
+from ..errors import CheckpointError, ConfigError
+from ..io import ensure_writable_dir
+from ..plots import plot_training_curves, save_figure
+from ..reporting import Figure, Paragraph, Section
+from ..results import Record, optional
+from ..runtime import resolve_device
+from ..study import MODELS
+from ..train import FitResult, fit, load_model
+from ..weights import METADATA_FILE, load_published
+from .base import Stage
+
+if TYPE_CHECKING:
+    from ..study import Study
+
+RETRAIN = "retrain both models with `python -m cnnstress run --force` and the same options"
+CURVES_FILE = "training_curves.png"
+
+
+def checkpoint_path(out_dir: str | Path, config: Config) -> Path:
+    name = next(n for n, preset in MODELS.items() if preset == config.augment)
+    return Path(out_dir) / name / "checkpoint.pt"
+
+
+@dataclass
+class Trained:
+    """A trained model and what produced it (holds the nn.Module: not a Record)."""
+    name: str
+    result: FitResult
+    checkpoint: Path
+    stamp: str | None = None        # a stable identity for caches (published weights: SHA-256s)
+    reference: dict | None = None   # published weights: the source run's test numbers
+
+    @property
+    def model(self):
+        return self.result.model
+
+    @property
+    def config(self) -> Config:
+        return self.result.config
+
+
+def model_stamp(trained: Trained) -> str:
+    """What a cache made from this model is keyed by ("" = no identity, never cached)."""
+    if trained.stamp:
+        return trained.stamp
+    if not trained.checkpoint.exists():
+        return ""
+    st = trained.checkpoint.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+@dataclass
+class ModelTraining(Record):
+    """One model's training, as metrics.json and the report read it."""
+    name: str
+    augment: str
+    epochs: int
+    train_seconds: float
+    final_train_loss: float
+    final_train_accuracy: float
+    final_val_loss: float
+    final_val_accuracy: float
+    best_val_accuracy: float
+    best_val_epoch: int
+    checkpoint: str
+    reused_checkpoint: bool            # True: loaded, not trained in this run
+    published_run: dict[str, Any] | None = optional()
+
+    @property
+    def gap_points(self) -> float:
+        """Train minus validation accuracy after the last epoch, in points."""
+        return 100 * (self.final_train_accuracy - self.final_val_accuracy)
+
+
+@dataclass
+class TrainingResult(Record):
+    models: dict[str, ModelTraining]
+
+
+def describe(trained: Trained) -> ModelTraining:
+    history = trained.result.history
+    best = max(history, key=lambda h: h["val_acc"])
+    last = history[-1]
+    return ModelTraining(
+        name=trained.name, augment=trained.config.augment, epochs=len(history),
+        train_seconds=trained.result.train_seconds, final_train_loss=last["train_loss"],
+        final_train_accuracy=last["train_acc"], final_val_loss=last["val_loss"], final_val_accuracy=last["val_acc"],
+        best_val_accuracy=best["val_acc"], best_val_epoch=best["epoch"], checkpoint=str(trained.checkpoint),
+        reused_checkpoint=bool(trained.result.reused), published_run=trained.reference)
+
+
+def trained_images(result: FitResult, train_size: int) -> tuple[int | None, str]:
+    """(images trained in this call, what) for a train stage's timing: epochs
+    run now x training images (validation and checkpoints are in the time)."""
+    epochs = len(result.history) - result.resumed_from_epoch
+    if result.reused or epochs <= 0:
+        return None, "finished checkpoint reused"
+    return epochs * train_size, (f"{epochs} epoch{'s' if epochs != 1 else ''} x {train_size} training images, "
+                                 "incl. validation")
+
+
+def train_model(config: Config, splits, out_dir: str | Path, *, force: bool = False, resume: bool = True,
+                progress: bool | None = None, log=print) -> Trained:
+    """Train one model, or reuse its finished checkpoint. An unfinished
+    checkpoint with the same training config is continued (resume=True) or
+    refused (resume=False); one with another config is refused unless
+    force=True, which starts over and replaces it."""
+    path = checkpoint_path(out_dir, config)
+    ensure_writable_dir(path.parent)
+    if path.exists() and not force:
+        ckpt = read_checkpoint(path)
+        check_config_matches(ckpt, config, path)
+        done = int(ckpt["epoch"])
+        if done < config.epochs and not resume:
+            raise CheckpointError(f"{path} holds an unfinished run ({done}/{config.epochs} epochs); "
+                                  "pass --resume to continue it or --force to start over")
+        if done >= config.epochs and log:
+            log(f"reusing finished checkpoint {path} ({done} epochs); --force retrains")
+    result = fit(config, splits, checkpoint_path=path, resume=not force, progress=progress, log=log)
+    return Trained(name=path.parent.name, result=result, checkpoint=path)
+
+
+def load_trained(config: Config, out_dir: str | Path) -> Trained:
+    """A finished model from its checkpoint, without training."""
+    path = checkpoint_path(out_dir, config)
+    try:
+        model, ckpt = load_model(path, config, device=resolve_device(config.device))
+    except CheckpointError as exc:
+        # The advice there is for `train`/`run`, whose --force retrains; name a command that does.
+        raise CheckpointError(str(exc).replace("retrain with --force", RETRAIN)) from None
+    if int(ckpt["epoch"]) < config.epochs:
+        raise CheckpointError(f"{path} is unfinished ({ckpt['epoch']}/{config.epochs} epochs); finish training "
+                              "with `python -m cnnstress run` and the same options (it resumes from there)")
+    result = FitResult(model=model, history=list(ckpt["history"]), config=config,
+                       resumed_from_epoch=int(ckpt["epoch"]), reused=True)
+    return Trained(name=path.parent.name, result=result, checkpoint=path)
+
+
+def published_model(config: Config, weights_dir: str | Path) -> Trained:
+    """A published model (cnnstress.weights) for `config`'s augmentation
+    preset, never trained: its hashes must verify and its training config must
+    be config.profile's. The analysis uses `config` (device, sizes)."""
+
+    if config.profile not in PROFILES:
+        raise ConfigError(f"published weights need the profile they were trained with (one of {', '.join(PROFILES)}), "
+                          f"got {config.profile!r}")
+    name = checkpoint_path(".", config).parent.name
+    pub = load_published(weights_dir, expect_profile=config.profile, device=resolve_device(config.device),
+                         names=(name,))[name]
+    result = FitResult(model=pub.model, history=pub.history, config=config, resumed_from_epoch=pub.epochs,
+                       reused=True)
+    return Trained(name=name, result=result, checkpoint=Path(weights_dir) / METADATA_FILE, stamp=pub.stamp,
+                   reference=pub.reference)
+
+
+class TrainingStage(Stage):
+    name = "training"
+    title = "Training"
+
+    def train_one(self, study: "Study", name: str, *, force: bool = False) -> Trained:
+        """Train (or reuse, or load published / finished) model `name` into study.trained."""
+        cfg = study.model_config(name)
+        study.say(f"== {name} model (augment preset {cfg.augment!r}) ==")
+        if name != study.models[0]:
+            study.say(f"configuration change: {study.model_config(study.models[0]).diff(cfg)}")
+        if study.weights is not None:
+            trained = published_model(cfg, study.weights)
+            study.say(f"{name}: published weights {trained.checkpoint.parent} ({trained.result.resumed_from_epoch} "
+                      f"epochs, {trained.stamp[:19]}...), not trained here")
+            images, what = None, f"published weights loaded from {study.weights}"
+        elif study.allow_training:
+            trained = train_model(cfg, study.splits, study.out, force=force, progress=study.progress, log=study.log)
+            images, what = trained_images(trained.result, len(study.splits.train))
+        else:
+            path = checkpoint_path(study.out, cfg)
+            if not path.exists():
+                raise CheckpointError(f"no trained {name} model: checkpoint {path} not found; train both models "
+                                      "first (python -m cnnstress run) or pass the right --out-dir")
+            trained = load_trained(cfg, study.out)
+            images, what = None, "finished checkpoint loaded"
+        study.trained[name] = trained
+        # A retrained model invalidates what was derived from the old one in this session.
+        study.predictions.pop(name, None)
+        study.failure_tables.pop(name, None)
+        study.timer.lap(f"train {name}", images, what)
+        if set(study.models) <= set(study.trained) and study.weights is None:
+            self.curves(study, show=False)  # only complete curves: a failed run leaves no one-model figure
+        return trained
+
+    def curves(self, study: "Study", show: bool = False):
+        """training_curves.png of every model trained so far (written once
+        both are); returns the Figure."""
+
+        fig = plot_training_curves({n: t.result.history for n, t in study.trained.items()})
+        if set(study.models) <= set(study.trained):
+            save_figure(fig, study.out / CURVES_FILE)
+        if not show:
+            plt.close(fig)
+        return fig
+
+    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> TrainingResult:
+        for name in study.models:
+            if name not in study.trained or force:
+                self.train_one(study, name, force=force)
+        return TrainingResult(models={n: describe(study.trained[n]) for n in study.models})
+
+    def summary(self, study: "Study", result: TrainingResult) -> str:
+        return "; ".join(f"{n}: {m.epochs} epochs, final validation accuracy {100 * m.final_val_accuracy:.2f}%"
+                         + (" (reused)" if m.reused_checkpoint else f" ({m.train_seconds:.0f} s)")
+                         for n, m in result.models.items())
+
+    def model_metrics(self, study: "Study", result: TrainingResult, model: str) -> dict[str, Any]:
+        m = result.models[model]
+        return {"train_seconds": m.train_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
+                "best_val_accuracy": m.best_val_accuracy, "best_val_epoch": m.best_val_epoch, "augment": m.augment,
+                "checkpoint": m.checkpoint, "reused_checkpoint": m.reused_checkpoint,
+                **({"published_run": m.published_run} if m.published_run else {})}
+
+    def sections(self, study: "Study", result: TrainingResult) -> list:
+        cfg = study.model_config("baseline")
+        shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
+                 "precision", "device", "failure_threshold"]
+        diff = cfg.diff(study.model_config("improved"))
+        changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        spec = PRESETS["enhanced"]
+        config_blocks = [
+            Paragraph("Baseline: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown) + "."),
+            Paragraph(f"Improved model = baseline with exactly one change ({changes}); everything else, "
+                      "the seed included, is identical."),
+            Paragraph(f"Enhanced augmentation: RandomCrop(32, padding={spec.crop_padding}), "
+                      f"HorizontalFlip(p={spec.flip_p}), Rotation(+/-{spec.rotation_deg:g} deg), "
+                      f"ColorJitter(brightness={spec.brightness}, contrast={spec.contrast}, "
+                      f"saturation={spec.saturation}, hue={spec.hue}), RandomErasing(p={spec.erase_p}, "
+                      f"scale={spec.erase_scale}, ratio={spec.erase_ratio})."),
+        ]
+        blocks = []
+        for name, m in result.models.items():
+            blocks.append(Paragraph(
+                f"{name}: {m.epochs} epochs in {m.train_seconds:.0f} s ({m.train_seconds / max(m.epochs, 1):.1f} "
+                f"s/epoch); final train loss {m.final_train_loss:.3f} / accuracy {100 * m.final_train_accuracy:.2f}%, "
+                f"validation loss {m.final_val_loss:.3f} / accuracy {100 * m.final_val_accuracy:.2f}% (best "
+                f"{100 * m.best_val_accuracy:.2f}% at epoch {m.best_val_epoch}). Gap train-validation accuracy: "
+                f"{m.gap_points:+.1f} points."))
+        blocks.append(Figure(CURVES_FILE, "loss and accuracy per epoch, training solid, validation dashed"))
+        return [Section("Configuration", config_blocks, key="training"), Section(self.title, blocks, key="training")]
+
+
+stage = TrainingStage()
