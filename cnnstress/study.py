@@ -7,7 +7,8 @@ The notebook and the command line drive the same object::
     study.curves()
     study.failures("baseline")         # test predictions + high-confidence failures
     study.gradcam()                    # Grad-CAM figures of the top failures
-    study.train("improved"); study.compare(); study.stress(); study.explain(); study.report()
+    study.train("improved"); study.compare(); study.stress(); study.explain(); study.label_review()
+    study.report()
 
 or all of it with `study.run()` (what `python -m cnnstress run` calls). Every
 step takes what it needs from earlier steps, loading it from the output
@@ -111,7 +112,7 @@ class Study:
         if new != self.config:
             self.config = new
             # Results computed with the old settings are no longer this study's.
-            for stage in ("failures", "comparison", "stress", "explanations"):
+            for stage in ("failures", "comparison", "stress", "explanations", "label_review"):
                 self.results.pop(stage, None)
             if "failure_threshold" in changes:
                 self.failure_tables.clear()
@@ -256,6 +257,11 @@ class Study:
 
     def explain(self, force: bool = False, show: bool = True):
         return self.run_stage("explanations", force=force, show=show)
+
+    def label_review(self, show: bool = True):
+        """The failures triaged against the human review of the test labels
+        (stages.label_review.LabelReview, shown as a table in a notebook)."""
+        return self.run_stage("label_review", show=show)
 
     def report(self):
         """metrics.json, analysis_report.txt and report.html from every stage run so far."""

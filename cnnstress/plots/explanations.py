@@ -127,8 +127,10 @@ def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", n
                         totals: Mapping[bool, int] | None = None) -> Figure:
     """High-confidence failures as image tiles, split into two labelled
     groups. Each entry: image (HWC uint8), given, predicted (class names),
-    confidence (0-1), suspect (bool), dataset_index. Suspected label errors get
-    an orange frame, model errors a blue one. `totals` {suspect: count}: the
+    confidence (0-1), suspect (bool), dataset_index, and optionally review
+    (a short line drawn under the tile, e.g. '5 of 5 reviewers: frog') with
+    label_error (bool: the line is drawn in the confirmed-error colour).
+    Suspected label errors get an orange frame, model errors a blue one. `totals` {suspect: count}: the
     group sizes when `entries` shows only some of each."""
     groups = [("Suspected label errors", [e for e in entries if e["suspect"]], OKABE_ITO["orange"], True),
               ("Model errors (label looks right)", [e for e in entries if not e["suspect"]], OKABE_ITO["blue"], False)]
@@ -155,6 +157,9 @@ def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", n
                 spine.set_linewidth(3)
             ax.set_title(f"#{e['dataset_index']}\nlabel: {e['given']}\npred: {e['predicted']} {pct(e['confidence'], 0)}",
                          fontsize=TICK_SIZE - 1)
+            if e.get("review"):
+                ax.set_xlabel(e["review"], fontsize=TICK_SIZE - 1, fontweight="bold",
+                              color=OKABE_ITO["reddish_purple"] if e.get("label_error") else "#333333")
     if title:
         fig.suptitle(title, fontsize=TITLE_SIZE + 1)
     return fig

@@ -3,11 +3,11 @@
 Adding a stage: write a module with a `Stage` subclass and add its instance to
 STAGES (before the report, which renders every stage that ran).
 """
-from . import comparison, explanations, failures, report, stress, training
+from . import comparison, explanations, failures, label_review, report, stress, training
 from .base import Stage
 
 STAGES: list[Stage] = [training.stage, failures.stage, comparison.stage, stress.stage, explanations.stage,
-                       report.stage]
+                       label_review.stage, report.stage]
 
 
 def get_stage(name: str) -> Stage:

@@ -24,6 +24,7 @@ from ..runtime import resolve_device
 from ..schema import explanations_schema
 from ..xai.checks import (KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps, drift_report, explanation_settings,
                           faithfulness_report, label_suspects, sanity_report)
+from ..xai.label_review import applicable_review, review_note
 from ..xai.randomisation import verdict_word
 from .base import Stage, save_figures
 from .failures import stage as failures
@@ -113,15 +114,25 @@ class ExplanationsStage(Stage):
         name = "baseline" if "baseline" in result.label_suspects else next(iter(result.label_suspects))
         ls = result.label_suspects[name]
         p = failures.predictions(study, name)
+        _, review = applicable_review(test.labels, test.indices)   # {} unless the test set is official
         entries = []
+        confirmed = {i for i, e in review.items() if e.label_error}
         for group, positions in (("suspect", ls.suspect_failure_positions), ("model", ls.model_error_positions)):
-            for pos in positions[:SUSPECT_TILES]:
+            # The confirmed label errors are always among the tiles; the most confident failures fill the rest.
+            first = [q for q in positions if int(test.indices[q]) in confirmed][:SUSPECT_TILES]
+            chosen = set(first + [q for q in positions if q not in first][:SUSPECT_TILES - len(first)])
+            for pos in (q for q in positions if q in chosen):
+                index = int(test.indices[pos])
                 entries.append({"image": test.images[pos].permute(1, 2, 0).numpy(),
                                 "given": CLASSES[int(p.labels[pos])], "predicted": CLASSES[int(p.preds[pos])],
                                 "confidence": float(p.confidence[pos]), "suspect": group == "suspect",
-                                "dataset_index": int(test.indices[pos])})
+                                "dataset_index": index,
+                                **({"review": review_note(review[index], CLASSES, short=True),
+                                    "label_error": review[index].label_error} if index in review else {})})
         title = (f"{name}: high-confidence failures (>{config.failure_threshold:.0%}) triaged by confident "
                  f"learning ({ls.suspect_failures} suspects of {ls.failures}; at most {SUSPECT_TILES} shown each)")
+        if review:
+            title += "\nconfirmed label errors (human review) always shown, with the reviewers' votes under the tile"
         if not ls.reliable:
             title += (f"\nUNRELIABLE: {ls.flagged_fraction:.0%} of all test images flagged; the model is too weak "
                       "to tell wrong labels from its own mistakes")

@@ -24,7 +24,7 @@ from ..reporting import Figure, Paragraph, Section, Table
 from ..results import Record, TestSummary
 from ..runtime import resolve_device, resolve_precision
 from ..weights import describe_reference
-from ..xai import GradCAM, get_layer, label_suspects
+from ..xai import GradCAM, applicable_review, get_layer, label_suspects, review_note
 from ..xai.cam import describe_cam
 from .base import Stage, save_figures
 from .training import model_stamp
@@ -70,6 +70,7 @@ class FailureCase(Record):
     label_suspect: bool = False   # confident learning flags the label as possibly wrong
     improved_pred: int | None = None
     improved_confidence: float | None = None
+    review: str | None = None     # the human review's verdict and votes (xai.label_review.review_note)
 
 
 @dataclass
@@ -213,6 +214,7 @@ class FailuresStage(Stage):
             return []
         suspects = label_suspects(preds, table)
         flagged = set(suspects["suspect_failure_positions"])
+        _, review = applicable_review(study.splits.test.labels, study.splits.test.indices)  # {} unless official
         device = resolve_device(config.device)
         positions = torch.tensor([f.position for f in rows])
         images = study.splits.test.images[positions]
@@ -224,11 +226,13 @@ class FailuresStage(Stage):
         cases = []
         for i, f in enumerate(rows):
             suspect = f.position in flagged
+            reviewed = review_note(review[f.dataset_index], CLASSES) if f.dataset_index in review else None
+            notes = [(SUSPECT_NOTE if suspects["reliable"] else SUSPECT_NOTE_WEAK) if suspect else None, reviewed]
             fig = plot_failure_case(
                 images[i].permute(1, 2, 0).numpy(), pred_maps[i], true_maps[i], true_name=CLASSES[f.true],
                 pred_name=CLASSES[f.pred], confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
                 title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
-                note=(SUSPECT_NOTE if suspects["reliable"] else SUSPECT_NOTE_WEAK) if suspect else None)
+                note="\n".join(n for n in notes if n) or None)
             path = save_figure(fig, out / f"failure_case_{i + 1}.png")
             if not show:
                 plt.close(fig)
@@ -237,7 +241,7 @@ class FailuresStage(Stage):
                 confidence=f.confidence, top3=[[c, p] for c, p in f.top3],
                 where_pred=CamRegion.from_dict(_plain(describe_cam(pred_maps[i]))),
                 where_true=CamRegion.from_dict(_plain(describe_cam(true_maps[i]))),
-                figure=path.name, label_suspect=suspect)
+                figure=path.name, label_suspect=suspect, review=reviewed)
             if improved is not None:
                 p = int(improved.preds[f.position])
                 case.improved_pred, case.improved_confidence = p, float(improved.probs[f.position, p])
@@ -245,7 +249,8 @@ class FailuresStage(Stage):
         for c in cases:
             study.say(f"case {c.rank}: {CLASSES[c.true]} taken for {CLASSES[c.pred]} ({c.confidence:.0%}); "
                       f"predicted-class map peaks at the {c.where_pred.peak_region}, true-class map at the "
-                      f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else ""))
+                      f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else "")
+                      + (f"; {c.review}" if c.review else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
         return cases
 
@@ -337,6 +342,8 @@ class FailuresStage(Stage):
             if case.label_suspect:
                 text += " Confident learning flags this label as a suspected label error"
                 text += "." if reliable else " (unreliable for this model: see the failure triage below)."
+            if case.review:
+                text += f" Human review: {case.review.removeprefix('reviewed: ')}."
             blocks.append(Paragraph(text))
             blocks.append(Figure(case.figure, f"case {case.rank}: image, Grad-CAM of the predicted and the true class"))
         return blocks

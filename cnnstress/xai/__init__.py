@@ -15,9 +15,10 @@ from .checks import cam_maps, drift_report, faithfulness_report, label_suspects,
 from .faithfulness import (Deletion, FaithfulnessError, FaithfulnessResult, Insertion, PixelPerturbation,
                            deletion_insertion, random_maps)
 from .label_errors import find_label_issues, label_quality_scores
-from .label_review import (FlagScore, GroundTruthTriage, OrderCheck, PrecisionAtK, Ratio, ReviewEntry, check_order,
-                           flag_scores, load_review, official_test_labels, parse_official_labels, parse_review,
-                           precision_at_k, review_verdict, source_line, triage)
+from .label_review import (FlagScore, GroundTruthTriage, OrderCheck, PrecisionAtK, Ratio, ReviewEntry,
+                           applicable_review, check_order, flag_scores, load_review, official_test_labels,
+                           parse_official_labels, parse_review, precision_at_k, review_note, review_verdict,
+                           source_line, triage)
 from .metric import ExplainFunc, Metric, SimilarityFunc
 from .randomisation import (ParameterRandomisation, RandomisationResult, SanityError, SanityResult,
                             cascading_randomization, verdict, verdict_word)
@@ -31,7 +32,8 @@ __all__ = [
     "faithfulness_report", "find_label_issues", "get_layer", "label_suspects", "overlay", "random_maps",
     "sanity_report", "spearman", "ssim", "verdict", "verdict_word",
     # ground truth (label_review)
-    "FlagScore", "GroundTruthTriage", "OrderCheck", "PrecisionAtK", "Ratio", "ReviewEntry", "check_order",
-    "flag_scores", "label_quality_scores", "load_review", "official_test_labels", "parse_official_labels",
-    "parse_review", "precision_at_k", "review_verdict", "source_line", "triage",
+    "FlagScore", "GroundTruthTriage", "OrderCheck", "PrecisionAtK", "Ratio", "ReviewEntry", "applicable_review",
+    "check_order", "flag_scores", "label_quality_scores", "load_review", "official_test_labels",
+    "parse_official_labels", "parse_review", "precision_at_k", "review_note", "review_verdict", "source_line",
+    "triage",
 ]

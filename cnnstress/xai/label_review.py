@@ -182,6 +182,20 @@ def load_review() -> dict[int, ReviewEntry]:
     return {e.index: e for e in sorted(_review(), key=lambda e: e.index)}
 
 
+def review_note(entry: ReviewEntry, classes: Any, *, short: bool = False) -> str:
+    """The review of one image in a line for a figure: 'reviewed: label error,
+    5 of 5 reviewers: frog' (the votes for the reviewers' guessed label) or
+    'reviewed: label correct, 4 of 5 reviewers: cat' (the votes for the given
+    label); short (an image tile): '5 of 5 reviewers: frog' or 'reviewed:
+    label correct'. classes: class names indexed by class id."""
+    votes = f"{entry.votes_guessed} of {WORKERS} reviewers: {classes[entry.guessed_label]}"
+    if entry.label_error:
+        return votes if short else f"{LABEL_ERROR}, {votes}"
+    if short:
+        return LABEL_CORRECT
+    return f"{LABEL_CORRECT}, {entry.votes_given} of {WORKERS} reviewers: {classes[entry.given_label]}"
+
+
 def review_verdict(index: int, review: Mapping[int, ReviewEntry]) -> str:
     """'reviewed: label error', 'reviewed: label correct' or 'not reviewed'
     for the image at official test index `index`."""
@@ -205,10 +219,11 @@ class OrderCheck(Record):
     reason: str | None
 
 
-def check_order(labels: Any, dataset_indices: Any = None) -> OrderCheck:
+def check_order(labels: Any, dataset_indices: Any = None, official: Any = None) -> OrderCheck:
     """Is the loaded test set in the official order? labels: int (N,) as
     loaded; dataset_indices: int (N,) official test indices of those images
-    (Split.indices; default 0..N-1, the whole set in file order).
+    (Split.indices; default 0..N-1, the whole set in file order); official:
+    int (10000,) the official labels (default official_test_labels()).
 
     Official when labels == official_test_labels()[dataset_indices]: the full
     set or a subset named by its official indices. Labels are all it sees:
@@ -226,13 +241,23 @@ def check_order(labels: Any, dataset_indices: Any = None) -> OrderCheck:
     elif np.unique(idx).size != idx.size:
         why = f"the loaded test set repeats official test indices ({idx.size - np.unique(idx).size} repeats)"
     else:
-        differing = int((_official()[idx] != y).sum())
+        reference = _official() if official is None else as_int_vector(official, "official")
+        differing = int((reference[idx] != y).sum())
         if differing == 0:
             return OrderCheck(official=True, n=n, differing=0, reason=None)
         return OrderCheck(official=False, n=n, differing=differing,
                           reason=f"the loaded test set is not in the official order ({differing} of {n} labels "
                                  f"differ); {SKIPPED}")
     return OrderCheck(official=False, n=n, differing=None, reason=f"{why}; {SKIPPED}")
+
+
+def applicable_review(labels: Any, dataset_indices: Any) -> tuple[OrderCheck, dict[int, ReviewEntry]]:
+    """check_order of a loaded test set (labels, dataset_indices: int (N,) as
+    in check_order) and the review when it applies: load_review() when the
+    set is official, else {} (the ground-truth parts then step aside). The
+    one place the stages look the official labels and the review up."""
+    order = check_order(labels, dataset_indices, official=official_test_labels())
+    return order, (load_review() if order.official else {})
 
 
 # --- triage against the review --------------------------------------------------
