@@ -115,7 +115,8 @@ def test_study_after_a_restart_reads_every_stage_from_the_caches(analysed_run, s
     study = Study(config=Config.load(out / "config.json"), data_dir=shared_cifar_dir, out_dir=out, progress=False,
                   log=lines.append)
     study.report()
-    assert set(study.results) == {"training", "failures", "comparison", "stress", "explanations", "report"}
+    assert set(study.results) == {"training", "failures", "comparison", "stress", "explanations", "label_review",
+                                  "report"}
     for p in (out / "stress_baseline.json", out / "explanations.json", out / "baseline" / "checkpoint.pt"):
         assert p.stat().st_mtime_ns == before[p.name], p
     assert any("reusing" in line for line in lines) and not any("train loss" in line for line in lines)
@@ -131,6 +132,6 @@ def test_study_after_a_restart_reads_every_stage_from_the_caches(analysed_run, s
 def test_stage_names_are_unique_and_the_report_is_last():
     names = [s.name for s in stages.STAGES]
     assert len(names) == len(set(names)) and names[-1] == "report"
-    assert names == ["training", "failures", "comparison", "stress", "explanations", "report"]
+    assert names == ["training", "failures", "comparison", "stress", "explanations", "label_review", "report"]
     with pytest.raises(KeyError, match="no stage 'nope'"):
         stages.get_stage("nope")
