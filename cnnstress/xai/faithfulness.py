@@ -277,8 +277,8 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
         per_image = len(modes) * (steps + 1)   # [modes[0] s=0..S, modes[1] s=0..S, ...]
         total = n * per_image
         probs = torch.empty(total, dtype=torch.float32, device=dev)
-        for batch in batch_slices(total, batch_size):
-            j = torch.arange(batch.start, batch.stop, device=dev)
+        for part in batch_slices(total, batch_size):
+            j = torch.arange(part.start, part.stop, device=dev)
             img, rest = j // per_image, j % per_image
             insertion, s = is_insertion[rest // (steps + 1)], rest % (steps + 1)
             changed = rank[img] < counts[s].unsqueeze(1)            # (B,P): top-k_s pixels
@@ -289,7 +289,7 @@ def perturbation_curves(model: nn.Module, images: torch.Tensor, maps: torch.Tens
                 shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise FaithfulnessError(f"the model must return logits (B,C); got {shape}")
             t = tgt[img]
-            if batch.start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
+            if part.start == 0 and not bool(((tgt >= 0) & (tgt < logits.shape[1])).all()):
                 bad = tgt[(tgt < 0) | (tgt >= logits.shape[1])][0].item()
                 raise FaithfulnessError(f"target class {bad} is out of range for {logits.shape[1]} classes")
             p = torch.softmax(logits.float(), dim=1)
