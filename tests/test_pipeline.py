@@ -74,7 +74,7 @@ def test_run_writes_every_output(run_out):
         assert heading in report
     assert "nan" not in report.lower().replace("nanmean", "")
     # --no-stress --no-explain: no analysis sections, files or metrics
-    assert "Stress tests" not in report and "explanations" not in report and "7. Summary" in report
+    assert "Stress tests" not in report and "explanations" not in report and "8. Summary" in report
     assert "ece" not in metrics["baseline"] and "stress" not in metrics and "explanations" not in metrics
     assert not list(run_out.glob("stress_*.json")) and not (run_out / "robustness.png").exists()
     assert not (run_out / "explanations.json").exists() and not (run_out / "faithfulness.png").exists()
