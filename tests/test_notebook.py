@@ -147,6 +147,8 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert report.strip() in _text(_stage_cell(nb, 14))          # stage 14 prints the report it wrote
     assert "8. Can the explanations and the failures be trusted?" in report
     assert "failures are suspected label errors" in _text(_stage_cell(nb, 13))
+    # the fixture's test set is synthetic: the human review does not apply, and stage 13 says so
+    assert "label review: the loaded test set is not in the official order" in _text(_stage_cell(nb, 13))
     assert "7. Stress tests beyond accuracy" in report
     assert "mean corruption accuracy" in _text(_stage_cell(nb, 12))
     assert metrics["baseline"]["mean_corruption_accuracy"] == pytest.approx(
