@@ -202,7 +202,7 @@ def test_run_writes_explanations(analysed_run):
     assert "label_agreement" in cached and "trained independently" not in flat
     assert "The two models are not independent (same initial weights, same batch order" in flat
     for text in ("8. Can the explanations and the failures be trusted?", "8a. Faithfulness", "8b. Sanity check",
-                 "8c. Explanation drift", "8d. Failure triage", "9. Summary"):
+                 "8c. Explanation drift", "8d. Failure triage", "9. Failure triage against human review", "10. Summary"):
         assert text in report, text
 
 

@@ -186,7 +186,7 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
     assert [r[0] for r in rows[2:]] == ["baseline", "improved"]
     report = (stressed / "analysis_report.txt").read_text()
     for text in ("7. Stress tests beyond accuracy", "7a. Calibration", "7b. Common corruptions",
-                 "7c. Adversarial", "7d. Did the augmentation help", "frost", "9. Summary"):
+                 "7c. Adversarial", "7d. Did the augmentation help", "frost", "9. Failure triage against human review", "10. Summary"):
         assert text in report, text
     for png in ("robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"):
         assert (stressed / png).read_bytes()[:4] == b"\x89PNG"
