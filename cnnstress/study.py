@@ -71,6 +71,11 @@ class Study:
         self.trained: dict[str, Any] = {}     # model name -> stages.training.Trained
         self.predictions: dict[str, Any] = {}  # model name -> evaluate.Predictions on the test split
         self.failure_tables: dict[str, Any] = {}  # model name -> evaluate.FailureTable
+        # What the notebook's steps made of the failures stage, so that the
+        # report does not redo (and re-log) it: model name -> ModelFailures, and
+        # the Grad-CAM cases (None: not drawn with the current settings).
+        self.model_failures: dict[str, Any] = {}
+        self.cases: list | None = None
         self._splits = None
         if self.weights is not None:
             if Path(self.out).resolve() == self.weights.resolve():
@@ -116,6 +121,8 @@ class Study:
                 self.results.pop(stage, None)
             if "failure_threshold" in changes:
                 self.failure_tables.clear()
+            self.model_failures.clear()
+            self.cases = None
         return self
 
     @property

@@ -180,6 +180,12 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run):
     assert metrics["baseline"]["high_confidence_failures"] == round(100 * (1 - metrics["baseline"]["test_accuracy"]))
     report = " ".join((out / "analysis_report.txt").read_text().split())
     assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report
+    # stage 8 drew the cases before the improved model existed; the report still says what it predicts
+    assert report.count("The improved model predicts") == 3
+    # stage 14 takes the failures of stages 7, 8 and 10 as they are: no second evaluation or Grad-CAM
+    stage14 = _text(_stage_cell(nb, 14))
+    logged = stage14.splitlines()
+    assert not any(line.startswith(("case 1:", "baseline: test accuracy")) for line in logged), stage14[:2000]
 
 
 @pytest.mark.slow

@@ -180,6 +180,7 @@ class FailuresStage(Stage):
         summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
         result = ModelFailures(name=name, summary=summary,
                                top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]])
+        study.model_failures[name] = result
         if quiet:
             return result
         study.say(f"{name}: test accuracy {100 * preds.accuracy:.2f}%, "
@@ -211,6 +212,7 @@ class FailuresStage(Stage):
             save_figure(fig, out / "failure_case_1.png")
             if not show:
                 plt.close(fig)
+            study.cases = []
             return []
         suspects = label_suspects(preds, table)
         flagged = set(suspects["suspect_failure_positions"])
@@ -252,6 +254,7 @@ class FailuresStage(Stage):
                       f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else "")
                       + (f"; {c.review}" if c.review else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
+        study.cases = cases
         return cases
 
     # --- the contract ------------------------------------------------------
@@ -260,8 +263,15 @@ class FailuresStage(Stage):
         for name in study.models:
             if force:
                 self.predictions(study, name, force=True)
-            models[name] = self.evaluate_one(study, name)
-        cases = self.explain_cases(study, show=show)
+            done = None if force else study.model_failures.get(name)   # a notebook step made it already
+            models[name] = done if done is not None else self.evaluate_one(study, name)
+        cases = study.cases if study.cases is not None and not force else self.explain_cases(study, show=show)
+        if "improved" in study.models:   # cases drawn before the improved model existed (notebook stage 8)
+            improved = self.predictions(study, "improved")
+            for c in cases:
+                if c.improved_pred is None:
+                    c.improved_pred = int(improved.preds[c.position])
+                    c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
         self.figures(study, models, show=show)
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
                               top_failures=study.config.top_failures, cases=cases)
