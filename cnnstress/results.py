@@ -379,17 +379,15 @@ def with_failure_counts(calibration: Calibration, test_predictions: "Predictions
     """A copy of `calibration` with the failure counts (wrong predictions
     with confidence above `threshold`, before and after temperature scaling)
     and failure_threshold set; the numbers stress.count_failures writes."""
-    from .robustness.calibration import apply_temperature
+    from .robustness.calibration import apply_temperature, confident_errors
 
-    def failures(probs: Any) -> int:
-        conf, pred = probs.max(1)
-        return int(((pred != test_predictions.labels) & (conf > threshold)).sum())
-
+    labels = test_predictions.labels
     scaled = apply_temperature(test_predictions.logits, calibration.temperature)
     return dataclasses.replace(
         calibration, failure_threshold=threshold,
-        uncalibrated=dataclasses.replace(calibration.uncalibrated, failures=failures(test_predictions.probs)),
-        calibrated=dataclasses.replace(calibration.calibrated, failures=failures(scaled)))
+        uncalibrated=dataclasses.replace(calibration.uncalibrated,
+                                         failures=confident_errors(test_predictions.probs, labels, threshold)),
+        calibrated=dataclasses.replace(calibration.calibrated, failures=confident_errors(scaled, labels, threshold)))
 
 
 # ---------------------------------------------------------------------------

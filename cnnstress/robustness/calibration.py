@@ -120,3 +120,12 @@ def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0 (got {temperature})")
     return torch.as_tensor(logits, dtype=torch.float32).div(temperature).softmax(1)
+
+
+def confident_errors(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> int:
+    """Wrong predictions (argmax != label) with confidence above `threshold`
+    in probabilities (N,C): the failure count, before or after temperature
+    scaling (pass apply_temperature's probabilities)."""
+    conf, pred = probs.max(1)
+    return int(((pred != labels) & (conf > threshold)).sum())
+

@@ -29,7 +29,7 @@ from ..config import Config
 from ..data import Split, sample_positions
 from ..evaluate import Predictions, infer
 from ..runtime import resolve_precision, seed_stream
-from .calibration import apply_temperature, calibration_bins, fit_temperature
+from .calibration import apply_temperature, calibration_bins, confident_errors, fit_temperature
 from .corruptions import CORRUPTIONS, FAMILIES, SEVERITIES, UNAVAILABLE, corrupt, corrupt_cells
 
 STRESS_VERSION = 1  # bump when the stage's numbers change meaning (invalidates caches)
@@ -59,11 +59,6 @@ def _bins_dict(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> dict[s
             "accuracy": clean(b.accuracy), "confidence": clean(b.confidence)}
 
 
-def _failures(probs: torch.Tensor, labels: torch.Tensor, threshold: float) -> int:
-    conf, pred = probs.max(1)
-    return int(((pred != labels) & (conf > threshold)).sum())
-
-
 def calibration_report(val_logits: torch.Tensor, val_labels: torch.Tensor, test: Predictions,
                        config: Config) -> dict[str, Any]:
     """Temperature fitted on validation logits (N,C); ECE, MCE, NLL and the
@@ -91,9 +86,9 @@ def count_failures(report: dict[str, Any], test: Predictions, threshold: float) 
     temperature scaling in a calibration report; cheap, so a changed threshold
     never needs the stage rerun."""
     report["failure_threshold"] = threshold
-    report["uncalibrated"]["failures"] = _failures(test.probs, test.labels, threshold)
-    report["calibrated"]["failures"] = _failures(apply_temperature(test.logits, report["temperature"]),
-                                                 test.labels, threshold)
+    report["uncalibrated"]["failures"] = confident_errors(test.probs, test.labels, threshold)
+    report["calibrated"]["failures"] = confident_errors(apply_temperature(test.logits, report["temperature"]),
+                                                        test.labels, threshold)
     return report
 
 
