@@ -16,9 +16,6 @@ from .lock import output_lock
 from .study import MODELS, Study
 
 RUN_NAMES = {preset: name for name, preset in MODELS.items()}  # augment preset -> model name
-ANALYSIS_STAGES = ("stress", "explanations")
-BANNERS = {"stress": "stress tests: calibration, corruptions, adversarial",
-           "explanations": "explanations: faithfulness, sanity check, drift, label suspects"}
 
 
 def run_study(study: Study, *, only: str | None = None, force_only: bool = False) -> Study:
@@ -26,8 +23,9 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
     commands of those names) runs that stage, recomputed when force_only, and
     includes the other analysis stage only from its cache. Each stage is
     timed (cnnstress.runlog); the report stage writes run_log.json."""
-    if only is not None and only not in ANALYSIS_STAGES:
-        raise ValueError(f"only must be one of {ANALYSIS_STAGES} or None, got {only!r}")
+    analyses = [s.name for s in study.stage_list if s.analysis]
+    if only is not None and only not in analyses:
+        raise ValueError(f"only must be one of {', '.join(analyses)} or None, got {only!r}")
     study.timer.restart()
     study.save_config()
     with output_lock(study.out, log=study.log):
@@ -37,7 +35,7 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
                 continue
             kwargs = {}
             if stage.analysis:
-                study.say(f"== {BANNERS.get(stage.name, stage.title)} ==")
+                study.say(f"== {stage.banner or stage.title} ==")
                 kwargs["cached_only"] = only is not None and stage.name != only
             force = study.force or (stage.name == only and force_only)
             result = stage.run(study, force=force, **kwargs)

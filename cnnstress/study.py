@@ -117,8 +117,10 @@ class Study:
         if new != self.config:
             self.config = new
             # Results computed with the old settings are no longer this study's.
-            for stage in ("failures", "comparison", "stress", "explanations", "label_review"):
-                self.results.pop(stage, None)
+            for stage in self.stage_list:
+                if stage.name != "training":   # the models stay; everything made from them goes
+                    self.results.pop(stage.name, None)
+            self.skipped.clear()
             if "failure_threshold" in changes:
                 self.failure_tables.clear()
             self.model_failures.clear()

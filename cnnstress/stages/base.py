@@ -43,6 +43,7 @@ class Stage:
     version: int = 1            # bump when the cached numbers change meaning
     enabled_by: str | None = None  # a bool Config field switching the stage off in `run`
     analysis: bool = False      # an optional analysis: run(..., cached_only=True) returns None unless cached
+    banner: str = ""            # an analysis stage's "== ... ==" line in the run's log (default: its title)
 
     def enabled(self, study: "Study") -> bool:
         return self.enabled_by is None or bool(getattr(study.config, self.enabled_by))

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import matplotlib.pyplot as plt
+import numpy as np
+
 from ..compare import compare_models
 from ..data import CLASSES
+from ..plots import plot_confusion_matrix, plot_model_comparison
 from ..reporting import Paragraph, Section
 from ..results import Comparison
-from .base import Stage
+from .base import Stage, save_figures
 from .failures import stage as failures
 
 if TYPE_CHECKING:
@@ -38,11 +42,24 @@ class ComparisonStage(Stage):
         result = Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
-        study.results[self.name] = result
-        # The failure bars of model_comparison.png are split by these groups.
-        failures.figures(study, {n: failures.evaluate_one(study, n, quiet=True) for n in study.models}, show=show)
+        self.figures(study, result, show=show)
         study.timer.lap("compare")
         return result
+
+    def figures(self, study: "Study", result: Comparison, show: bool = False) -> list:
+        """confusion_matrix.png (a panel per model) and model_comparison.png
+        (accuracy, per-class accuracy, failure bars split by the comparison's groups)."""
+        models = {n: failures.model_result(study, n) for n in study.models}
+        fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
+                                 constrained_layout=True)
+        for ax, (name, m) in zip(axes[0], models.items()):
+            plot_confusion_matrix(np.array(m.summary.confusion_matrix), title=f"{name}: confusion matrix "
+                                  f"(test accuracy {100 * m.summary.test_accuracy:.2f}%)", ax=ax)
+        summaries = {n: m.summary.to_dict() for n, m in models.items()}
+        figures = {"model_comparison.png": plot_model_comparison(summaries,
+                                                                 failure_groups=result.failures.counts.to_dict()),
+                   "confusion_matrix.png": fig}
+        return save_figures(figures, study.out, show=show)
 
     def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
         """The failure groups' counts, then up to `k` test images of each group."""

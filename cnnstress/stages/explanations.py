@@ -18,12 +18,12 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE, ensure_writable_dir
 from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
-from ..reporting import Figure, Paragraph, Section, Table
+from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Explanations
 from ..runtime import resolve_device
 from ..schema import explanations_schema
-from ..xai.checks import (KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps, drift_report, explanation_settings,
-                          faithfulness_report, label_suspects, sanity_report)
+from ..xai.checks import (EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps,
+                          drift_report, faithfulness_report, label_suspects, sanity_report)
 from ..xai.label_review import applicable_review, review_note
 from ..xai.randomisation import verdict_word
 from .base import Stage, save_figures
@@ -43,11 +43,15 @@ class ExplanationsStage(Stage):
     config_groups = ("explanations",)
     enabled_by = "explain"
     analysis = True
+    banner = "explanations: faithfulness, sanity check, drift, label suspects"
 
-    def cache_key(self, study: "Study", models: tuple[str, ...] | None = None) -> dict[str, Any]:
-        key = super().cache_key(study, models)
-        key["settings"] = {**key["settings"], **explanation_settings(study.config)}  # + the failure threshold
-        return key
+    version = EXPLAIN_VERSION
+
+    def settings(self, study: "Study") -> dict[str, Any]:
+        """Its group's fields, and what else the numbers depend on: the failure
+        threshold (the failure group) and the methods compared."""
+        return {**super().settings(study), "failure_threshold": study.config.failure_threshold,
+                "methods": list(FAITHFULNESS_METHODS)}
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> Explanations | None:
@@ -256,8 +260,8 @@ class ExplanationsStage(Stage):
                     drift_rows.append([label, "0"])
                     continue
                 rho = "n/a" if g.median_spearman is None else f"{g.median_spearman:.3f}"
-                drift_rows.append([label, str(g.n), rho, _pct(g.centre_fraction["baseline"], 1),
-                                   _pct(g.centre_fraction["improved"], 1), f"{g.moved_onto_centre} of {g.n}"])
+                drift_rows.append([label, str(g.n), rho, pct(g.centre_fraction["baseline"], 1),
+                                   pct(g.centre_fraction["improved"], 1), f"{g.moved_onto_centre} of {g.n}"])
             subs.append(Section("Explanation drift: baseline vs improved Grad-CAM on the same images", [
                 Paragraph("Each model explains its own prediction. Rank correlation of the two maps (1 = same order "
                           "of importance) and the mean share of map mass in the central quarter of the image, where "
@@ -302,9 +306,6 @@ class ExplanationsStage(Stage):
         subs.append(Section("Failure triage: suspected label errors (confident learning)", triage, key=self.name))
         return [Section(self.title, subs, key=self.name)]
 
-
-def _pct(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 stage = ExplanationsStage()

@@ -19,14 +19,14 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path
-from ..plots import plot_confusion_matrix, plot_failure_case, plot_model_comparison, plot_no_failures, save_figure
-from ..reporting import Figure, Paragraph, Section, Table
+from ..plots import plot_failure_case, plot_no_failures, save_figure
+from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, TestSummary
 from ..runtime import resolve_device, resolve_precision
 from ..weights import describe_reference
 from ..xai import GradCAM, applicable_review, get_layer, label_suspects, review_note
 from ..xai.cam import describe_cam
-from .base import Stage, save_figures
+from .base import Stage
 from .training import model_stamp
 
 if TYPE_CHECKING:
@@ -193,6 +193,12 @@ class FailuresStage(Stage):
                                                        f"{device}, {str(precision or 'fp32').replace('torch.', '')}"))
         return result
 
+    def model_result(self, study: "Study", name: str, *, quiet: bool = True) -> ModelFailures:
+        """Model `name`'s results: the ones a step of this session made with the
+        current settings (a notebook cell), else evaluated now."""
+        done = study.model_failures.get(name)
+        return done if done is not None else self.evaluate_one(study, name, quiet=quiet)
+
     # --- Grad-CAM of the baseline's top failures ---------------------------
     def explain_cases(self, study: "Study", *, show: bool = False, name: str = "baseline") -> list[FailureCase]:
         """Grad-CAM for the predicted and the true class of the top failures;
@@ -263,8 +269,7 @@ class FailuresStage(Stage):
         for name in study.models:
             if force:
                 self.predictions(study, name, force=True)
-            done = None if force else study.model_failures.get(name)   # a notebook step made it already
-            models[name] = done if done is not None else self.evaluate_one(study, name)
+            models[name] = self.evaluate_one(study, name) if force else self.model_result(study, name, quiet=False)
         cases = study.cases if study.cases is not None and not force else self.explain_cases(study, show=show)
         if "improved" in study.models:   # cases drawn before the improved model existed (notebook stage 8)
             improved = self.predictions(study, "improved")
@@ -272,25 +277,8 @@ class FailuresStage(Stage):
                 if c.improved_pred is None:
                     c.improved_pred = int(improved.preds[c.position])
                     c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
-        self.figures(study, models, show=show)
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
                               top_failures=study.config.top_failures, cases=cases)
-
-    def figures(self, study: "Study", models: dict[str, ModelFailures], show: bool = False) -> list[Path]:
-        """confusion_matrix.png (a panel per model) and model_comparison.png
-        (failure bars split by group once the comparison has run)."""
-
-        fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
-                                 constrained_layout=True)
-        for ax, (name, m) in zip(axes[0], models.items()):
-            plot_confusion_matrix(np.array(m.summary.confusion_matrix), title=f"{name}: confusion matrix "
-                                  f"(test accuracy {100 * m.summary.test_accuracy:.2f}%)", ax=ax)
-        comparison = study.results.get("comparison")
-        groups = comparison.failures.counts.to_dict() if comparison is not None else None
-        summaries = {n: m.summary.to_dict() for n, m in models.items()}
-        figures = {"model_comparison.png": plot_model_comparison(summaries, failure_groups=groups),
-                   "confusion_matrix.png": fig}
-        return save_figures(figures, study.out, show=show)
 
     def summary(self, study: "Study", result: FailuresResult) -> str:
         return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
@@ -306,12 +294,12 @@ class FailuresStage(Stage):
         where = " (a stratified subset of the official test set)" if study.config.test_subset else " (the official test set)"
         t = result.threshold
         overview = Table(["model", "accuracy", "loss", f"failures >{t:.0%}", "mean conf."],
-                         [[n, _pct(m.summary.test_accuracy), f"{m.summary.loss:.3f}",
-                           str(m.summary.high_confidence_failures), _pct(m.summary.mean_confidence, 1)]
+                         [[n, pct(m.summary.test_accuracy), f"{m.summary.loss:.3f}",
+                           str(m.summary.high_confidence_failures), pct(m.summary.mean_confidence, 1)]
                           for n, m in models.items()])
         names = list(models)
         per_class = Table(["class", *names, "change"] if len(names) == 2 else ["class", *names],
-                          [[c, *[_pct(models[n].summary.per_class_accuracy[c], 1) for n in names],
+                          [[c, *[pct(models[n].summary.per_class_accuracy[c], 1) for n in names],
                             *([_change(models[names[0]].summary.per_class_accuracy[c],
                                        models[names[1]].summary.per_class_accuracy[c])] if len(names) == 2 else [])]
                            for c in CLASSES])
@@ -358,9 +346,6 @@ class FailuresStage(Stage):
             blocks.append(Figure(case.figure, f"case {case.rank}: image, Grad-CAM of the predicted and the true class"))
         return blocks
 
-
-def _pct(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 def _change(a: float | None, b: float | None) -> str:

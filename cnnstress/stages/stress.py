@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import sample_positions
 from ..io import ensure_writable_dir, stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
-from ..reporting import Figure, Paragraph, Section, Table
+from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, StressResult, with_failure_counts
 from ..robustness import (CORRUPTIONS, SEVERITIES, UNAVAILABLE, adversarial_accuracy, apply_temperature,
                           calibration_bins, calibration_report, corruption_report)
@@ -53,6 +53,7 @@ class StressStage(Stage):
     config_groups = ("stress",)
     enabled_by = "stress"
     analysis = True
+    banner = "stress tests: calibration, corruptions, adversarial"
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> StressStageResult | None:
@@ -197,8 +198,8 @@ class StressStage(Stage):
             f"unchanged by T."))
         blocks.append(Table(["model", "ECE", "MCE", "NLL", "T", "ECE(T)", "MCE(T)", "NLL(T)",
                              f"failures >{t:.0%} before/after"],
-                            [[n, _pct(c.uncalibrated.ece), _pct(c.uncalibrated.mce, 1), f"{c.uncalibrated.nll:.3f}",
-                              f"{c.temperature:.3f}", _pct(c.calibrated.ece), _pct(c.calibrated.mce, 1),
+                            [[n, pct(c.uncalibrated.ece), pct(c.uncalibrated.mce, 1), f"{c.uncalibrated.nll:.3f}",
+                              f"{c.temperature:.3f}", pct(c.calibrated.ece), pct(c.calibrated.mce, 1),
                               f"{c.calibrated.nll:.3f}", f"{c.uncalibrated.failures} -> {c.calibrated.failures}"]
                              for n, c in cal.items()]))
         blocks.append(Figure("reliability_diagram.png", "reliability diagrams, bars labelled with the images per bin"))
@@ -215,20 +216,20 @@ class StressStage(Stage):
             f"{50 / n_cell ** 0.5:.1f} points at this sample size."))
         fams = list(next(iter(cor.values())).accuracy_by_family)
         blocks.append(Table(["model", "clean", "mean corr.", "drop", *fams],
-                            [[n, _pct(c.clean_accuracy, 1), _pct(c.mean_corruption_accuracy),
-                              f"{100 * c.drop_from_clean:.1f}p", *[_pct(c.accuracy_by_family[f], 1) for f in fams]]
+                            [[n, pct(c.clean_accuracy, 1), pct(c.mean_corruption_accuracy),
+                              f"{100 * c.drop_from_clean:.1f}p", *[pct(c.accuracy_by_family[f], 1) for f in fams]]
                              for n, c in cor.items()]))
         two = {"baseline", "improved"} <= set(m)
         if two:
             change = result.corruption_change()
             blocks.append(Table(["corruption", "baseline", "improved", "change"],
-                                [[c, _pct(sum(cor["baseline"].accuracy[c]) / len(SEVERITIES), 1),
-                                  _pct(sum(cor["improved"].accuracy[c]) / len(SEVERITIES), 1),
+                                [[c, pct(sum(cor["baseline"].accuracy[c]) / len(SEVERITIES), 1),
+                                  pct(sum(cor["improved"].accuracy[c]) / len(SEVERITIES), 1),
                                   f"{100 * change[c]:+.1f}"] for c in CORRUPTIONS],
                                 caption="mean over severities"))
         blocks.append(Paragraph("ECE under corruption, all types pooled per severity (uncalibrated / with the clean T):"))
         blocks.append(Table(["model", *[f"s{s}" for s in SEVERITIES]],
-                            [[n, *[f"{_pct(e, 1)}/{_pct(ec, 1)}" for e, ec in
+                            [[n, *[f"{pct(e, 1)}/{pct(ec, 1)}" for e, ec in
                                    zip(c.ece_by_severity, c.ece_calibrated_by_severity)]] for n, c in cor.items()]))
         blocks.append(Figure("robustness.png", "accuracy per corruption and severity"))
         blocks.append(Figure("corruption_examples.png", "one test image under each corruption"))
@@ -238,9 +239,9 @@ class StressStage(Stage):
         blocks = sub((f"Adversarial robustness (L-infinity, {a0.n} test images, PGD {a0.steps} steps of "
                               f"2.5*eps/steps with a seeded random start)"))
         header = ["eps", *[f"{n} {atk.upper()}" for n in adv for atk in ("fgsm", "pgd")]]
-        rows = [["0", *[_pct(adv[n].clean_accuracy, 1) for n in adv for _ in (0, 1)]]]
+        rows = [["0", *[pct(adv[n].clean_accuracy, 1) for n in adv for _ in (0, 1)]]]
         for i, k in enumerate(a0.eps_255):
-            rows.append([f"{k}/255", *[_pct(getattr(adv[n], atk)[i], 1) for n in adv for atk in ("fgsm", "pgd")]])
+            rows.append([f"{k}/255", *[pct(getattr(adv[n], atk)[i], 1) for n in adv for atk in ("fgsm", "pgd")]])
         blocks.append(Table(header, rows))
         for n, r in adv.items():
             weaker = [f"{k}/255" for k, f, p in zip(r.eps_255, r.fgsm, r.pgd)
@@ -270,7 +271,7 @@ class StressStage(Stage):
                 f"Mean corruption accuracy {100 * d_mca:+.2f} points ({better(d_mca)}); the drop from clean went from "
                 f"{100 * b.corruptions.drop_from_clean:.1f} to {100 * i.corruptions.drop_from_clean:.1f} points "
                 f"({better(d_drop, higher_is_better=False)} relative robustness). ECE "
-                f"{_pct(b.calibration.uncalibrated.ece)} -> {_pct(i.calibration.uncalibrated.ece)} "
+                f"{pct(b.calibration.uncalibrated.ece)} -> {pct(i.calibration.uncalibrated.ece)} "
                 f"({better(d_ece, higher_is_better=False)} calibrated). PGD accuracy at {eps[0]}/255 "
                 f"{100 * d_pgd[0]:+.1f} points and at {eps[-1]}/255 {100 * d_pgd[-1]:+.1f} points "
                 f"({better(d_pgd[0])} / {better(d_pgd[-1])}).")
@@ -283,9 +284,6 @@ class StressStage(Stage):
                 f"budgets show how brittle the decision boundary is."))
         return [Section(self.title, [Section(t, b, key=self.name) for t, b in subs], key=self.name)]
 
-
-def _pct(x: float | None, digits: int = 2) -> str:
-    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
 stage = StressStage()

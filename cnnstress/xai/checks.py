@@ -57,14 +57,6 @@ DRIFT_GROUPS = ("fixed", "persisting", "new", "newly_confident")  # compare_fail
 SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomised = the maps changed
 
 
-def explanation_settings(config: Config) -> dict[str, Any]:
-    """What the explanation numbers depend on besides the models and images."""
-    return {"version": EXPLAIN_VERSION, "seed": config.seed, "cam_layer": config.cam_layer,
-            "faithfulness_samples": config.faithfulness_samples, "faithfulness_steps": config.faithfulness_steps,
-            "faithfulness_baseline": config.faithfulness_baseline, "sanity_samples": config.sanity_samples,
-            "failure_threshold": config.failure_threshold, "methods": list(FAITHFULNESS_METHODS)}
-
-
 def _inputs(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return normalize(to_float(images_u8.to(device)))
 
