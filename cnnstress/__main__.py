@@ -191,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trained.result.history[-1]
     print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
           f"({len(test)} images), training {trained.result.train_seconds:.0f}s; checkpoint {trained.checkpoint}")
-    config.save(study.out / "config.json")   # rerun with --config
+    study.save_config()   # out/config.json: rerun with --config
     return 0
 
 
