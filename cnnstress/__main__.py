@@ -11,6 +11,7 @@ import sys
 import typing
 from pathlib import Path
 
+from .budget import TimeBudget, TimeBudgetReached
 from .config import GROUPS, PROFILES, Config, get_config
 from .errors import CnnstressError, ConfigError
 from . import pipeline
@@ -118,6 +119,20 @@ def _common(p: argparse.ArgumentParser, command: str,
     add_config_flags(p, command)
 
 
+def _time_budget_arg(text: str) -> TimeBudget:
+    try:
+        return TimeBudget.parse(text)
+    except CnnstressError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--time-budget ")) from None
+
+
+def _time_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--time-budget", type=_time_budget_arg, default=None, metavar="MINUTES|END",
+                   help="stop cleanly before this many minutes have passed, or before an end time (HH:MM, or "
+                        "e.g. 2026-12-06T04:43Z): training ends after the last epoch that fits, its checkpoint "
+                        "saved, no later stage starts once it is spent, and the same command continues (exit 0)")
+
+
 def _weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="analyse the models published in DIR (e.g. results/full) instead of training: hashes "
@@ -135,11 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m cnnstress", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train one model and report its validation and test accuracy")
-    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint "
+                                                             "(implied by --time-budget)")
+    _time_budget(train)
     _common(train, "train")
     run = sub.add_parser("run", help="the whole study: both models, failures, Grad-CAM, comparison, stress "
                                      "tests, explanation checks, report")
     _weights(run)
+    _time_budget(run)
     _common(run, "run")
     stress = sub.add_parser("stress", help="stress-test the two trained models (corruptions, calibration, "
                                            "adversarial) and refresh the report; never trains")
@@ -185,8 +203,13 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{len(splits.test)} test images, {config.epochs} epoch{'s' if config.epochs != 1 else ''}, augment {config.augment}")
     from .lock import output_lock
     with output_lock(study.out):
-        trained = train_model(config, splits, study.out, force=args.force, resume=args.resume,
-                              progress=False if args.no_progress else None)
+        # A budgeted run is meant to be continued by the same command: it resumes.
+        trained = train_model(config, splits, study.out, force=args.force,
+                              resume=args.resume or args.time_budget is not None,
+                              progress=False if args.no_progress else None, budget=args.time_budget)
+    if trained.result.budget_stopped:
+        raise TimeBudgetReached(f"time budget reached ({args.time_budget.ends_at()}): {trained.name} "
+                                f"{trained.result.epochs_done}/{config.epochs} epochs, checkpoint {trained.checkpoint} saved")
     test = evaluate_split(trained, splits.test)
     last = trained.result.history[-1]
     print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
@@ -209,7 +232,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg")  # headless: files only
     config = _config(args)
     result = pipeline.run_pipeline(config, args.data_dir, args.out_dir, force=args.force, weights=args.weights,
-                                   progress=False if args.no_progress else None)
+                                   progress=False if args.no_progress else None, time_budget=args.time_budget)
     _print_result(result)
     return 0
 
@@ -280,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     except CnnstressError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TimeBudgetReached as exc:
+        import shlex
+        # --force would start over again: the continuation must not repeat it.
+        rerun = [a for a in argv if a != "--force"]
+        print(f"{exc}; the same command continues: python -m cnnstress {shlex.join(rerun)}")
+        return 0
     except KeyboardInterrupt as exc:
         print(_interrupted(args, argv, started), file=sys.stderr)
         return 128 + int(signal.SIGTERM if isinstance(exc, _Terminated) else signal.SIGINT)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .budget import TimeBudgetReached
 from .config import Config
 from .io import default_data_dir, default_out_dir, default_profile  # noqa: F401  (the CLI's defaults)
 from .lock import output_lock
@@ -30,9 +31,14 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
     study.save_config()
     with output_lock(study.out, log=study.log):
         study.splits  # noqa: B018  (load and log the data first)
+        done = None
         for stage in study.stage_list:
             if stage.name != only and not stage.enabled(study):
                 continue
+            if study.budget is not None and done is not None and study.budget.spent:
+                left = [s.name for s in study.stage_list[study.stage_list.index(stage):] if s.enabled(study)]
+                raise TimeBudgetReached(f"time budget reached ({study.budget.ends_at()}) after the {done} stage; "
+                                        f"{', '.join(left)} not run yet (finished stages are cached)")
             kwargs = {}
             if stage.analysis:
                 study.say(f"== {stage.banner or stage.title} ==")
@@ -44,6 +50,7 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
                 study.skipped.add(stage.name)
                 continue
             study.results[stage.name] = result
+            done = stage.name
             line = stage.summary(study, result)
             if line:
                 study.say(line)
@@ -53,13 +60,14 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
 def run_pipeline(config: Config, data_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
                  force: bool = False, train: bool = True, focus: str | None = None, force_focus: bool = False,
                  weights: str | Path | None = None, progress: bool | None = None,
-                 log: Callable[[str], None] | None = print, timer=None) -> Study:
+                 log: Callable[[str], None] | None = print, timer=None, time_budget=None) -> Study:
     """The whole study in one call (what `python -m cnnstress run` does):
     a Study of `config` run through every stage. train=False never trains;
     weights=DIR analyses the models published in DIR. focus: "stress" or
-    "explain"/"explanations" (see run_study's `only`)."""
+    "explain"/"explanations" (see run_study's `only`). time_budget: see Study."""
     from .runlog import StageTimer
     study = Study(config=config, data_dir=data_dir, out_dir=out_dir, weights=weights, train=train, force=force,
-                  progress=progress, log=log, timer=timer if timer is not None else StageTimer(log=log))
+                  progress=progress, log=log, timer=timer if timer is not None else StageTimer(log=log),
+                  time_budget=time_budget)
     only = {"explain": "explanations"}.get(focus, focus)
     return run_study(study, only=only, force_only=force_focus)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from .budget import TimeBudget
 from .config import Config, get_config
 from .errors import CheckpointError, CnnstressError
 from .io import ensure_writable_dir
@@ -40,13 +41,18 @@ class Study:
     $CNNSTRESS_OUT_DIR / outputs. weights: a published-weights folder (the
     models are loaded from it, never trained; analysis-sized config).
     train=False never trains (both models need finished checkpoints).
-    force: retrain and recompute everything. log: where stage lines go."""
+    force: retrain and recompute everything. log: where stage lines go.
+    time_budget: minutes, an end time ("04:43", ISO 8601) or a
+    cnnstress.budget.TimeBudget: training stops after the last epoch that fits
+    and no stage starts after it (cnnstress.budget.TimeBudgetReached); the
+    same call continues later."""
 
     def __init__(self, profile: str | None = None, *, config: Config | None = None,
                  data_dir: str | Path | None = None, out_dir: str | Path | None = None,
                  weights: str | Path | None = None, train: bool = True, force: bool = False,
                  progress: bool | None = None, log: Callable[[str], None] | None = print,
-                 timer: StageTimer | None = None, **overrides: Any) -> None:
+                 timer: StageTimer | None = None, time_budget: "TimeBudget | str | float | None" = None,
+                 **overrides: Any) -> None:
         if config is None:
             if weights is not None:
                 from .weights import analysis_config
@@ -63,6 +69,8 @@ class Study:
         self.force = force
         self.progress = progress
         self.log = log
+        self.budget = time_budget if time_budget is None or isinstance(time_budget, TimeBudget) else \
+            TimeBudget.parse(str(time_budget))
         self.timer = timer if timer is not None else StageTimer(log=None)  # the CLI's run logs its laps
         self.started = time.perf_counter()
         self.models: tuple[str, ...] = tuple(MODELS)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .augment import DRAWS_VERSION, PRESETS, Augmenter
+from .budget import TimeBudget
 from .checkpoint import check_config_matches, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import NUM_CLASSES, CifarSplits
@@ -47,6 +48,11 @@ class FitResult:
     resumed_from_epoch: int = 0
     reused: bool = False            # True when a finished checkpoint was loaded, no training done
     extra: dict[str, Any] = field(default_factory=dict)
+    budget_stopped: bool = False    # True when the time budget ended training before config.epochs
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
 
     @property
     def train_seconds(self) -> float:
@@ -161,7 +167,7 @@ def load_model(path: str | Path, config: Config | None = None,
 def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | None = None,
         resume: bool = False, progress: bool | None = None,
         log: Callable[[str], None] | None = print,
-        stop_after_epoch: int | None = None) -> FitResult:
+        stop_after_epoch: int | None = None, budget: TimeBudget | None = None) -> FitResult:
     """Train a fresh ResNet-18 on splits.train, validating on splits.val after
     every epoch; returns the model (eval mode) and the per-epoch history
     [{epoch, train_loss, train_acc, val_loss, val_acc, lr, seconds}].
@@ -171,6 +177,9 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     existing checkpoint there (same training config) is continued from its
     last epoch; a finished one is returned without training.
     stop_after_epoch: end after that many epochs as if interrupted (tests).
+    budget: a cnnstress.budget.TimeBudget; an epoch starts only when it is
+    expected to end before the deadline, else training stops there with its
+    checkpoint saved (result.budget_stopped) and resume continues it.
     """
     device = resolve_device(config.device)
     amp_dtype = resolve_precision(config.precision, device)
@@ -203,7 +212,21 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     total_steps = len(batch_bounds(train_x.shape[0], config.batch_size))
     show = progress_enabled(progress)
     last = config.epochs if stop_after_epoch is None else min(config.epochs, stop_after_epoch)
+
+    def save(epochs_done: int) -> None:
+        save_checkpoint(ckpt_path, {
+            "epoch": epochs_done, "num_classes": NUM_CLASSES, "config": config.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": _rng_states(), "history": history,
+            "finished": epochs_done == config.epochs, "augment_draws": DRAWS_VERSION,
+        })
+        save_json(ckpt_path.with_name("history.json"), {"config": config.to_dict(), "history": history})
+
+    saved = start
     for epoch in range(start, last):
+        if budget is not None and not budget.epoch_fits(history):
+            result.budget_stopped = True
+            break
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         bar = progress_bar(total_steps, f"{config.augment} epoch {epoch + 1}/{config.epochs}", show)
@@ -233,13 +256,12 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
         # Every checkpoint_every epochs and at the end: a full checkpoint is
         # ~135 MB, a sizeable share of a 1.5 s GPU epoch.
         if ckpt_path is not None and ((epoch + 1) % config.checkpoint_every == 0 or epoch + 1 == last):
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "num_classes": NUM_CLASSES, "config": config.to_dict(),
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": _rng_states(), "history": history,
-                "finished": epoch + 1 == config.epochs, "augment_draws": DRAWS_VERSION,
-            })
-            save_json(ckpt_path.with_name("history.json"), {"config": config.to_dict(), "history": history})
+            save(epoch + 1)
+            saved = epoch + 1
+        if budget is not None:
+            budget.record_epoch(time.perf_counter() - t0)   # checkpoint write included
+    if ckpt_path is not None and result.budget_stopped and saved < len(history):
+        save(len(history))   # checkpoint_every > 1: keep every epoch that ran
     return _finish(result)
 
 

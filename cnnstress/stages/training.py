@@ -10,6 +10,7 @@ config is reused, an unfinished one resumed (see cnnstress.train.fit).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import matplotlib.pyplot as plt
 
 from ..augment import PRESETS
+from ..budget import TimeBudget, TimeBudgetReached
 from ..checkpoint import check_config_matches, read_checkpoint
 from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
@@ -121,11 +123,12 @@ def trained_images(result: FitResult, train_size: int) -> tuple[int | None, str]
 
 
 def train_model(config: Config, splits, out_dir: str | Path, *, force: bool = False, resume: bool = True,
-                progress: bool | None = None, log=print) -> Trained:
+                progress: bool | None = None, log=print, budget: TimeBudget | None = None) -> Trained:
     """Train one model, or reuse its finished checkpoint. An unfinished
     checkpoint with the same training config is continued (resume=True) or
     refused (resume=False); one with another config is refused unless
-    force=True, which starts over and replaces it."""
+    force=True, which starts over and replaces it. budget: stop after the last
+    epoch that fits (result.budget_stopped; the checkpoint is saved)."""
     path = checkpoint_path(out_dir, config)
     ensure_writable_dir(path.parent)
     if path.exists() and not force:
@@ -137,8 +140,30 @@ def train_model(config: Config, splits, out_dir: str | Path, *, force: bool = Fa
                                   "pass --resume to continue it or --force to start over")
         if done >= config.epochs and log:
             log(f"reusing finished checkpoint {path} ({done} epochs); --force retrains")
-    result = fit(config, splits, checkpoint_path=path, resume=not force, progress=progress, log=log)
+    result = fit(config, splits, checkpoint_path=path, resume=not force, progress=progress, log=log, budget=budget)
     return Trained(name=path.parent.name, result=result, checkpoint=path)
+
+
+def epochs_done(study: "Study") -> dict[str, tuple[int, int]]:
+    """model name -> (epochs trained, epochs wanted), from this session's
+    models, else each checkpoint's history.json (0 when there is none)."""
+    done = {}
+    for name in study.models:
+        cfg = study.model_config(name)
+        if name in study.trained:
+            done[name] = (study.trained[name].result.epochs_done, cfg.epochs)
+            continue
+        try:
+            path = checkpoint_path(study.out, cfg).with_name("history.json")
+            history = json.loads(path.read_text())["history"]
+            done[name] = (len(history), cfg.epochs)
+        except (OSError, ValueError, KeyError, TypeError):
+            done[name] = (0, cfg.epochs)
+    return done
+
+
+def describe_progress(done: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"{name} {n}/{total} epochs" for name, (n, total) in done.items())
 
 
 def load_trained(config: Config, out_dir: str | Path) -> Trained:
@@ -190,8 +215,14 @@ class TrainingStage(Stage):
                       f"epochs, {trained.stamp[:19]}...), not trained here")
             images, what = None, f"published weights loaded from {study.weights}"
         elif study.allow_training:
-            trained = train_model(cfg, study.splits, study.out, force=force, progress=study.progress, log=study.log)
+            trained = train_model(cfg, study.splits, study.out, force=force, progress=study.progress, log=study.log,
+                                  budget=study.budget)
             images, what = trained_images(trained.result, len(study.splits.train))
+            if trained.result.budget_stopped:
+                study.timer.lap(f"train {name}", images, what + ", stopped by the time budget")
+                done = {**epochs_done(study), name: (trained.result.epochs_done, cfg.epochs)}
+                raise TimeBudgetReached(f"time budget reached ({study.budget.ends_at()}): {describe_progress(done)}, "
+                                        "checkpoints saved")
         else:
             path = checkpoint_path(study.out, cfg)
             if not path.exists():

@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""The full study on a CPU, in the background, across sessions that end.
+
+    python scripts/background_run.py start --until 04:43   # start or resume (the one command)
+    python scripts/background_run.py status                # epochs per model, s/epoch, accuracy
+    python scripts/background_run.py pause -- python -m pytest -q   # run a heavy command beside it
+    python scripts/background_run.py stop                  # SIGTERM: the last finished epoch is kept
+
+The run lives outside the checkout (default ~/cnnstress-full, or
+$CNNSTRESS_RUN_HOME): data/, run/ (the output folder), code/ (the package as it
+was when started: a later edit of the checkout cannot reach a running process
+through a lazy import), run.log (the console, appended) and run.pid.
+
+`start` refuses a CPU without AVX-512 BF16 (precision `auto` would continue in
+fp32 at a fifth of the speed) and a second run. It runs
+`nice -n 19 python -m cnnstress run --profile full --device cpu --time-budget UNTIL`,
+so training stops after the last epoch that ends before UNTIL, checkpoint
+saved, and the next `start` resumes it bit-identically.
+
+`pause` is how other heavy work yields to it (one pause at a time: others wait): measured on a 2-core EPYC, a
+test suite beside the run slowed its epoch by more than the suite's own
+duration (two training threads wait on each other whenever one is
+descheduled), so the run is stopped (SIGSTOP) while the command runs and
+continued (SIGCONT) after. A detached watchdog continues it after
+--max-minutes even if this script is killed, so the run cannot stay stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = Path(os.environ.get("CNNSTRESS_RUN_HOME", Path.home() / "cnnstress-full"))
+MODELS = ("baseline", "improved")
+
+
+def paths(home: Path) -> dict[str, Path]:
+    return {"home": home, "data": home / "data", "run": home / "run", "code": home / "code",
+            "log": home / "run.log", "pid": home / "run.pid"}
+
+
+def has_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+def running_pid(home: Path) -> int | None:
+    """The run's pid when it is alive (a stale pid file is ignored)."""
+    try:
+        pid = int(paths(home)["pid"].read_text().split()[0])
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if "cnnstress" in cmdline else None
+
+
+def process_state(pid: int) -> str:
+    """R, S, T (stopped), ... from /proc/PID/stat."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def snapshot_code(p: dict[str, Path]) -> str:
+    """Copy the checkout's package into code/ (replaced each start); returns the commit."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "cnnstress"], capture_output=True,
+                           text=True).stdout.strip()
+    tmp = p["home"] / "code.new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(REPO / "cnnstress", tmp / "cnnstress", ignore=shutil.ignore_patterns("__pycache__"))
+    described = commit + (" (with uncommitted changes)" if dirty else "")
+    (tmp / "COMMIT").write_text(described + "\n")
+    shutil.rmtree(p["code"], ignore_errors=True)
+    tmp.rename(p["code"])
+    return described
+
+
+def cmd_start(args) -> int:
+    p = paths(args.home)
+    if not has_bf16():
+        print("error: this CPU has no AVX-512 BF16 (see `lscpu`): the run would continue in fp32 at about a "
+              "fifth of the speed; not started", file=sys.stderr)
+        return 2
+    pid = running_pid(args.home)
+    if pid is not None:
+        print(f"error: the run is already going (pid {pid}, state {process_state(pid)}); see `status`",
+              file=sys.stderr)
+        return 2
+    if not (p["data"] / "cifar-10-batches-py").is_dir():
+        print(f"error: no CIFAR-10 in {p['data']}; write it with "
+              f"`python ../shared/tools/cifar10_offline.py {p['data']}`", file=sys.stderr)
+        return 2
+    p["run"].mkdir(parents=True, exist_ok=True)
+    commit = snapshot_code(p)
+    command = [sys.executable, "-m", "cnnstress", "run", "--profile", "full", "--device", "cpu", "--no-progress",
+               "--data-dir", str(p["data"]), "--out-dir", str(p["run"]), *args.extra]
+    if args.until:
+        command += ["--time-budget", args.until]
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(p["log"], "a") as log:
+        log.write(f"=== {stamp} start: code {commit}; {' '.join(command[1:])} ===\n")
+        log.flush()
+        env = {**os.environ, "PYTHONPATH": str(p["code"]), "PYTHONUNBUFFERED": "1", "MPLBACKEND": "Agg"}
+        proc = subprocess.Popen(["nice", "-n", "19", *command], cwd=p["home"], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    p["pid"].write_text(f"{proc.pid}\n")
+    print(f"started pid {proc.pid} (code {commit}); console: {p['log']}")
+    return 0
+
+
+def model_progress(run: Path, name: str) -> str:
+    try:
+        data = json.loads((run / name / "history.json").read_text())
+        history, epochs = data["history"], data["config"]["epochs"]
+    except (OSError, ValueError, KeyError):
+        return f"{name}: not started"
+    if not history:
+        return f"{name}: 0/{epochs} epochs"
+    seconds = [h["seconds"] for h in history]
+    last = history[-1]
+    best = max(history, key=lambda h: h["val_acc"])
+    return (f"{name}: {len(history)}/{epochs} epochs, median {statistics.median(seconds):.0f} s/epoch "
+            f"(last {seconds[-1]:.0f} s), val acc {100 * last['val_acc']:.2f}% "
+            f"(best {100 * best['val_acc']:.2f}% at epoch {best['epoch']})")
+
+
+def cmd_status(args) -> int:
+    p = paths(args.home)
+    pid = running_pid(args.home)
+    state = {"T": "stopped (paused)", "R": "running", "S": "running", "D": "running"}.get(
+        process_state(pid), "?") if pid else "not running"
+    print(f"run: {state}" + (f" (pid {pid})" if pid else "") + f"; folder {p['run']}")
+    for name in MODELS:
+        print("  " + model_progress(p["run"], name))
+    if p["log"].exists():
+        tail = p["log"].read_text(errors="replace").splitlines()[-args.lines:]
+        print("log tail:\n" + "\n".join("  " + line for line in tail))
+    return 0
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the run and its children (e.g. corruption workers): its process
+    group when `start` made it a group leader, else the run alone."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def cmd_pause(args) -> int:
+    if not args.command:
+        print("error: give the command to run after --, e.g. pause -- python -m pytest -q", file=sys.stderr)
+        return 2
+    import fcntl
+    args.home.mkdir(parents=True, exist_ok=True)
+    # One pause at a time: a second waits here, so the first one's SIGCONT
+    # cannot continue the run under the second one's command.
+    with open(args.home / "pause.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return paused(args)
+
+
+def paused(args) -> int:
+    pid = running_pid(args.home)
+    if pid is None:
+        return subprocess.call(args.command)
+    # The watchdog continues the run even if this script dies without its finally.
+    target = f"-{pid}" if os.getpgid(pid) == pid else str(pid)
+    watchdog = subprocess.Popen(["sh", "-c", f"sleep {int(args.max_minutes * 60)}; kill -CONT {target}"],
+                                start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    started = time.monotonic()
+    previous = {s: signal.signal(s, signal.default_int_handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal_group(pid, signal.SIGSTOP)
+        return subprocess.call(args.command)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal_group(pid, signal.SIGCONT)
+        watchdog.kill()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        print(f"[background run {pid} paused {time.monotonic() - started:.0f} s, continued]", file=sys.stderr)
+
+
+def cmd_resume(args) -> int:
+    pid = running_pid(args.home)
+    if pid is not None:
+        signal_group(pid, signal.SIGCONT)
+    print(f"run: {'continued pid %d' % pid if pid else 'not running'}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    pid = running_pid(args.home)
+    if pid is None:
+        print("run: not running")
+        return 0
+    signal_group(pid, signal.SIGCONT)
+    os.kill(pid, signal.SIGTERM)   # the CLI keeps the last finished epoch's checkpoint
+    print(f"sent SIGTERM to pid {pid}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=HOME, help=f"the run's folder (default {HOME})")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    start = sub.add_parser("start", help="start or resume the run in the background")
+    start.add_argument("--until", default=None, metavar="MINUTES|END",
+                       help="the run's --time-budget: end it 10 minutes before the session ends")
+    start.add_argument("extra", nargs="*", help="more `run` flags, after --")
+    status = sub.add_parser("status", help="progress per model and the log's tail")
+    status.add_argument("--lines", type=int, default=5)
+    pause = sub.add_parser("pause", help="run a command with the run stopped, then continue it")
+    pause.add_argument("--max-minutes", type=float, default=30.0,
+                       help="continue the run after this long whatever happens (default 30)")
+    pause.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("resume", help="continue a run left stopped")
+    sub.add_parser("stop", help="end the run (SIGTERM; finished epochs are kept)")
+    args = parser.parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    return {"start": cmd_start, "status": cmd_status, "pause": cmd_pause, "resume": cmd_resume,
+            "stop": cmd_stop}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
