@@ -194,10 +194,15 @@ def paused(args) -> int:
         return 130
     finally:
         signal_group(pid, signal.SIGCONT)
-        watchdog.kill()
+        os.killpg(watchdog.pid, signal.SIGKILL)   # its sleep too, not only the shell
         for s, handler in previous.items():
             signal.signal(s, handler)
-        print(f"[background run {pid} paused {time.monotonic() - started:.0f} s, continued]", file=sys.stderr)
+        took = time.monotonic() - started
+        print(f"[background run {pid} paused {took:.0f} s, continued]", file=sys.stderr)
+        # What the pauses cost the run, for the session's note.
+        with open(args.home / "pauses.log", "a") as log:
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{took:.0f}s\t"
+                      f"{' '.join(args.command)[:200]}\n")
 
 
 def cmd_resume(args) -> int:
