@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,13 @@ class Config:
             object.__setattr__(self, "adv_eps", tuple(self.adv_eps))
         if isinstance(self.compile, bool):  # configs saved when `compile` was a switch
             object.__setattr__(self, "compile", "default" if self.compile else "off")
+        _check_types(self)
         problems = []
+        if not 0 <= self.seed < 2**63:   # torch's and numpy's seeders overflow beyond
+            problems.append(f"seed must be in 0..2**63-1 (got {self.seed})")
+        for name in ("lr", "weight_decay", "failure_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1:
@@ -151,8 +158,11 @@ class Config:
             problems.append(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.fused_adam not in FUSED_ADAM:
             problems.append(f"unknown fused_adam {self.fused_adam!r}; choose one of {', '.join(FUSED_ADAM)}")
-        if self.calibration_bins < 1:
-            problems.append(f"calibration_bins must be >= 1 (got {self.calibration_bins})")
+        if not 1 <= self.calibration_bins <= MAX_BINS:
+            problems.append(f"calibration_bins must be in 1..{MAX_BINS} (got {self.calibration_bins})")
+        if self.faithfulness_steps > MAX_STEPS:
+            problems.append(f"faithfulness_steps must be at most {MAX_STEPS}, one pixel a step (got "
+                            f"{self.faithfulness_steps})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -236,6 +246,40 @@ class Config:
             return cls(**data)
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+
+
+MAX_BINS = 1000        # calibration bins: each costs memory per model; 15 is the convention
+MAX_STEPS = 32 * 32    # deletion/insertion steps: beyond one pixel per step they repeat
+
+
+def _check_types(config: Config) -> None:
+    """Raise ConfigError for a field of the wrong type (a notebook's 2.5 epochs,
+    True as a batch size, a string seed); NumPy scalars become Python numbers."""
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(Config)
+    wrong = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = tuple(_plain(v) for v in value)
+        else:
+            value = _plain(value)
+        object.__setattr__(config, f.name, value)
+        if not _has_type(value, _HINTS[f.name]):
+            wrong.append(f"{f.name}={value!r} (expected {_type_name(_HINTS[f.name])})")
+    if wrong:
+        raise ConfigError(f"values of the wrong type: {'; '.join(wrong)}")
+
+
+_HINTS: dict[str, Any] | None = None
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def _has_type(value: Any, hint: Any) -> bool:
