@@ -61,10 +61,18 @@ def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     """Return the folder holding the python-format batches, downloading the
     official archive into `data_dir` when they are missing."""
     folder = _batches_dir(data_dir)
+    where = f"put the python-version batches in {folder}/ (data_batch_1..5, test_batch)"
+    # Something that is there but not a plain file (a device, a FIFO, a folder, a link to
+    # one) is not downloaded over, nor opened: reading a FIFO or /dev/zero never ends.
+    for path in [Path(data_dir), folder]:
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is not a folder; {where}")
+    odd = [folder / f for f in TRAIN_FILES + (TEST_FILE,) if (folder / f).exists() and not (folder / f).is_file()]
+    if odd:
+        raise DataError(f"{odd[0]} is not a regular file (a folder, device or pipe); replace it: {where}")
     missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not (folder / f).is_file()]
     if not missing:
         return folder
-    where = f"put the python-version batches in {folder}/ (data_batch_1..5, test_batch)"
     if not download:
         raise DataError(f"CIFAR-10 not found: {folder / missing[0]} is missing; {where}")
     try:
@@ -197,7 +205,10 @@ def _labels(raw, path: Path, fix: str) -> np.ndarray:
         odd = next((i for i, v in enumerate(raw) if isinstance(v, bool) or not isinstance(v, (int, np.integer))),
                    None)
         if odd is not None:
-            raise DataError(f"{path}: label {raw[odd]!r} at position {odd} is not a class number 0..{NUM_CLASSES - 1}; "
+            # repr only of scalars: a crafted label may be a list nested too deep to print
+            shown = repr(raw[odd]) if raw[odd] is None or isinstance(raw[odd], (bool, float)) else \
+                f"of type {type(raw[odd]).__name__}"
+            raise DataError(f"{path}: label {shown} at position {odd} is not a class number 0..{NUM_CLASSES - 1}; "
                             f"the file is not CIFAR-10: {fix}")
         values = raw
     else:
