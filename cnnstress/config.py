@@ -142,8 +142,12 @@ class Config:
             problems.append(f"failure_threshold must be in [0, 1) (got {self.failure_threshold})")
         if self.top_failures < 0:
             problems.append(f"top_failures must be >= 0 (got {self.top_failures})")
-        if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 255 for k in self.adv_eps):
-            problems.append(f"adv_eps must be whole grey levels in 0..255 (got {self.adv_eps})")
+        if not self.adv_eps or any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 255
+                                   for k in self.adv_eps):
+            problems.append(f"adv_eps must be whole grey levels in 0..255, at least one (got {self.adv_eps})")
+        if self.corruption_workers is not None and self.corruption_workers > MAX_WORKERS:
+            problems.append(f"corruption_workers must be at most {MAX_WORKERS} (got {self.corruption_workers}); "
+                            "each is a process importing torch")
         if self.pgd_steps < 1:
             problems.append(f"pgd_steps must be >= 1 (got {self.pgd_steps})")
         for name in ("faithfulness_samples", "faithfulness_steps", "sanity_samples"):
@@ -222,6 +226,12 @@ class Config:
         path = Path(path)
         fix = "pass the config.json a run wrote (e.g. outputs/config.json)"
         try:
+            # A config is a few kilobytes: anything else (/dev/zero, a FIFO, a huge file) is not read.
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"config file {path} is not a regular file; {fix}")
+            if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {path} is {path.stat().st_size >> 20} MB, not a config "
+                                  f"(at most {MAX_CONFIG_BYTES >> 10} KB); {fix}")
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; {fix}") from None
@@ -229,6 +239,8 @@ class Config:
             raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}); {fix}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid JSON ({exc}); {fix}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} nests too deeply to be a config; {fix}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object of "
                               f"config fields; {fix}")
@@ -248,6 +260,8 @@ class Config:
             raise ConfigError(f"config file {path}: {exc}") from None
 
 
+MAX_CONFIG_BYTES = 1 << 20   # a saved config is about 2 KB
+MAX_WORKERS = 256            # corruption generator processes (each ~200 MB); the pixels are the same for any count
 MAX_BINS = 1000        # calibration bins: each costs memory per model; 15 is the convention
 MAX_STEPS = 32 * 32    # deletion/insertion steps: beyond one pixel per step they repeat
 
