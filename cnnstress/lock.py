@@ -58,7 +58,7 @@ def _read_holder(fd: int) -> dict:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         holder = json.loads(os.read(fd, 4096).decode() or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # RecursionError: "[[[[..." planted in the file
         return {}
     return holder if isinstance(holder, dict) else {}
 

@@ -13,6 +13,7 @@ A schema is:
   Each(value)         an object whose every value matches `value`
   Keys(names, value)  an object with exactly these keys, each value matching `value`
   Range(lo, hi, kind) a number of `kind` in [lo, hi] (a float NaN passes: undefined)
+  Grid(ndim)          nested lists of numbers forming a regular ndim-dimensional array
   anything else       a constant the value must equal
 
 Values are checked, not only types: a class 99, a position beyond the test
@@ -25,6 +26,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from .robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
 from .xai.checks import CAM_EXPLAINERS, RANDOM_BASELINES
@@ -45,6 +48,11 @@ class Each:
 class Keys:
     names: tuple[str, ...]
     value: Any
+
+
+@dataclass(frozen=True)
+class Grid:
+    ndim: int
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,12 @@ def mismatch(value: Any, schema: Any, where: str = "results") -> str | None:
         if schema.length is not None and len(value) != schema.length:
             return f"{where} has {len(value)} items, expected {schema.length}"
         return next((p for i, v in enumerate(value) if (p := mismatch(v, schema.item, f"{where}[{i}]"))), None)
+    if isinstance(schema, Grid):
+        try:
+            shape = np.asarray(value, dtype=np.float64).shape   # ragged or non-numeric: ValueError/TypeError
+        except (ValueError, TypeError):
+            return f"{where} is not a regular array of numbers"
+        return None if len(shape) == schema.ndim else f"{where} has {len(shape)} dimensions, expected {schema.ndim}"
     if isinstance(schema, Range):
         problem = mismatch(value, schema.kind, where)
         if problem or value != value:   # NaN: an undefined number, allowed where floats are
@@ -152,7 +166,7 @@ def explanations_schema(models: list[str], n_test: int | None = None) -> dict:
         "faithfulness": {m: {"failures": group, "sample": group} for m in models},
         "sanity": {m: {"n": COUNT, **{c: sanity_method for c in CAM_EXPLAINERS}} for m in models},
         "label_suspects": {m: suspects for m in models},
-        "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Seq(Seq(Seq(Seq(NUMBER))))}),
+        "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Grid(4)}),
     }
     if {"baseline", "improved"} <= set(models):
         drift_group = ({"n": 0}, {"n": COUNT, "median_spearman": MAYBE_NUMBER, "moved_onto_centre": COUNT,
@@ -176,7 +190,7 @@ def read_cache(path: Path, key: dict, schema: dict | None = None,
         cached = json.loads(path.read_text()) if size <= MAX_CACHE_BYTES else None
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # RecursionError: JSON nested too deep
         problem = f"unreadable ({type(exc).__name__})"
     else:
         if size > MAX_CACHE_BYTES:
