@@ -120,6 +120,20 @@ def malformed_history(history: Any, epochs: int | None = None) -> str | None:
     return None
 
 
+def malformed_weights(state: dict[str, torch.Tensor]) -> str | None:
+    """None when a ResNet state_dict's tensors are usable: floating point and
+    finite, BatchNorm's batch counters whole numbers; else the first that is not.
+    (load_state_dict would copy integers into float parameters, and NaN weights
+    predict one class, then break temperature scaling.)"""
+    for key, t in state.items():
+        counter = key.endswith("num_batches_tracked")
+        if counter == t.is_floating_point() or t.is_complex():
+            return f"{key} has dtype {str(t.dtype).replace('torch.', '')}"
+        if not counter and not bool(torch.isfinite(t).all()):
+            return f"{key} holds NaN or infinite values"
+    return None
+
+
 def malformed_fields(ckpt: dict[str, Any]) -> str | None:
     """None when a checkpoint's fields have the types the readers use, else
     the first field that does not (a one-line description)."""
@@ -127,6 +141,9 @@ def malformed_fields(ckpt: dict[str, Any]) -> str | None:
     if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in model.items()):
         return "model is not a dict of tensors"
+    problem = malformed_weights(model)
+    if problem:
+        return problem
     epoch = ckpt.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         return f"epoch is {epoch!r}, expected a whole number >= 0"
@@ -145,8 +162,8 @@ def malformed_fields(ckpt: dict[str, Any]) -> str | None:
     optimizer, rng = ckpt["optimizer"], ckpt["rng"]
     if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
         return "optimizer lacks its state or param_groups"
-    if not isinstance(rng.get("torch"), torch.Tensor) or not isinstance(rng.get("numpy"), (dict, tuple)) \
-            or not isinstance(rng.get("python"), tuple):
+    if not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8 \
+            or not isinstance(rng.get("numpy"), (dict, tuple)) or not isinstance(rng.get("python"), tuple):
         return "rng lacks the torch, numpy or python generator state"
     for key, kind in (("finished", bool), ("num_classes", int)):
         if key in ckpt and not isinstance(ckpt[key], kind):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import malformed_history, read_checkpoint
+from .checkpoint import malformed_history, malformed_weights, read_checkpoint
 from .config import Config, get_config
 from .data import NUM_CLASSES
 from .errors import CheckpointError
@@ -106,7 +106,7 @@ def _reference_numbers(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Per model, the run's reported test accuracy and failure count (metrics.json), if present."""
     try:
         metrics = json.loads((out_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     keep = ("test_accuracy", "n", "high_confidence_failures", "threshold", "loss")
     refs = {}
@@ -233,7 +233,7 @@ def check_published(dest: str | Path, *, expect_profile: str | None = "full"
     meta_path = dest / METADATA_FILE
     try:
         meta = json.loads(_read_small(meta_path, "export the weights again"))
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc}); export the weights again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
@@ -320,10 +320,10 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"published shard {dest / shard} is not a dict of tensors; export again")
             state.update(part)
-        broken = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
-        if broken is not None:
-            raise CheckpointError(f"published weights {name} in {dest} hold NaN or infinite values ({broken}); "
-                                  "they cannot predict anything: export them again from a good run")
+        problem = malformed_weights(state)
+        if problem:
+            raise CheckpointError(f"published weights {name} in {dest} are unusable ({problem}); "
+                                  "export them again from a good run")
         model = resnet18(NUM_CLASSES)
         try:
             model.load_state_dict(state)   # strict; copies into fp32 parameters
