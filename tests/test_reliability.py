@@ -720,13 +720,22 @@ def _nan_shard(meta: dict, dest: Path) -> None:
     torch.save(part, shard)
 
 
+def _int_shard(meta: dict, dest: Path) -> None:
+    shard = dest / meta["models"]["baseline"]["shards"][0]
+    part = torch.load(shard, weights_only=True)
+    key = next(k for k, t in part.items() if t.is_floating_point())
+    part[key] = torch.full(part[key].shape, 10 ** 6, dtype=torch.int64)   # load_state_dict would cast it
+    torch.save(part, shard)
+
+
 @pytest.mark.parametrize("edit, needle", [
     (lambda m, d: m["models"]["baseline"].update(epochs="one"), "baseline model's epochs is 'one'"),
     (lambda m, d: m["models"]["baseline"].pop("shards"), "baseline model's shards are not a list of file names"),
     (lambda m, d: m["models"]["improved"].update(history=[{"epoch": 1}]), "history[0].train_loss is None"),
     (lambda m, d: m["models"]["improved"].update(reference={"test_accuracy": "high", "n": 9}),
      "reference test_accuracy is 'high'"),
-    (_nan_shard, "hold NaN or infinite values"),
+    (_nan_shard, "holds NaN or infinite values"),
+    (_int_shard, "has dtype int64"),
 ])
 def test_malformed_published_weights_are_one_line_errors(published_run, tmp_path, shared_cifar_dir, capsys,
                                                          edit, needle):
@@ -811,3 +820,130 @@ def test_an_empty_output_path_is_refused(shared_cifar_dir, tmp_path, capsys, mon
     assert code == 2
     _one_line(err, "$CNNSTRESS_OUT_DIR is set but empty")
     assert not list(tmp_path.iterdir())
+
+
+# --- round 2, own tour (issue 20, "what else does a user or an attacker control") ----------
+
+def test_data_entries_that_are_not_files_are_refused_without_a_download(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils as tvu
+
+    from cnnstress.data import BATCHES_DIR, TEST_FILE
+    from conftest import write_cifar
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded over a file that is there")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", no_download)
+    data = write_cifar(tmp_path / "data")
+    test_batch = data / BATCHES_DIR / TEST_FILE
+    for plant, needle in ((lambda: os.mkfifo(test_batch), "is not a regular file"),
+                          (lambda: test_batch.symlink_to("/dev/zero"), "is not a regular file"),
+                          (lambda: test_batch.mkdir(), "is not a regular file")):
+        if test_batch.is_dir() and not test_batch.is_symlink():
+            test_batch.rmdir()
+        elif os.path.lexists(test_batch):
+            test_batch.unlink()
+        plant()
+        code, _, err = _code(capsys, cli("train", data, tmp_path / "out"))
+        assert code == 2
+        _one_line(err, str(test_batch), needle)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    code, _, err = _code(capsys, cli("train", afile, tmp_path / "out"))
+    assert code == 2
+    _one_line(err, f"{afile} is not a folder")
+
+
+def test_a_label_nested_too_deep_to_print_is_one_line(tmp_path):
+    import pickle
+
+    from cnnstress.data import read_batch
+    from cnnstress.errors import DataError
+    blob = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": ["PLACEHOLDER"]}, protocol=2)
+    depth = 100_000   # "]" pushes a list, "a" appends it to the one below: a list nested 100,000 deep
+    blob = blob.replace(b"X\x0b\x00\x00\x00PLACEHOLDER", b"]" * depth + b"a" * (depth - 1))
+    path = tmp_path / "test_batch"
+    path.write_bytes(blob)
+    with pytest.raises(DataError, match="test_batch: label of type list at position 0 is not a class number"):
+        read_batch(path)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("/dev/zero", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("2 MB", "is 2 MB, not a config"),
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+])
+def test_a_config_file_that_cannot_be_a_config_is_not_read(tmp_path, shared_cifar_dir, capsys, content, needle):
+    path = tmp_path / "config.json"
+    if content == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif content == "fifo":
+        os.mkfifo(path)   # reading it would wait for a writer forever
+    elif content == "2 MB":
+        path.write_text("{}")
+        os.truncate(path, 2 << 20)
+    else:
+        path.write_text(content)
+    code, _, err = _code(capsys, ["run", "--config", str(path), "--device", "cpu", "--no-progress",
+                                  "--data-dir", str(shared_cifar_dir), "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    _one_line(err, str(path), needle)
+
+
+def test_config_values_no_command_line_could_give_are_refused():
+    from cnnstress.config import get_config
+    from cnnstress.errors import ConfigError
+    with pytest.raises(ConfigError, match="adv_eps must be whole grey levels in 0..255, at least one"):
+        get_config("smoke", adv_eps=())
+    with pytest.raises(ConfigError, match="corruption_workers must be at most 256"):
+        get_config("smoke", corruption_workers=100_000)
+
+
+def test_json_nested_too_deep_is_a_cache_miss_and_not_a_lock_record(tmp_path):
+    from cnnstress.lock import output_lock
+    from cnnstress.schema import read_cache
+    path = tmp_path / "stress_baseline.json"
+    path.write_text("[" * 100_000)
+    logged = []
+    assert read_cache(path, {}, None, logged.append) is None
+    assert logged == ["stress_baseline.json: not a valid cache (unreadable (RecursionError)); recomputing"]
+    (tmp_path / LOCK_FILE).write_text("[" * 4000)
+    with pytest.raises(CnnstressError, match="is not a cnnstress lock record"):
+        with output_lock(tmp_path, log=None):
+            pass
+
+
+def test_ragged_sanity_maps_are_a_cache_miss(analysed_run, tmp_path):
+    from cnnstress.schema import read_cache
+    good = json.loads((analysed_run / "explanations.json").read_text())
+    schema = explanations_schema(["baseline", "improved"], len(good["key"]["test_indices"]))
+    good["results"]["sanity_maps"]["maps"][0] = good["results"]["sanity_maps"]["maps"][0][:1]
+    path = tmp_path / "explanations.json"
+    path.write_text(json.dumps(good))
+    logged = []
+    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert "sanity_maps.maps is not a regular array of numbers" in logged[0]
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda ck: ck["model"]["linear.weight"].fill_(float("nan")), "linear.weight holds NaN or infinite values"),
+    (lambda ck: ck["model"].update({"conv1.weight": ck["model"]["conv1.weight"].long()}),
+     "conv1.weight has dtype int64"),
+    (lambda ck: ck["rng"].update(torch=torch.zeros(3)), "rng lacks"),
+    (lambda ck: ck["optimizer"].update(param_groups=ck["optimizer"]["param_groups"] * 2),
+     "cannot be resumed (ValueError"),
+    (lambda ck: ck["optimizer"]["state"][0].update(exp_avg=torch.zeros(1)), "cannot be resumed (ValueError"),
+])
+def test_checkpoint_states_that_cannot_be_used_are_one_line(trained, shared_cifar_dir, tmp_path, capsys,
+                                                            tamper, needle):
+    ckpt = torch.load(trained / "baseline" / "checkpoint.pt", weights_only=True)
+    tamper(ckpt)
+    ckpt.update(epoch=0, finished=False)   # resumed by train --resume, reusing nothing
+    path = tmp_path / "out" / "baseline" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    code, out, err = _code(capsys, cli("train", shared_cifar_dir, tmp_path / "out", "--resume"))
+    assert code == 2
+    _one_line(err, str(path), needle, "--force")
+    assert path.read_bytes() == before and "[baseline] epoch" not in out
