@@ -207,6 +207,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         trained = train_model(config, splits, study.out, force=args.force,
                               resume=args.resume or args.time_budget is not None,
                               progress=False if args.no_progress else None, budget=args.time_budget)
+        if not trained.result.budget_stopped:
+            study.save_config()   # out/config.json, under the lock: rerun with --config
     if trained.result.budget_stopped:
         raise TimeBudgetReached(f"time budget reached ({args.time_budget.ends_at()}): {trained.name} "
                                 f"{trained.result.epochs_done}/{config.epochs} epochs, checkpoint {trained.checkpoint} saved")
@@ -214,7 +216,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trained.result.history[-1]
     print(f"{trained.name}: validation accuracy {last['val_acc']:.4f}, test accuracy {test.accuracy:.4f} "
           f"({len(test)} images), training {trained.result.train_seconds:.0f}s; checkpoint {trained.checkpoint}")
-    study.save_config()   # out/config.json: rerun with --config
     return 0
 
 

@@ -14,7 +14,7 @@ import torch
 
 from .augment import DRAWS_VERSION, PRESETS
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError
 from .io import atomic_write, ensure_writable_dir, remove_stale_temp_files, save_json  # noqa: F401 (re-exported)
 from .model import ARCH
 
@@ -88,11 +88,87 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if ckpt.get("arch") != ARCH:
         raise CheckpointError(f"checkpoint {path} holds architecture {ckpt.get('arch')!r}, expected {ARCH!r}; "
                               "retrain with --force or use another --out-dir")
+    problem = malformed_fields(ckpt)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is malformed ({problem}); it is damaged or not a cnnstress "
+                              "checkpoint: delete it or retrain with --force")
     classes = ckpt["model"].get("linear.weight", torch.empty(0, 0)).shape[0]
     if classes != ckpt.get("num_classes", classes) or classes != 10:
         raise CheckpointError(f"checkpoint {path} has {classes} output classes, expected 10 (CIFAR-10); "
                               "retrain with --force or use another --out-dir")
     return ckpt
+
+
+# What every history entry holds (cnnstress.train.fit writes them; the report reads them).
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+def malformed_history(history: Any, epochs: int | None = None) -> str | None:
+    """None when `history` is a list of per-epoch records (numbers; at least
+    `epochs` of them when given), else what is wrong with it."""
+    if not isinstance(history, list):
+        return f"history is a {type(history).__name__}, expected a list"
+    if epochs is not None and len(history) < min(epochs, 1):
+        return f"history is empty for {epochs} epochs"
+    for i, h in enumerate(history):
+        if not isinstance(h, dict):
+            return f"history[{i}] is a {type(h).__name__}, expected an object"
+        for key in HISTORY_FIELDS:
+            value = h.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return f"history[{i}].{key} is {value!r}, expected a number"
+    return None
+
+
+def malformed_weights(state: dict[str, torch.Tensor]) -> str | None:
+    """None when a ResNet state_dict's tensors are usable: floating point and
+    finite, BatchNorm's batch counters whole numbers; else the first that is not.
+    (load_state_dict would copy integers into float parameters, and NaN weights
+    predict one class, then break temperature scaling.)"""
+    for key, t in state.items():
+        counter = key.endswith("num_batches_tracked")
+        if counter == t.is_floating_point() or t.is_complex():
+            return f"{key} has dtype {str(t.dtype).replace('torch.', '')}"
+        if not counter and not bool(torch.isfinite(t).all()):
+            return f"{key} holds NaN or infinite values"
+    return None
+
+
+def malformed_fields(ckpt: dict[str, Any]) -> str | None:
+    """None when a checkpoint's fields have the types the readers use, else
+    the first field that does not (a one-line description)."""
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in model.items()):
+        return "model is not a dict of tensors"
+    problem = malformed_weights(model)
+    if problem:
+        return problem
+    epoch = ckpt.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        return f"epoch is {epoch!r}, expected a whole number >= 0"
+    if not isinstance(ckpt["config"], dict):
+        return f"config is a {type(ckpt['config']).__name__}, expected a dict"
+    try:
+        Config.from_dict(ckpt["config"])
+    except (ConfigError, TypeError) as exc:
+        return f"its config is invalid: {exc}"
+    problem = malformed_history(ckpt.get("history"), epoch)
+    if problem:
+        return problem
+    for key in ("optimizer", "scheduler", "rng"):   # what resuming restores
+        if not isinstance(ckpt.get(key), dict):
+            return f"{key} is {type(ckpt.get(key)).__name__}, expected a dict"
+    optimizer, rng = ckpt["optimizer"], ckpt["rng"]
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(optimizer.get("param_groups"), list):
+        return "optimizer lacks its state or param_groups"
+    if not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8 \
+            or not isinstance(rng.get("numpy"), (dict, tuple)) or not isinstance(rng.get("python"), tuple):
+        return "rng lacks the torch, numpy or python generator state"
+    for key, kind in (("finished", bool), ("num_classes", int)):
+        if key in ckpt and not isinstance(ckpt[key], kind):
+            return f"{key} is a {type(ckpt[key]).__name__}, expected a {kind.__name__}"
+    return None
 
 
 def check_config_matches(ckpt: dict[str, Any], config: Config, path: str | Path) -> None:

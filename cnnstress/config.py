@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,7 +107,13 @@ class Config:
             object.__setattr__(self, "adv_eps", tuple(self.adv_eps))
         if isinstance(self.compile, bool):  # configs saved when `compile` was a switch
             object.__setattr__(self, "compile", "default" if self.compile else "off")
+        _check_types(self)
         problems = []
+        if not 0 <= self.seed < 2**63:   # torch's and numpy's seeders overflow beyond
+            problems.append(f"seed must be in 0..2**63-1 (got {self.seed})")
+        for name in ("lr", "weight_decay", "failure_threshold"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.epochs < 1:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1:
@@ -135,8 +142,12 @@ class Config:
             problems.append(f"failure_threshold must be in [0, 1) (got {self.failure_threshold})")
         if self.top_failures < 0:
             problems.append(f"top_failures must be >= 0 (got {self.top_failures})")
-        if any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 255 for k in self.adv_eps):
-            problems.append(f"adv_eps must be whole grey levels in 0..255 (got {self.adv_eps})")
+        if not self.adv_eps or any(not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 255
+                                   for k in self.adv_eps):
+            problems.append(f"adv_eps must be whole grey levels in 0..255, at least one (got {self.adv_eps})")
+        if self.corruption_workers is not None and self.corruption_workers > MAX_WORKERS:
+            problems.append(f"corruption_workers must be at most {MAX_WORKERS} (got {self.corruption_workers}); "
+                            "each is a process importing torch")
         if self.pgd_steps < 1:
             problems.append(f"pgd_steps must be >= 1 (got {self.pgd_steps})")
         for name in ("faithfulness_samples", "faithfulness_steps", "sanity_samples"):
@@ -151,8 +162,11 @@ class Config:
             problems.append(f"unknown compile mode {self.compile!r}; choose one of {', '.join(COMPILE_MODES)}")
         if self.fused_adam not in FUSED_ADAM:
             problems.append(f"unknown fused_adam {self.fused_adam!r}; choose one of {', '.join(FUSED_ADAM)}")
-        if self.calibration_bins < 1:
-            problems.append(f"calibration_bins must be >= 1 (got {self.calibration_bins})")
+        if not 1 <= self.calibration_bins <= MAX_BINS:
+            problems.append(f"calibration_bins must be in 1..{MAX_BINS} (got {self.calibration_bins})")
+        if self.faithfulness_steps > MAX_STEPS:
+            problems.append(f"faithfulness_steps must be at most {MAX_STEPS}, one pixel a step (got "
+                            f"{self.faithfulness_steps})")
         if problems:
             raise ConfigError("; ".join(problems))
 
@@ -212,6 +226,12 @@ class Config:
         path = Path(path)
         fix = "pass the config.json a run wrote (e.g. outputs/config.json)"
         try:
+            # A config is a few kilobytes: anything else (/dev/zero, a FIFO, a huge file) is not read.
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"config file {path} is not a regular file; {fix}")
+            if path.exists() and path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {path} is {path.stat().st_size >> 20} MB, not a config "
+                                  f"(at most {MAX_CONFIG_BYTES >> 10} KB); {fix}")
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; {fix}") from None
@@ -219,6 +239,8 @@ class Config:
             raise ConfigError(f"cannot read config file {path} ({exc.strerror or exc}); {fix}") from None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid JSON ({exc}); {fix}") from None
+        except RecursionError:
+            raise ConfigError(f"config file {path} nests too deeply to be a config; {fix}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} holds a JSON {type(data).__name__}, not an object of "
                               f"config fields; {fix}")
@@ -236,6 +258,42 @@ class Config:
             return cls(**data)
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+
+
+MAX_CONFIG_BYTES = 1 << 20   # a saved config is about 2 KB
+MAX_WORKERS = 256            # corruption generator processes (each ~200 MB); the pixels are the same for any count
+MAX_BINS = 1000        # calibration bins: each costs memory per model; 15 is the convention
+MAX_STEPS = 32 * 32    # deletion/insertion steps: beyond one pixel per step they repeat
+
+
+def _check_types(config: Config) -> None:
+    """Raise ConfigError for a field of the wrong type (a notebook's 2.5 epochs,
+    True as a batch size, a string seed); NumPy scalars become Python numbers."""
+    global _HINTS
+    if _HINTS is None:
+        _HINTS = typing.get_type_hints(Config)
+    wrong = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, tuple):
+            value = tuple(_plain(v) for v in value)
+        else:
+            value = _plain(value)
+        object.__setattr__(config, f.name, value)
+        if not _has_type(value, _HINTS[f.name]):
+            wrong.append(f"{f.name}={value!r} (expected {_type_name(_HINTS[f.name])})")
+    if wrong:
+        raise ConfigError(f"values of the wrong type: {'; '.join(wrong)}")
+
+
+_HINTS: dict[str, Any] | None = None
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else unchanged."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    return value
 
 
 def _has_type(value: Any, hint: Any) -> bool:

@@ -7,6 +7,7 @@ batch (see cnnstress.augment), so the same uint8 tensors serve every model.
 from __future__ import annotations
 
 import codecs
+import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +61,18 @@ def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
     """Return the folder holding the python-format batches, downloading the
     official archive into `data_dir` when they are missing."""
     folder = _batches_dir(data_dir)
+    where = f"put the python-version batches in {folder}/ (data_batch_1..5, test_batch)"
+    # Something that is there but not a plain file (a device, a FIFO, a folder, a link to
+    # one) is not downloaded over, nor opened: reading a FIFO or /dev/zero never ends.
+    for path in [Path(data_dir), folder]:
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is not a folder; {where}")
+    odd = [folder / f for f in TRAIN_FILES + (TEST_FILE,) if (folder / f).exists() and not (folder / f).is_file()]
+    if odd:
+        raise DataError(f"{odd[0]} is not a regular file (a folder, device or pipe); replace it: {where}")
     missing = [f for f in TRAIN_FILES + (TEST_FILE,) if not (folder / f).is_file()]
     if not missing:
         return folder
-    where = f"put the python-version batches in {folder}/ (data_batch_1..5, test_batch)"
     if not download:
         raise DataError(f"CIFAR-10 not found: {folder / missing[0]} is missing; {where}")
     try:
@@ -80,6 +89,12 @@ def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
 
 class _ForbiddenGlobal(pickle.UnpicklingError):
     """A pickle referring to something outside the allow-list (its message: module.name)."""
+
+
+def _empty_bytes() -> bytes:
+    """bytes() as protocol-2 pickles spell an empty bytes object (__builtin__.bytes
+    called with no arguments); any argument, e.g. a size to allocate, is refused."""
+    return b""
 
 
 def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
@@ -104,6 +119,7 @@ def _numpy_globals() -> dict[tuple[str, str], object]:
     found[("numpy", "ndarray")] = np.ndarray
     found[("numpy", "dtype")] = np.dtype
     found[("_codecs", "encode")] = _latin1_encode
+    found[("__builtin__", "bytes")] = found[("builtins", "bytes")] = _empty_bytes
     return found
 
 
@@ -119,6 +135,12 @@ class _BatchUnpickler(pickle.Unpickler):
         return allowed[(module, name)]
 
 
+# An official batch is 31 MB (10,000 images of 3,072 bytes, labels, file names).
+# A file far beyond that is not one, and is refused before it is read: a
+# crafted pickle can declare gigabytes.
+MAX_BATCH_BYTES = 64 * 2**20
+
+
 def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read one python-format batch: images uint8 (N,3,32,32), labels int64 (N,).
 
@@ -127,34 +149,75 @@ def read_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found; put the CIFAR-10 python batches there")
+    fix = "replace it with a fresh copy"
     try:
+        size = path.stat().st_size
+        if size > MAX_BATCH_BYTES:
+            raise DataError(f"{path}: {size / 2**20:.0f} MB, far more than a CIFAR-10 batch (31 MB); refused "
+                            f"unread: {fix}")
         with open(path, "rb") as f:
-            entry = _BatchUnpickler(f, encoding="bytes").load()
+            raw = f.read(MAX_BATCH_BYTES + 1)   # bounded even if the file grows meanwhile
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    if len(raw) > MAX_BATCH_BYTES:
+        raise DataError(f"{path}: more than {MAX_BATCH_BYTES >> 20} MB, not a CIFAR-10 batch; refused: {fix}")
+    try:
+        # From memory: an object declared larger than the file fails at the file's end
+        # instead of being read from disk (or a device) into memory first.
+        entry = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except _ForbiddenGlobal as exc:
         raise DataError(f"{path}: refused to read, the file asks to run {exc} (a CIFAR-10 batch holds only "
-                        "dicts, lists, bytes and numpy arrays): replace it with a fresh copy") from None
+                        f"dicts, lists, bytes and numpy arrays): {fix}") from None
+    except MemoryError:
+        raise DataError(f"{path}: declares an object larger than memory; not a CIFAR-10 batch: {fix}") from None
     except Exception as exc:
         raise DataError(f"{path}: cannot be unpickled ({type(exc).__name__}); the file is truncated "
-                        "or not a CIFAR-10 batch: replace it with a fresh copy") from None
+                        f"or not a CIFAR-10 batch: {fix}") from None
     if not isinstance(entry, dict):
         raise DataError(f"{path}: not a CIFAR-10 batch (holds {type(entry).__name__}, expected a dict)")
     data = entry.get(b"data", entry.get("data"))
     labels = entry.get(b"labels", entry.get("labels"))
     if data is None or labels is None:
         raise DataError(f"{path}: not a CIFAR-10 batch (no 'data'/'labels' entries); replace it")
-    data = np.asarray(data)
+    if not isinstance(data, np.ndarray):   # a list could expand (repeated references) far beyond the file
+        raise DataError(f"{path}: image data is a {type(data).__name__}, expected a uint8 numpy array; {fix}")
     if data.dtype != np.uint8:
         raise DataError(f"{path}: image data has dtype {data.dtype}, expected uint8")
     if data.ndim != 2 or data.shape[1] != int(np.prod(IMAGE_SHAPE)):
         raise DataError(f"{path}: image data has shape {data.shape}, expected (N, 3072)")
-    labels = np.asarray(labels, dtype=np.int64)
-    if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
-        raise DataError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images")
-    bad = (labels < 0) | (labels >= NUM_CLASSES)
-    if bad.any():
-        raise DataError(f"{path}: label {int(labels[bad][0])} out of range 0..{NUM_CLASSES - 1} "
-                        f"({int(bad.sum())} bad labels); the file is not CIFAR-10")
+    if data.shape[0] == 0:
+        raise DataError(f"{path}: holds no images; a CIFAR-10 batch has 10,000: {fix}")
+    labels = _labels(labels, path, fix)
+    if labels.shape[0] != data.shape[0]:
+        raise DataError(f"{path}: {labels.shape[0]} labels for {data.shape[0]} images")
     return data.reshape(-1, *IMAGE_SHAPE), labels
+
+
+def _labels(raw, path: Path, fix: str) -> np.ndarray:
+    """The labels as int64 (N,): whole numbers 0..9 only (a NaN, None, 3.7 or
+    -0.5 is refused, never truncated to a class)."""
+    if isinstance(raw, np.ndarray):
+        if raw.ndim != 1 or raw.dtype.kind not in "iu":
+            raise DataError(f"{path}: labels are a {raw.dtype} array of shape {raw.shape}, expected whole "
+                            f"numbers (N,); {fix}")
+        values = raw
+    elif isinstance(raw, list):
+        odd = next((i for i, v in enumerate(raw) if isinstance(v, bool) or not isinstance(v, (int, np.integer))),
+                   None)
+        if odd is not None:
+            # repr only of scalars: a crafted label may be a list nested too deep to print
+            shown = repr(raw[odd]) if raw[odd] is None or isinstance(raw[odd], (bool, float)) else \
+                f"of type {type(raw[odd]).__name__}"
+            raise DataError(f"{path}: label {shown} at position {odd} is not a class number 0..{NUM_CLASSES - 1}; "
+                            f"the file is not CIFAR-10: {fix}")
+        values = raw
+    else:
+        raise DataError(f"{path}: labels are a {type(raw).__name__}, expected a list of class numbers; {fix}")
+    bad = [v for v in values if not 0 <= v < NUM_CLASSES]   # Python ints: no overflow before the check
+    if bad:
+        raise DataError(f"{path}: label {int(bad[0])} out of range 0..{NUM_CLASSES - 1} "
+                        f"({len(bad)} bad labels); the file is not CIFAR-10")
+    return np.asarray(values, dtype=np.int64)
 
 
 def load_cifar10(data_dir: str | Path, download: bool = True

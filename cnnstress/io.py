@@ -28,15 +28,30 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_folder_arg(value: str | Path | None, what: str, default: str, variable: str) -> str:
+    """`value` (a --data-dir/--out-dir argument), else $`variable`, else
+    `default`; an empty path (which would mean the current folder, or
+    silently the default) is refused."""
+    if value is None:
+        value = os.environ.get(variable, default)
+        if not str(value).strip():
+            raise CnnstressError(f"${variable} is set but empty; unset it or name a folder")
+    if not str(value).strip():
+        raise CnnstressError(f"{what} is an empty path; name a folder (default: {default})")
+    return str(value)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call write(tmp) on a temporary file beside `path`, then rename it over
-    `path`; on any failure the old `path` is untouched and tmp removed."""
+    `path`; on any failure the old `path` is untouched and tmp removed. A
+    failure to write (full disk, no permission, `path` a folder) is a one-line
+    CnnstressError."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         if not _disk_full(exc, path, _size(path)):
-            raise
+            _raise_cannot_write(path, exc)
         _raise_disk_full(path, _size(path))
     os.close(fd)
     try:
@@ -47,11 +62,31 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         needed = max(_size(Path(tmp)), _size(path))
         Path(tmp).unlink(missing_ok=True)
         if not _disk_full(exc, path, needed):
+            if isinstance(exc, OSError):
+                _raise_cannot_write(path, exc)
             raise
     else:
         return
     # Out here the failed writer (torch's holds the unlinked temp file open) is gone: free space is true.
     _raise_disk_full(path, needed)
+
+
+def _raise_cannot_write(path: Path, exc: OSError) -> None:
+    if isinstance(exc, IsADirectoryError) and path.is_dir():
+        fix = f"{path} is a folder: move it out of the way"
+    else:
+        fix = "check the folder's permissions or use another --out-dir"
+    raise CnnstressError(f"cannot write {path.name} in {path.parent} ({exc.strerror or exc}); {fix}") from None
+
+
+def remove_file(path: str | Path) -> None:
+    """Delete an output file of ours if it exists; failing to is a one-line CnnstressError."""
+    path = Path(path)
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CnnstressError(f"cannot remove {path.name} in {path.parent} ({exc.strerror or exc}); check the "
+                             "folder's permissions or use another --out-dir") from None
 
 
 # mkstemp's names above: "." + target name + "." + 8 random characters + ".tmp", for the kinds of file we write
@@ -147,6 +182,10 @@ def default_profile(explicit: str | None = None, *, fallback: str | None = None)
     if explicit:
         return explicit
     if ENV_PROFILE in os.environ:
+        from .config import PROFILES
+        if os.environ[ENV_PROFILE] not in PROFILES:
+            raise CnnstressError(f"${ENV_PROFILE} is {os.environ[ENV_PROFILE]!r}, not a profile; set it to one of "
+                                 f"{', '.join(PROFILES)} or unset it")
         return os.environ[ENV_PROFILE]
     if fallback:
         return fallback

@@ -16,11 +16,13 @@ we hold the lock, no other cnnstress process can be writing them.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import inspect
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from contextlib import contextmanager
@@ -56,9 +58,25 @@ def _read_holder(fd: int) -> dict:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         holder = json.loads(os.read(fd, 4096).decode() or "{}")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # RecursionError: "[[[[..." planted in the file
         return {}
     return holder if isinstance(holder, dict) else {}
+
+
+def _check_ours(fd: int, path: Path) -> None:
+    """Refuse a lock file that is not a plain file of ours: a device, a FIFO,
+    a hard link to a file elsewhere, or a file holding anything but a holder
+    record (taking the lock empties it)."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        what = "not a regular file" if not stat.S_ISREG(st.st_mode) else f"a file with {st.st_nlink} hard links"
+        raise CnnstressError(f"{path} is {what}, not a cnnstress lock file; remove it or use another --out-dir")
+    if st.st_size > 4096:
+        raise CnnstressError(f"{path} holds {st.st_size} bytes, not a cnnstress lock record; remove it or use "
+                             "another --out-dir")
+    if st.st_size and "pid" not in _read_holder(fd):
+        raise CnnstressError(f"{path} holds something that is not a cnnstress lock record; remove it or use "
+                             "another --out-dir")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -78,7 +96,7 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
     Raises OutputInUse, naming the holder, when another live process holds it.
     """
     out = Path(out_dir)
-    path = (out / LOCK_FILE).resolve()
+    path = out.resolve() / LOCK_FILE   # not path.resolve(): that would follow a planted link
     if path in _held:                       # a stage nested in another of this process
         fd, depth = _held[path]
         _held[path] = (fd, depth + 1)
@@ -103,10 +121,15 @@ def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
 
     ensure_writable_dir(out)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a symlink planted as the lock file must not make us truncate its target.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
     except OSError as exc:
-        raise CnnstressError(f"cannot write to output folder {out} ({exc.strerror or exc}); "
-                             "choose another --out-dir") from None
+        if exc.errno == errno.ELOOP:
+            raise CnnstressError(f"{path} is a symbolic link, not a cnnstress lock file; remove it (it is not "
+                                 "followed) or use another --out-dir") from None
+        raise CnnstressError(f"cannot open the lock file {path} ({exc.strerror or exc}); "
+                             "remove it or choose another --out-dir") from None
     try:
         if fcntl is not None:
             try:
@@ -117,6 +140,7 @@ def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
                        f"since {h.get('started', '?')})") if h else "another process"
                 raise OutputInUse(f"output folder {out} is in use by {who}; wait for it to finish, "
                                   "stop it, or use another --out-dir") from None
+        _check_ours(fd, path)
         # A holder that released the lock emptied the file; content left means it was killed.
         old, me = _read_holder(fd), _describe_self()
         pid = old.get("pid")
@@ -124,8 +148,12 @@ def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
                 and not _pid_alive(pid) and log:
             log(f"taking over {path.name} in {out} from pid {pid} ({old.get('command', '?')}), "
                 "which is no longer running")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
+        except OSError as exc:
+            raise CnnstressError(f"cannot write the lock file {path} ({exc.strerror or exc}); free some space "
+                                 "or use another --out-dir") from None
         for folder in [out, *(out / name for name in RUN_NAMES.values() if (out / name).is_dir())]:
             removed = remove_stale_temp_files(folder)
             if removed and log:

@@ -7,8 +7,9 @@ cnnstress.stages.base for what a stage provides).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .budget import TimeBudgetReached
 from .config import Config
@@ -17,6 +18,18 @@ from .lock import output_lock
 from .study import MODELS, Study
 
 RUN_NAMES = {preset: name for name, preset in MODELS.items()}  # augment preset -> model name
+
+
+@contextmanager
+def _saving_config(study: Study) -> Iterator[None]:
+    """Write config.json when the block ends (under the lock), if a model was
+    trained or loaded with the config by then: a run refused before that (data,
+    device, checkpoint) leaves the previous config.json, which matches metrics.json."""
+    try:
+        yield
+    finally:
+        if study.trained:
+            study.save_config()
 
 
 def run_study(study: Study, *, only: str | None = None, force_only: bool = False) -> Study:
@@ -28,8 +41,7 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
     if only is not None and only not in analyses:
         raise ValueError(f"only must be one of {', '.join(analyses)} or None, got {only!r}")
     study.timer.restart()
-    study.save_config()
-    with output_lock(study.out, log=study.log):
+    with output_lock(study.out, log=study.log), _saving_config(study):
         study.splits  # noqa: B018  (load and log the data first)
         done = None
         for stage in study.stage_list:

@@ -11,7 +11,14 @@ A schema is:
   a dict              an object with at least these keys, each matching
   Seq(item, n)        a list of items matching `item` (of length n when given)
   Each(value)         an object whose every value matches `value`
+  Keys(names, value)  an object with exactly these keys, each value matching `value`
+  Range(lo, hi, kind) a number of `kind` in [lo, hi] (a float NaN passes: undefined)
+  Grid(ndim)          nested lists of numbers forming a regular ndim-dimensional array
   anything else       a constant the value must equal
+
+Values are checked, not only types: a class 99, a position beyond the test
+set or a missing corruption family would crash a reader as surely as a
+missing key.
 """
 from __future__ import annotations
 
@@ -20,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .robustness.corruptions import CORRUPTIONS, SEVERITIES
+import numpy as np
+
+from .robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
 from .xai.checks import CAM_EXPLAINERS, RANDOM_BASELINES
 
 
@@ -33,6 +42,24 @@ class Seq:
 @dataclass(frozen=True)
 class Each:
     value: Any
+
+
+@dataclass(frozen=True)
+class Keys:
+    names: tuple[str, ...]
+    value: Any
+
+
+@dataclass(frozen=True)
+class Grid:
+    ndim: int
+
+
+@dataclass(frozen=True)
+class Range:
+    lo: float
+    hi: float
+    kind: type = float
 
 
 def mismatch(value: Any, schema: Any, where: str = "results") -> str | None:
@@ -64,6 +91,24 @@ def mismatch(value: Any, schema: Any, where: str = "results") -> str | None:
         if schema.length is not None and len(value) != schema.length:
             return f"{where} has {len(value)} items, expected {schema.length}"
         return next((p for i, v in enumerate(value) if (p := mismatch(v, schema.item, f"{where}[{i}]"))), None)
+    if isinstance(schema, Grid):
+        try:
+            shape = np.asarray(value, dtype=np.float64).shape   # ragged or non-numeric: ValueError/TypeError
+        except (ValueError, TypeError):
+            return f"{where} is not a regular array of numbers"
+        return None if len(shape) == schema.ndim else f"{where} has {len(shape)} dimensions, expected {schema.ndim}"
+    if isinstance(schema, Range):
+        problem = mismatch(value, schema.kind, where)
+        if problem or value != value:   # NaN: an undefined number, allowed where floats are
+            return problem
+        return None if schema.lo <= value <= schema.hi else \
+            f"{where} is {value!r}, expected {schema.lo}..{schema.hi}"
+    if isinstance(schema, Keys):
+        if not isinstance(value, dict):
+            return f"{where} is {_kind(value)}, expected an object"
+        if set(value) != set(schema.names):
+            return f"{where} has keys {sorted(value)}, expected {sorted(schema.names)}"
+        return next((p for k, v in value.items() if (p := mismatch(v, schema.value, f"{where}.{k}"))), None)
     if isinstance(schema, Each):
         if not isinstance(value, dict):
             return f"{where} is {_kind(value)}, expected an object"
@@ -76,52 +121,63 @@ def _kind(value: Any) -> str:
 
 
 NUMBER, MAYBE_NUMBER = float, (float, None)   # JSON numbers (NaN included); None where undefined
+FRACTION = Range(0.0, 1.0)                      # accuracies, calibration errors, fractions of images
+MAYBE_FRACTION = (FRACTION, None)
+COUNT = Range(0, float("inf"), int)
 
 
 def stress_schema(n_eps: int) -> dict:
     """One model's stress results as the readers use them; `n_eps` attack budgets."""
-    bins = {"ece": NUMBER, "mce": NUMBER, "nll": NUMBER, "count": Seq(int),
-            "accuracy": Seq(MAYBE_NUMBER), "confidence": Seq(MAYBE_NUMBER)}
-    per_cell = {c: Seq(NUMBER, len(SEVERITIES)) for c in CORRUPTIONS}
+    bins = {"ece": FRACTION, "mce": FRACTION, "nll": NUMBER, "count": Seq(COUNT),
+            "accuracy": Seq(MAYBE_FRACTION), "confidence": Seq(MAYBE_FRACTION)}
+    per_cell = {c: Seq(FRACTION, len(SEVERITIES)) for c in CORRUPTIONS}
+    families = tuple(dict.fromkeys(FAMILIES[c] for c in CORRUPTIONS))
     return {
-        "calibration": {"bins": int, "temperature": NUMBER, "val_n": int, "test_n": int,
+        "calibration": {"bins": COUNT, "temperature": NUMBER, "val_n": COUNT, "test_n": COUNT,
                         "uncalibrated": bins, "calibrated": bins},
-        "corruptions": {"n": int, "clean_accuracy": NUMBER, "mean_corruption_accuracy": NUMBER,
-                        "drop_from_clean": NUMBER, "accuracy": per_cell, "ece": per_cell, "ece_calibrated": per_cell,
-                        "accuracy_by_family": Each(NUMBER), "accuracy_by_severity": Seq(NUMBER, len(SEVERITIES)),
-                        "ece_by_severity": Seq(NUMBER, len(SEVERITIES)),
-                        "ece_calibrated_by_severity": Seq(NUMBER, len(SEVERITIES))},
-        "adversarial": {"n": int, "steps": int, "clean_accuracy": MAYBE_NUMBER, "eps": Seq(NUMBER, n_eps),
-                        "eps_255": Seq(int, n_eps), "fgsm": Seq(MAYBE_NUMBER, n_eps), "pgd": Seq(MAYBE_NUMBER, n_eps)},
+        "corruptions": {"n": COUNT, "clean_accuracy": FRACTION, "mean_corruption_accuracy": FRACTION,
+                        "drop_from_clean": Range(-1.0, 1.0), "accuracy": per_cell, "ece": per_cell,
+                        "ece_calibrated": per_cell, "accuracy_by_family": Keys(families, FRACTION),
+                        "accuracy_by_severity": Seq(FRACTION, len(SEVERITIES)),
+                        "ece_by_severity": Seq(FRACTION, len(SEVERITIES)),
+                        "ece_calibrated_by_severity": Seq(FRACTION, len(SEVERITIES))},
+        "adversarial": {"n": COUNT, "steps": COUNT, "clean_accuracy": MAYBE_FRACTION, "eps": Seq(NUMBER, n_eps),
+                        "eps_255": Seq(Range(0, 255, int), n_eps), "fgsm": Seq(MAYBE_FRACTION, n_eps),
+                        "pgd": Seq(MAYBE_FRACTION, n_eps)},
     }
 
 
-def explanations_schema(models: list[str]) -> dict:
-    """explanations.json's results as the readers use them, for these models."""
+def explanations_schema(models: list[str], n_test: int | None = None) -> dict:
+    """explanations.json's results as the readers use them, for these models
+    (positions in a test split of `n_test` images, when given)."""
     method = {"deletion_auc": NUMBER, "insertion_auc": NUMBER, "deletion_curve": Seq(NUMBER),
               "insertion_curve": Seq(NUMBER)}
     explained = {**method, "verdict": str, "verdict_smooth": str}   # vs pixel noise, vs smooth noise
-    group = ({"n": 0}, {"n": int, "fractions": Seq(NUMBER),
+    group = ({"n": 0}, {"n": COUNT, "fractions": Seq(FRACTION),
                         "methods": {**{m: explained for m in CAM_EXPLAINERS}, **{m: method for m in RANDOM_BASELINES}}})
     sanity_method = {"steps": Seq(str), "median_spearman_signed": Seq(MAYBE_NUMBER), "median_ssim": Seq(NUMBER),
                      "verdict": {"passed": (bool, None), "reason": str, "step_index": (int, None),
                                  "median_ssim": NUMBER, "median_per_step": Each(NUMBER)}}
-    suspects = {"n_test": int, "suspects": int, "flagged_fraction": NUMBER, "reliable": bool,
-                "suspect_positions": Seq(int), "failures": int, "suspect_failures": int,
-                "suspect_failure_positions": Seq(int), "model_error_positions": Seq(int)}
+    position = COUNT if n_test is None else Range(0, n_test - 1, int)
+    suspects = {"n_test": COUNT, "suspects": COUNT, "flagged_fraction": FRACTION, "reliable": bool,
+                "suspect_positions": Seq(position), "failures": COUNT, "suspect_failures": COUNT,
+                "suspect_failure_positions": Seq(position), "model_error_positions": Seq(position)}
     schema: dict[str, Any] = {
         "faithfulness": {m: {"failures": group, "sample": group} for m in models},
-        "sanity": {m: {"n": int, **{c: sanity_method for c in CAM_EXPLAINERS}} for m in models},
+        "sanity": {m: {"n": COUNT, **{c: sanity_method for c in CAM_EXPLAINERS}} for m in models},
         "label_suspects": {m: suspects for m in models},
-        "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Seq(Seq(Seq(Seq(NUMBER))))}),
+        "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Grid(4)}),
     }
     if {"baseline", "improved"} <= set(models):
-        drift_group = ({"n": 0}, {"n": int, "median_spearman": MAYBE_NUMBER, "moved_onto_centre": int,
-                                  "centre_fraction": {"baseline": NUMBER, "improved": NUMBER}})
+        drift_group = ({"n": 0}, {"n": COUNT, "median_spearman": MAYBE_NUMBER, "moved_onto_centre": COUNT,
+                                  "centre_fraction": {"baseline": FRACTION, "improved": FRACTION}})
         schema["drift"] = {"layer": str, "fixed": drift_group, "persisting": drift_group, "new": drift_group}
-        schema["label_agreement"] = {"count": int, "positions": Seq(int),
-                                     "failures": {"baseline": Seq(int), "improved": Seq(int)}}
+        schema["label_agreement"] = {"count": COUNT, "positions": Seq(position),
+                                     "failures": {"baseline": Seq(position), "improved": Seq(position)}}
     return schema
+
+
+MAX_CACHE_BYTES = 64 * 2**20   # our JSON caches are kilobytes to a few megabytes: larger is not read
 
 
 def read_cache(path: Path, key: dict, schema: dict | None = None,
@@ -130,13 +186,17 @@ def read_cache(path: Path, key: dict, schema: dict | None = None,
     equals `key` and its results fit `schema`; None when it is missing, made
     otherwise, unreadable or malformed (the last two logged)."""
     try:
-        cached = json.loads(path.read_text())
+        size = path.stat().st_size
+        cached = json.loads(path.read_text()) if size <= MAX_CACHE_BYTES else None
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:   # RecursionError: JSON nested too deep
         problem = f"unreadable ({type(exc).__name__})"
     else:
-        problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
+        if size > MAX_CACHE_BYTES:
+            problem = f"{size >> 20} MB, far more than a cache of ours: not read"
+        else:
+            problem = mismatch(cached, {"key": dict, "results": dict}, "the file")
         if problem is None and cached["key"] != key:
             return None
         if problem is None and schema is not None:

@@ -24,9 +24,9 @@ from typing import Any, Callable
 from .budget import TimeBudget
 from .config import Config, get_config
 from .errors import CheckpointError, CnnstressError
-from .io import ensure_writable_dir
+from .io import (DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, default_profile,
+                 ensure_writable_dir)
 from .lock import output_lock
-from .io import default_data_dir, default_out_dir, default_profile
 from .runlog import StageTimer
 
 MODELS = {"baseline": "baseline", "improved": "enhanced"}  # model name -> augment preset
@@ -62,9 +62,20 @@ class Study:
         elif overrides:
             config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
         self.config = config
-        self.data_dir = Path(data_dir or default_data_dir())
-        self.out = ensure_writable_dir(out_dir or default_out_dir())
+        self.data_dir = Path(check_folder_arg(data_dir, "--data-dir", DEFAULT_DATA_DIR, ENV_DATA_DIR))
+        out = Path(check_folder_arg(out_dir, "--out-dir", DEFAULT_OUT_DIR, ENV_OUT_DIR))
         self.weights = None if weights is None else Path(weights)
+        if self.weights is not None and (out.resolve() == self.weights.resolve()
+                                         or self.weights.resolve() in out.resolve().parents):
+            raise CnnstressError(f"the output folder {out} is inside the published weights folder {self.weights}; "
+                                 "choose another --out-dir (a published folder is verified by its hashes: "
+                                 "nothing is written into it)")
+        from .runtime import resolve_device
+        resolve_device(config.device)   # a device this machine lacks is refused before anything is written
+        if self.weights is not None:
+            from .weights import check_published
+            check_published(self.weights, expect_profile=self.config.profile)
+        self.out = ensure_writable_dir(out)
         self.allow_training = train
         self.force = force
         self.progress = progress
@@ -85,12 +96,6 @@ class Study:
         self.model_failures: dict[str, Any] = {}
         self.cases: list | None = None
         self._splits = None
-        if self.weights is not None:
-            if Path(self.out).resolve() == self.weights.resolve():
-                raise CnnstressError(f"the output folder {self.out} is the published weights folder; "
-                                     "choose another --out-dir (outputs never go beside published weights)")
-            from .weights import check_published
-            check_published(self.weights, expect_profile=self.config.profile)
 
     # --- what the stages share ---------------------------------------------
     @property

@@ -105,6 +105,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
         group.update(flags)
         for p in group["params"]:
             st = optimizer.state.get(p, {})
+            if any(torch.is_tensor(st.get(k)) and st[k].shape != p.shape for k in ("exp_avg", "exp_avg_sq")):
+                raise ValueError("an Adam moment does not have its parameter's shape")
             if torch.is_tensor(st.get("step")):
                 st["step"] = (st["step"].to(p.device, torch.float32) if flags["fused"]
                               else st["step"].to("cpu", torch.float32))
@@ -192,10 +194,15 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path, map_location=device)
         check_config_matches(ckpt, config, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        load_optimizer_state(optimizer, ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        _restore_rng(ckpt["rng"])
+        try:   # states that fit their types but not this model/optimizer: one line, nothing trained
+            model.load_state_dict(ckpt["model"])
+            load_optimizer_state(optimizer, ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            _restore_rng(ckpt["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint {ckpt_path} cannot be resumed ({type(exc).__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:200]}); it is damaged: "
+                                  "retrain with --force") from None
         history = list(ckpt["history"])
         start = int(ckpt["epoch"])
         repair_history_file(ckpt_path.with_name("history.json"), ckpt["config"], history, log)
@@ -273,7 +280,7 @@ def repair_history_file(path: Path, config: dict[str, Any], history: list[dict[s
     wanted = {"config": config, "history": history}
     try:
         ok = json.loads(path.read_text()) == json.loads(json.dumps(wanted, default=str))  # tuples -> lists
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):   # RecursionError: JSON nested too deep
         ok = False
     if not ok:
         save_json(path, wanted)

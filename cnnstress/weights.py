@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import read_checkpoint
+from .checkpoint import malformed_history, malformed_weights, read_checkpoint
 from .config import Config, get_config
 from .data import NUM_CLASSES
 from .errors import CheckpointError
@@ -106,7 +106,7 @@ def _reference_numbers(out_dir: Path) -> dict[str, dict[str, Any]]:
     """Per model, the run's reported test accuracy and failure count (metrics.json), if present."""
     try:
         metrics = json.loads((out_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     keep = ("test_accuracy", "n", "high_confidence_failures", "threshold", "loss")
     refs = {}
@@ -167,6 +167,21 @@ def export_weights(out_dir: str | Path, dest: str | Path, *, dtype: torch.dtype 
     return written + [dest / SUMS_FILE]
 
 
+MAX_METADATA_BYTES = 4 * 2**20   # weights.json and SHA256SUMS are a few kilobytes
+
+
+def _read_small(path: Path, fix: str) -> str:
+    """A metadata file's text; one far larger than any we write, or not text, is refused unread."""
+    try:
+        if path.stat().st_size > MAX_METADATA_BYTES:
+            raise CheckpointError(f"{path} is {path.stat().st_size >> 20} MB, far more than published metadata; "
+                                  f"{fix}")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or type(exc).__name__}); "
+                              f"{fix}") from None
+
+
 def verify_published(dest: str | Path) -> dict[str, str]:
     """Check every file listed in SHA256SUMS against its hash; {file name: sha256}.
     Raises CheckpointError (one line) naming the first missing or altered file."""
@@ -176,7 +191,7 @@ def verify_published(dest: str | Path) -> dict[str, str]:
     if not sums_path.is_file():
         raise CheckpointError(f"{sums_path} not found: {dest} holds no published weights; {fix}")
     sums: dict[str, str] = {}
-    for line in sums_path.read_text().splitlines():
+    for line in _read_small(sums_path, fix).splitlines():
         parts = line.strip().split(maxsplit=1)
         if not parts:
             continue
@@ -217,8 +232,8 @@ def check_published(dest: str | Path, *, expect_profile: str | None = "full"
     sums = verify_published(dest)
     meta_path = dest / METADATA_FILE
     try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
+        meta = json.loads(_read_small(meta_path, "export the weights again"))
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{meta_path} is not valid JSON ({exc}); export the weights again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{meta_path} has format {meta.get('format') if isinstance(meta, dict) else None!r}, "
@@ -233,6 +248,9 @@ def check_published(dest: str | Path, *, expect_profile: str | None = "full"
     checked = {}
     for name in MODEL_NAMES:
         entry = models[name]
+        problem = _malformed_entry(entry, sums)
+        if problem:
+            raise CheckpointError(f"{meta_path}: the {name} model's {problem}; export the weights again") from None
         try:
             config = Config.from_dict(entry["config"])
         except Exception as exc:
@@ -242,6 +260,41 @@ def check_published(dest: str | Path, *, expect_profile: str | None = "full"
             check_profile(config, expect_profile, f"{dest} ({name})")
         checked[name] = (entry, config)
     return sums, checked
+
+
+def _malformed_entry(entry: Any, sums: dict[str, str]) -> str | None:
+    """None when a model's weights.json entry has what the readers use (its
+    shards listed in SHA256SUMS, whole epochs, a per-epoch history, reference
+    numbers that are numbers), else what is wrong (a phrase)."""
+    if not isinstance(entry, dict):
+        return f"entry is a {type(entry).__name__}, expected an object"
+    if not isinstance(entry.get("config"), dict):
+        return "config is missing"
+    epochs = entry.get("epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        return f"epochs is {epochs!r}, expected a whole number >= 1"
+    shards = entry.get("shards")
+    if not isinstance(shards, list) or not shards or not all(isinstance(s, str) for s in shards):
+        return "shards are not a list of file names"
+    unlisted = [s for s in shards if s not in sums]
+    if unlisted:
+        return f"shard {unlisted[0]!r} is not listed in {SUMS_FILE}"
+    history = entry.get("history")
+    problem = malformed_history(history, epochs)
+    if problem:
+        return problem
+    if len(history) != epochs:
+        return f"history has {len(history)} epochs, not {epochs}"
+    ref = entry.get("reference")
+    if ref is not None:
+        if not isinstance(ref, dict):
+            return f"reference is a {type(ref).__name__}, expected an object or null"
+        acc, n = ref.get("test_accuracy"), ref.get("n")
+        if isinstance(acc, bool) or not isinstance(acc, (int, float)) or not 0 <= acc <= 1:
+            return f"reference test_accuracy is {acc!r}, expected a fraction in [0, 1]"
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            return f"reference n is {n!r}, expected a whole number"
+    return None
 
 
 def load_published(dest: str | Path, *, expect_profile: str | None = "full", device: torch.device | str = "cpu",
@@ -267,6 +320,10 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
             if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
                 raise CheckpointError(f"published shard {dest / shard} is not a dict of tensors; export again")
             state.update(part)
+        problem = malformed_weights(state)
+        if problem:
+            raise CheckpointError(f"published weights {name} in {dest} are unusable ({problem}); "
+                                  "export them again from a good run")
         model = resnet18(NUM_CLASSES)
         try:
             model.load_state_dict(state)   # strict; copies into fp32 parameters

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -455,3 +456,494 @@ def test_failed_run_leaves_no_one_model_training_curves(shared_cifar_dir, tmp_pa
     assert code == 2 and "simulated failure" in err
     assert (out / "baseline" / "checkpoint.pt").is_file()
     assert not (out / "training_curves.png").exists()
+
+
+# --- round 2 (issue 20): a second hostile tour ---------------------------------------------
+
+def _code(capsys, argv):
+    """(exit status, stdout, stderr) of main, argparse's own exits included."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every path under `folder` with its content and mtime (files) or None (folders, links)."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() and not p.is_symlink()
+            else None for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hard link", "someone's file"])
+def test_a_lock_file_that_is_not_ours_is_refused_and_left_intact(shared_cifar_dir, tmp_path, capsys, plant):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious\n")
+    out = tmp_path / "o"
+    out.mkdir()
+    if plant == "symlink":
+        (out / LOCK_FILE).symlink_to("../notes.txt")
+    elif plant == "hard link":
+        os.link(notes, out / LOCK_FILE)
+    else:
+        (out / LOCK_FILE).write_text("precious\n")
+    before = _snapshot(tmp_path)
+    code, _, err = _code(capsys, cli("run", shared_cifar_dir, out))
+    assert code == 2
+    _one_line(err, str(out / LOCK_FILE), "not a cnnstress lock", "remove it")
+    assert notes.read_text() == "precious\n" and _snapshot(tmp_path) == before
+
+
+def test_a_batch_declaring_gigabytes_is_refused_before_it_is_read(tmp_path):
+    import struct
+
+    from cnnstress.data import read_batch
+    from cnnstress.errors import DataError
+    path = tmp_path / "data_batch_1"
+    header = b"\x80\x04\x8e" + struct.pack("<Q", 3 << 30)   # BINBYTES8 of 3 GB
+    path.write_bytes(header)
+    os.truncate(path, 3 << 30)                             # sparse: the size is there, the bytes are not read
+    with pytest.raises(DataError, match=r"data_batch_1: 3072 MB, far more than a CIFAR-10 batch .*refused unread"):
+        read_batch(path)
+    path.write_bytes(header + b"\x00" * 100)                # declared, but the file ends long before
+    with pytest.raises(DataError, match="data_batch_1: cannot be unpickled .*truncated"):
+        read_batch(path)
+
+
+def test_a_batch_that_would_expand_in_memory_is_refused(tmp_path):
+    """Image data as a list of repeated references (a few bytes each in the file)
+    would become len x 3072 bytes in np.asarray; bytes(n) would allocate n."""
+    import pickle
+
+    from cnnstress.data import read_batch
+    from cnnstress.errors import DataError
+    from conftest import write_batch
+
+    class Allocates:
+        def __reduce__(self):
+            return bytes, (10 ** 12,)
+    path = tmp_path / "data_batch_1"
+    write_batch(path, [b"\x00" * 3072] * 1000, [0] * 1000)
+    with pytest.raises(DataError, match="image data is a list, expected a uint8 numpy array"):
+        read_batch(path)
+    path.write_bytes(pickle.dumps({b"data": Allocates(), b"labels": [0]}, protocol=2))
+    assert b"c__builtin__\nbytes" in path.read_bytes()
+    with pytest.raises(DataError, match="cannot be unpickled"):
+        read_batch(path)
+
+
+def test_refused_runs_leave_config_json_and_the_folder_alone(shared_cifar_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text('{"epochs": 7}\n')   # what an earlier run left
+    before = _snapshot(out)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        code, _, err = _code(capsys, cli("run", shared_cifar_dir, out, "--device", "cuda"))
+    assert code == 2
+    _one_line(err, "no CUDA GPU")
+    assert _snapshot(out) == before
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER_SCRIPT, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _snapshot(out)
+        code, _, err = _code(capsys, cli("run", shared_cifar_dir, out, "--threshold", "0.5"))
+        assert code == 2
+        _one_line(err, "is in use by pid")
+        assert _snapshot(out) == before
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_an_empty_test_set_is_refused_before_any_cache_is_written(tmp_path, capsys):
+    from cnnstress.data import BATCHES_DIR, TEST_FILE
+    from conftest import write_batch, write_cifar
+    data = write_cifar(tmp_path / "data")
+    write_batch(data / BATCHES_DIR / TEST_FILE, np.zeros((0, 3072), np.uint8), [])   # protocol 2: bytes() inside
+    out = tmp_path / "out"
+    code, _, err = _code(capsys, cli("run", data, out))
+    assert code == 2
+    _one_line(err, "test_batch: holds no images")
+    assert not list(out.glob("predictions_*")) and not (out / "config.json").exists()
+
+
+def test_a_protocol_2_batch_with_empty_bytes_is_read(tmp_path):
+    from cnnstress.data import read_batch
+    from conftest import write_batch
+    path = tmp_path / "data_batch_1"
+    write_batch(path, np.zeros((2, 3072), np.uint8), [0, 1], note=b"")
+    assert b"c__builtin__\nbytes" in path.read_bytes()
+    images, labels = read_batch(path)
+    assert images.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("label", [float("nan"), None, 3.7, -0.5, True])
+def test_labels_that_are_not_class_numbers_are_refused(tmp_path, label):
+    from cnnstress.data import read_batch
+    from cnnstress.errors import DataError
+    from conftest import write_batch
+    path = tmp_path / "data_batch_1"
+    write_batch(path, np.zeros((4, 3072), np.uint8), [0, 1, label, 2])
+    with pytest.raises(DataError, match=rf"data_batch_1: label {label!r} at position 2 is not a class number"):
+        read_batch(path)
+
+
+def _predictions(folder: Path, name: str) -> dict:
+    with np.load(folder / f"predictions_{name}.npz") as npz:
+        return dict(npz)
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    ("class 99", "preds"), ("NaN logit", "logits"), ("probabilities of 2", "probs"), ("other labels", "labels")])
+def test_a_predictions_cache_with_impossible_values_is_a_miss(analysed_run, tmp_path, damage, needle):
+    from cnnstress.stages.failures import read_predictions
+    arrays = _predictions(analysed_run, "improved")
+    stamp, indices, labels = str(arrays["checkpoint_stamp"]), arrays["dataset_indices"], arrays["labels"].copy()
+    path = tmp_path / "predictions_improved.npz"
+    _save_npz(path, arrays)
+    assert read_predictions(path, stamp, indices, None, labels) is not None
+    if damage == "class 99":
+        arrays["preds"][0] = 99
+    elif damage == "NaN logit":
+        arrays["logits"][0, 0] = np.nan
+    elif damage == "probabilities of 2":
+        arrays["probs"][0] *= 2
+    else:
+        arrays["labels"][0] = (arrays["labels"][0] + 1) % 10
+    _save_npz(path, arrays)
+    logged = []
+    assert read_predictions(path, stamp, indices, logged.append, labels) is None
+    assert logged == [f"predictions: {path} holds a malformed {needle} array; recomputing"]
+
+
+def test_a_class_99_prediction_is_recomputed_by_the_cli(analysed_copy, shared_cifar_dir, capsys):
+    path = analysed_copy / "predictions_improved.npz"
+    arrays = _predictions(analysed_copy, "improved")
+    arrays["preds"][0] = 99
+    _save_npz(path, arrays)
+    code, out, err = _code(capsys, cli("stress", shared_cifar_dir, analysed_copy))
+    assert code == 0, err
+    assert "holds a malformed preds array; recomputing" in out
+    assert _predictions(analysed_copy, "improved")["preds"].max() < 10
+
+
+def _edit(results: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        results = results[p]
+    results[last] = value
+
+
+@pytest.mark.parametrize("cache, field, value, needle", [
+    ("stress_baseline.json", "corruptions.accuracy_by_family", {}, "accuracy_by_family has keys []"),
+    ("stress_improved.json", "corruptions.clean_accuracy", 7.5, "clean_accuracy is 7.5, expected 0.0..1.0"),
+    ("explanations.json", "label_suspects.baseline.suspect_positions", [10 ** 9], "suspect_positions[0] is 1000000000"),
+    ("explanations.json", "label_agreement.failures.improved", [-1], "improved[0] is -1"),
+])
+def test_a_json_cache_with_impossible_values_is_a_miss(analysed_run, tmp_path, cache, field, value, needle):
+    from cnnstress.schema import read_cache
+    good = json.loads((analysed_run / cache).read_text())
+    n_test = len(good["key"]["test_indices"])
+    schema = stress_schema(2) if cache.startswith("stress") else explanations_schema(["baseline", "improved"], n_test)
+    path = tmp_path / cache
+    path.write_text(json.dumps(good))
+    assert read_cache(path, good["key"], schema) == good["results"]
+    _edit(good["results"], field, value)
+    path.write_text(json.dumps(good))
+    logged = []
+    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert len(logged) == 1 and needle in logged[0] and logged[0].endswith("; recomputing"), logged
+
+
+def test_write_errors_other_than_a_full_disk_are_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    from cnnstress.config import Config
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(CnnstressError, match=r"cannot write config.json in .* is a folder: move it out of the way"):
+        Config().save(tmp_path / "config.json")
+    assert (tmp_path / "config.json").is_dir() and not _temp_files(tmp_path)
+
+    def read_only(*a, **k):   # the folder made read-only half-way (root would not notice a chmod)
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(CnnstressError, match=r"cannot write metrics.json in .*\(Permission denied\); check the folder"):
+        atomic_write(tmp_path / "metrics.json", lambda tmp: tmp.write_text("{}"))
+
+
+def test_a_full_disk_while_taking_the_lock_is_one_line(shared_cifar_dir, tmp_path, monkeypatch, capsys):
+    def pwrite(*a):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    code, _, err = _code(capsys, cli("train", shared_cifar_dir, tmp_path / "out"))
+    assert code == 2
+    _one_line(err, "cannot write the lock file", "No space left on device")
+
+
+@pytest.fixture(scope="module")
+def published_run(analysed_run, tmp_path_factory) -> Path:
+    from cnnstress.weights import export_weights
+    dest = tmp_path_factory.mktemp("published") / "smoke"
+    export_weights(analysed_run, dest)
+    return dest
+
+
+def _republish(published_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the published folder with weights.json edited and SHA256SUMS regenerated (as an attacker would)."""
+    import hashlib
+
+    from cnnstress.weights import METADATA_FILE, SUMS_FILE
+    dest = tmp_path / "pub"
+    shutil.copytree(published_run, dest)
+    meta = json.loads((dest / METADATA_FILE).read_text())
+    edit(meta, dest)
+    (dest / METADATA_FILE).write_text(json.dumps(meta))
+    (dest / SUMS_FILE).write_text("".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n"
+                                          for p in sorted(dest.iterdir()) if p.name != SUMS_FILE))
+    return dest
+
+
+def _nan_shard(meta: dict, dest: Path) -> None:
+    shard = dest / meta["models"]["improved"]["shards"][0]
+    part = torch.load(shard, weights_only=True)
+    key = next(k for k, t in part.items() if t.is_floating_point())
+    part[key] = torch.full_like(part[key], float("nan"))
+    torch.save(part, shard)
+
+
+def _int_shard(meta: dict, dest: Path) -> None:
+    shard = dest / meta["models"]["baseline"]["shards"][0]
+    part = torch.load(shard, weights_only=True)
+    key = next(k for k, t in part.items() if t.is_floating_point())
+    part[key] = torch.full(part[key].shape, 10 ** 6, dtype=torch.int64)   # load_state_dict would cast it
+    torch.save(part, shard)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m, d: m["models"]["baseline"].update(epochs="one"), "baseline model's epochs is 'one'"),
+    (lambda m, d: m["models"]["baseline"].pop("shards"), "baseline model's shards are not a list of file names"),
+    (lambda m, d: m["models"]["improved"].update(history=[{"epoch": 1}]), "history[0].train_loss is None"),
+    (lambda m, d: m["models"]["improved"].update(reference={"test_accuracy": "high", "n": 9}),
+     "reference test_accuracy is 'high'"),
+    (_nan_shard, "holds NaN or infinite values"),
+    (_int_shard, "has dtype int64"),
+])
+def test_malformed_published_weights_are_one_line_errors(published_run, tmp_path, shared_cifar_dir, capsys,
+                                                         edit, needle):
+    dest = _republish(published_run, tmp_path, edit)
+    code, out, err = _code(capsys, cli("run", shared_cifar_dir, tmp_path / "out", "--weights", str(dest)))
+    assert code == 2
+    _one_line(err, needle, "export")
+    assert not list((tmp_path / "out").glob("*.npz")) and "%" not in out   # refused before any accuracy
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("epoch", "one", "epoch is 'one'"),
+    ("model", [1, 2], "model is not a dict of tensors"),
+    ("history", "long", "history is a str, expected a list"),
+    ("config", {"epochs": "x"}, "config is invalid"),
+    ("rng", {"torch": 1}, "rng lacks"),
+])
+def test_malformed_checkpoint_fields_are_one_line_errors(trained, shared_cifar_dir, tmp_path, capsys,
+                                                         field, value, needle):
+    ckpt = torch.load(trained / "baseline" / "checkpoint.pt", weights_only=True)
+    ckpt[field] = value
+    path = tmp_path / "out" / "baseline" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    code, _, err = _code(capsys, cli("train", shared_cifar_dir, tmp_path / "out"))
+    assert code == 2
+    _one_line(err, "is malformed", needle, "--force")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seed", str(2 ** 64)], "seed must be in 0..2**63-1"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number"),
+    (["--lr", "inf"], "lr must be a finite number"),
+    (["--calibration-bins", str(10 ** 9)], "calibration_bins must be in 1..1000"),
+])
+def test_config_values_out_of_range_are_refused_up_front(shared_cifar_dir, tmp_path, capsys, flags, needle):
+    out = tmp_path / "out"
+    code, _, err = _code(capsys, cli("run", shared_cifar_dir, out, *flags))
+    assert code == 2
+    _one_line(err, needle)
+    config = tmp_path / "config.json"
+    name, value = flags[0].removeprefix("--").replace("-", "_"), flags[1]
+    config.write_text(f'{{"{name}": {dict(nan="NaN", inf="Infinity").get(value, value)}}}')
+    code, _, err = _code(capsys, ["run", "--config", str(config), "--device", "cpu", "--no-progress",
+                                  "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
+    assert code == 2
+    _one_line(err, str(config), needle)
+    assert not out.exists()
+
+
+def test_notebook_values_of_the_wrong_type_are_refused():
+    from cnnstress.config import get_config
+    from cnnstress.errors import ConfigError
+    for bad, needle in ((dict(epochs=2.5), "epochs=2.5 (expected int)"), (dict(batch_size=True), "batch_size=True"),
+                        (dict(seed="42"), "seed='42'")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            get_config("smoke", **bad)
+    assert get_config("smoke", epochs=np.int64(2)).epochs == 2 and type(get_config("smoke", lr=np.float32(0.5)).lr) is float
+
+
+def test_outputs_inside_the_published_folder_are_refused(shared_cifar_dir, tmp_path, capsys):
+    weights = tmp_path / "W"
+    weights.mkdir()
+    (weights / "SHA256SUMS").write_text("")
+    before = _snapshot(weights)
+    code, _, err = _code(capsys, cli("run", shared_cifar_dir, weights / "analysis", "--weights", str(weights)))
+    assert code == 2
+    _one_line(err, "is inside the published weights folder", "--out-dir")
+    assert _snapshot(weights) == before
+
+
+def test_an_empty_output_path_is_refused(shared_cifar_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--data-dir", str(shared_cifar_dir)]
+    code, _, err = _code(capsys, argv + ["--out-dir", ""])
+    assert code == 2
+    _one_line(err, "--out-dir is an empty path")
+    monkeypatch.setenv("CNNSTRESS_OUT_DIR", "")
+    code, _, err = _code(capsys, argv)
+    assert code == 2
+    _one_line(err, "$CNNSTRESS_OUT_DIR is set but empty")
+    assert not list(tmp_path.iterdir())
+
+
+# --- round 2, own tour (issue 20, "what else does a user or an attacker control") ----------
+
+def test_data_entries_that_are_not_files_are_refused_without_a_download(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.utils as tvu
+
+    from cnnstress.data import BATCHES_DIR, TEST_FILE
+    from conftest import write_cifar
+
+    def no_download(*a, **k):
+        raise AssertionError("downloaded over a file that is there")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", no_download)
+    data = write_cifar(tmp_path / "data")
+    test_batch = data / BATCHES_DIR / TEST_FILE
+    for plant, needle in ((lambda: os.mkfifo(test_batch), "is not a regular file"),
+                          (lambda: test_batch.symlink_to("/dev/zero"), "is not a regular file"),
+                          (lambda: test_batch.mkdir(), "is not a regular file")):
+        if test_batch.is_dir() and not test_batch.is_symlink():
+            test_batch.rmdir()
+        elif os.path.lexists(test_batch):
+            test_batch.unlink()
+        plant()
+        code, _, err = _code(capsys, cli("train", data, tmp_path / "out"))
+        assert code == 2
+        _one_line(err, str(test_batch), needle)
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    code, _, err = _code(capsys, cli("train", afile, tmp_path / "out"))
+    assert code == 2
+    _one_line(err, f"{afile} is not a folder")
+
+
+def test_a_label_nested_too_deep_to_print_is_one_line(tmp_path):
+    import pickle
+
+    from cnnstress.data import read_batch
+    from cnnstress.errors import DataError
+    blob = pickle.dumps({b"data": np.zeros((4, 3072), np.uint8), b"labels": ["PLACEHOLDER"]}, protocol=2)
+    depth = 100_000   # "]" pushes a list, "a" appends it to the one below: a list nested 100,000 deep
+    blob = blob.replace(b"X\x0b\x00\x00\x00PLACEHOLDER", b"]" * depth + b"a" * (depth - 1))
+    path = tmp_path / "test_batch"
+    path.write_bytes(blob)
+    with pytest.raises(DataError, match="test_batch: label of type list at position 0 is not a class number"):
+        read_batch(path)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("/dev/zero", "is not a regular file"),
+    ("fifo", "is not a regular file"),
+    ("2 MB", "is 2 MB, not a config"),
+    ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+])
+def test_a_config_file_that_cannot_be_a_config_is_not_read(tmp_path, shared_cifar_dir, capsys, content, needle):
+    path = tmp_path / "config.json"
+    if content == "/dev/zero":
+        path.symlink_to("/dev/zero")
+    elif content == "fifo":
+        os.mkfifo(path)   # reading it would wait for a writer forever
+    elif content == "2 MB":
+        path.write_text("{}")
+        os.truncate(path, 2 << 20)
+    else:
+        path.write_text(content)
+    code, _, err = _code(capsys, ["run", "--config", str(path), "--device", "cpu", "--no-progress",
+                                  "--data-dir", str(shared_cifar_dir), "--out-dir", str(tmp_path / "out")])
+    assert code == 2
+    _one_line(err, str(path), needle)
+
+
+def test_config_values_no_command_line_could_give_are_refused():
+    from cnnstress.config import get_config
+    from cnnstress.errors import ConfigError
+    with pytest.raises(ConfigError, match="adv_eps must be whole grey levels in 0..255, at least one"):
+        get_config("smoke", adv_eps=())
+    with pytest.raises(ConfigError, match="corruption_workers must be at most 256"):
+        get_config("smoke", corruption_workers=100_000)
+
+
+def test_json_nested_too_deep_is_a_cache_miss_and_not_a_lock_record(tmp_path):
+    from cnnstress.lock import output_lock
+    from cnnstress.schema import read_cache
+    path = tmp_path / "stress_baseline.json"
+    path.write_text("[" * 100_000)
+    logged = []
+    assert read_cache(path, {}, None, logged.append) is None
+    assert logged == ["stress_baseline.json: not a valid cache (unreadable (RecursionError)); recomputing"]
+    (tmp_path / LOCK_FILE).write_text("[" * 4000)
+    with pytest.raises(CnnstressError, match="is not a cnnstress lock record"):
+        with output_lock(tmp_path, log=None):
+            pass
+
+
+def test_ragged_sanity_maps_are_a_cache_miss(analysed_run, tmp_path):
+    from cnnstress.schema import read_cache
+    good = json.loads((analysed_run / "explanations.json").read_text())
+    schema = explanations_schema(["baseline", "improved"], len(good["key"]["test_indices"]))
+    good["results"]["sanity_maps"]["maps"][0] = good["results"]["sanity_maps"]["maps"][0][:1]
+    path = tmp_path / "explanations.json"
+    path.write_text(json.dumps(good))
+    logged = []
+    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert "sanity_maps.maps is not a regular array of numbers" in logged[0]
+
+
+@pytest.mark.parametrize("tamper, needle", [
+    (lambda ck: ck["model"]["linear.weight"].fill_(float("nan")), "linear.weight holds NaN or infinite values"),
+    (lambda ck: ck["model"].update({"conv1.weight": ck["model"]["conv1.weight"].long()}),
+     "conv1.weight has dtype int64"),
+    (lambda ck: ck["rng"].update(torch=torch.zeros(3)), "rng lacks"),
+    (lambda ck: ck["optimizer"].update(param_groups=ck["optimizer"]["param_groups"] * 2),
+     "cannot be resumed (ValueError"),
+    (lambda ck: ck["optimizer"]["state"][0].update(exp_avg=torch.zeros(1)), "cannot be resumed (ValueError"),
+])
+def test_checkpoint_states_that_cannot_be_used_are_one_line(trained, shared_cifar_dir, tmp_path, capsys,
+                                                            tamper, needle):
+    ckpt = torch.load(trained / "baseline" / "checkpoint.pt", weights_only=True)
+    tamper(ckpt)
+    ckpt.update(epoch=0, finished=False)   # resumed by train --resume, reusing nothing
+    path = tmp_path / "out" / "baseline" / "checkpoint.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    code, out, err = _code(capsys, cli("train", shared_cifar_dir, tmp_path / "out", "--resume"))
+    assert code == 2
+    _one_line(err, str(path), needle, "--force")
+    assert path.read_bytes() == before and "[baseline] epoch" not in out

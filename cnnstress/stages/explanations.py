@@ -63,7 +63,8 @@ class ExplanationsStage(Stage):
         tables = {n: failures.table(study, n) for n in names}
         key = self.cache_key(study)
         path = out / EXPLANATIONS_FILE
-        result = None if force else self.read_cache(study, path, key, Explanations, explanations_schema(list(names)))
+        schema = explanations_schema(list(names), len(study.splits.test))
+        result = None if force else self.read_cache(study, path, key, Explanations, schema)
         if result is not None:
             study.say(f"explanations: reusing {path}")
         elif cached_only:

@@ -7,6 +7,7 @@ confusion_matrix.png and model_comparison.png once both models are evaluated.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ import torch
 from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
-from ..io import atomic_write, ensure_writable_dir, predictions_path
+from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
 from ..plots import plot_failure_case, plot_no_failures, save_figure
 from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, TestSummary
@@ -107,11 +108,21 @@ def evaluate_split(trained, split) -> Predictions:
                    amp_dtype=resolve_precision(config.precision, device), channels_last=config.channels_last)
 
 
-def read_predictions(path: Path, stamp: str, indices: np.ndarray, log) -> Predictions | None:
+def read_predictions(path: Path, stamp: str, indices: np.ndarray, log,
+                     labels: np.ndarray | None = None) -> Predictions | None:
     """The cached Predictions when `path` holds this checkpoint's predictions
-    for these test images, with the shapes and dtypes `predictions` writes."""
+    for these test images (and these `labels`), with the shapes, dtypes and
+    values `predictions` writes: a cache that makes no sense is a miss."""
     n = indices.shape[0]
     try:
+        # The zip directory bounds what np.load may inflate: a small file must not unpack to gigabytes.
+        with zipfile.ZipFile(path) as z:
+            inflated = sum(info.file_size for info in z.infolist())
+        if inflated > 256 * n + (1 << 20):
+            if log:
+                log(f"predictions: {path} would inflate to {inflated >> 20} MB, far more than {n} predictions; "
+                    "recomputing")
+            return None
         with np.load(path, allow_pickle=False) as cached:
             if (str(cached["checkpoint_stamp"]) != stamp
                     or not np.array_equal(cached["dataset_indices"], indices)):
@@ -124,11 +135,30 @@ def read_predictions(path: Path, stamp: str, indices: np.ndarray, log) -> Predic
     shapes = {"logits": (n, len(CLASSES)), "probs": (n, len(CLASSES)), "preds": (n,), "labels": (n,)}
     bad = [k for k, a in arrays.items()
            if a.shape != shapes[k] or a.dtype.kind != ("f" if k in ("logits", "probs") else "i")]
+    if not bad:
+        bad = [k for k, ok in _sensible(arrays, labels).items() if not ok]
     if bad:
         if log:
             log(f"predictions: {path} holds a malformed {bad[0]} array; recomputing")
         return None
     return Predictions(**{k: torch.from_numpy(a) for k, a in arrays.items()})
+
+
+def _sensible(arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> dict[str, bool]:
+    """Per array, whether its values are possible: finite logits, probabilities
+    that are their softmax's (in [0, 1], rows summing to 1), predictions that
+    are classes (their argmax), the split's labels."""
+    logits, probs, preds = arrays["logits"], arrays["probs"], arrays["preds"]
+    with np.errstate(all="ignore"):
+        finite = bool(np.isfinite(logits).all())
+        probs_ok = bool(np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+                        and np.allclose(probs.sum(1), 1, atol=1e-3))
+    classes = len(CLASSES)
+    preds_ok = bool(((preds >= 0) & (preds < classes)).all()) and (
+        not finite or preds.size == 0 or bool((preds == logits.argmax(1)).all()))
+    labels_ok = bool(((arrays["labels"] >= 0) & (arrays["labels"] < classes)).all()) and (
+        labels is None or np.array_equal(arrays["labels"], labels))
+    return {"logits": finite, "probs": probs_ok, "preds": preds_ok, "labels": labels_ok}
 
 
 class FailuresStage(Stage):
@@ -148,7 +178,7 @@ class FailuresStage(Stage):
         indices = split.indices.numpy()
         preds = None
         if path.exists() and not force and stamp:
-            preds = read_predictions(path, stamp, indices, study.log)
+            preds = read_predictions(path, stamp, indices, study.log, split.labels.numpy())
         if preds is None:
             preds = evaluate_split(trained, split)
             ensure_writable_dir(study.out)
@@ -212,7 +242,7 @@ class FailuresStage(Stage):
         out = study.out
         rows = table.rows[:config.top_failures]
         for stale in out.glob("failure_case_*.png"):
-            stale.unlink()
+            remove_file(stale)
         if not rows:
             fig = plot_no_failures(config.failure_threshold, name)
             save_figure(fig, out / "failure_case_1.png")

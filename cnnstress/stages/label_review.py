@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..data import CLASSES
+from ..io import remove_file
 from ..plots import plot_confirmed_label_errors, plot_precision_at_k
 from ..reporting import Figure, Paragraph, Section, Table
 from ..results import Record, optional
@@ -159,7 +160,7 @@ class LabelReviewStage(Stage):
         order, review = applicable_review(test.labels, test.indices)
         if not order.official:
             for stale in (CONFIRMED_FIGURE, PRECISION_FIGURE):   # from an earlier run on official data
-                (study.out / stale).unlink(missing_ok=True)
+                remove_file(study.out / stale)
             return LabelReview(official_order=False, order=order)
         loaded = test.indices.numpy()
         preds = {n: failures.predictions(study, n) for n in study.models}
