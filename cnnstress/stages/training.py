@@ -157,7 +157,7 @@ def epochs_done(study: "Study") -> dict[str, tuple[int, int]]:
             path = checkpoint_path(study.out, cfg).with_name("history.json")
             history = json.loads(path.read_text())["history"]
             done[name] = (len(history), cfg.epochs)
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):   # a readable copy only
             done[name] = (0, cfg.epochs)
     return done
 
