@@ -9,7 +9,8 @@
    the HSV value, Gaussian noise std, impulse-noise rate).
 4. The building blocks against literal transcriptions of the reference code
    (make_cifar_c.py, imagecorruptions' Wand-free motion blur) and, where
-   scipy is installed, against scipy.ndimage.
+   scipy is installed, against scipy.ndimage; ImageMagick's 8-bit output
+   against a value table worked by hand.
 5. Batched generation (corrupt_cells): same pixels as corrupt() whatever the
    number of worker processes and the split into slices or chunks.
 Small batches only: the file runs in 10-20 s on a 2-core CPU, most of it
@@ -505,6 +506,62 @@ def test_helpers_match_scipy():
     ref = np.stack([np.stack([ndi.map_coordinates(x[i, ..., ch], [rows[i], cols[i]], order=1, mode="reflect")
                               for ch in range(3)], -1) for i in range(3)])
     np.testing.assert_allclose(C._bilinear_reflect(x, rows, cols), ref, atol=1e-12)
+
+
+# ImageMagick (Q16) writing a blurred value x (0..255 scale) to an 8-bit PNG, worked
+# by hand: q = floor(257 x + 1/2) clamped to 0..65535 (ClampToQuantum), then
+# floor(q/257 + 1/2) (every ImageMagick before October 2019, so CIFAR-10-C; HDRI
+# builds) or floor(q/257) (Q16 non-HDRI builds since 6.9.10-69).
+#   x            q      rounded  truncated
+IMAGEMAGICK_8BIT = [
+    (0.0,           0,     0,   0),
+    (0.49,          126,   0,   0),    # 125.93
+    (0.5,           129,   1,   0),    # 128.5 -> 129; 129/257 = 0.502
+    (0.999999999,   257,   1,   1),    # a hair under 1 (float error): q keeps it 1 under both rules
+    (2.5,           643,   3,   2),    # 642.5 -> 643; np.rint(2.5) would give 2 (ties to even)
+    (3.7,           951,   4,   3),    # 950.9 -> 951; 951/257 = 3.700
+    (99.9999999,    25700, 100, 100),
+    (127.4,         32742, 127, 127),  # 32741.8 -> 32742; 32742/257 = 127.40
+    (254.5,         65407, 255, 254),  # 65406.5 -> 65407; 65407/257 = 254.50
+    (255.0,         65535, 255, 255),
+    (300.0,         65535, 255, 255),  # clamped
+    (-3.0,          0,     0,   0),    # clamped
+]
+
+
+@pytest.mark.parametrize("truncates", [False, True])
+def test_imagemagick_8bit_value_table(truncates, monkeypatch):
+    monkeypatch.setattr(C, "_IM_TRUNCATES", truncates)
+    x = np.array([row[0] for row in IMAGEMAGICK_8BIT])
+    expected = [row[3] if truncates else row[2] for row in IMAGEMAGICK_8BIT]
+    out = C._imagemagick_8bit(x)
+    assert out.dtype == np.uint8 and out.tolist() == expected
+
+
+def test_imagemagick_8bit_is_scale_quantum_to_char(monkeypatch):
+    """Every 16-bit quantum q (fed as x = q/257, which the first step maps back
+    to q): the published rule is ImageMagick's ScaleQuantumToChar for Q16,
+    ((q + 128) - ((q + 128) >> 8)) >> 8, and ScaleQuantumToAny(q, 255) with
+    its +0.5; the other is that ScaleQuantumToAny without it, 255 q / 65535
+    truncated."""
+    q = np.arange(65536, dtype=np.int64)
+    assert C._IM_TRUNCATES is False        # the rule CIFAR-10-C was made with
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), ((q + 128) - ((q + 128) >> 8)) >> 8)
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), np.floor(255 * q / 65535 + 0.5))
+    monkeypatch.setattr(C, "_IM_TRUNCATES", True)
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), (255 * q) // 65535)
+
+
+@pytest.mark.parametrize("truncates", [False, True])
+def test_motion_blur_keeps_flat_images(truncates, monkeypatch):
+    """A flat image blurs to itself up to float error (the kernel sums to 1
+    within an ulp); ImageMagick's 16-bit step keeps it exact, so motion blur
+    and snow's streaks leave flat areas where they were, under either rule."""
+    monkeypatch.setattr(C, "_IM_TRUNCATES", truncates)
+    levels = torch.tensor([0, 1, 37, 128, 200, 254, 255], dtype=torch.uint8)
+    x = levels.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    for s in C.SEVERITIES:
+        assert torch.equal(C.corrupt(x, "motion_blur", s, seed=3), x)
 
 
 # --- 5. batched generation: corrupt_cells, slicing, workers -------------------------------

@@ -26,7 +26,8 @@ scikit-image are not runtime dependencies of this package):
   algorithm (as the `imagecorruptions` package re-implements it): a one-sided
   line kernel of width 2*radius+1 with Gaussian(sigma) weights, sampled at
   integer offsets rounded along the angle, edge pixels replicated; the result
-  is rounded to 8 bits as ImageMagick's PNG output is;
+  goes through ImageMagick's 8-bit PNG output as the authors' did (a 16-bit
+  quantum rounded half up, then scaled to 8 bits: see _imagemagick_8bit);
 * PIL BOX resize (pixelate) and PIL JPEG (quality c, PIL's default 4:2:0
   chroma subsampling) -> the same Pillow calls.
 
@@ -396,6 +397,35 @@ def _motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray)
     return out
 
 
+# ImageMagick's 8-bit PNG output depends on its version and build (checked in its
+# sources and against 6.9.11-60, Debian 12's, in both builds):
+# - before 6.9.10-69 / 7.0.8-69 (October 2019), and in every HDRI build (IM7's
+#   default) since: round to nearest, half up;
+# - Q16 non-HDRI builds since then (Debian's and Ubuntu's `imagemagick`): the PNG
+#   writer's SetImageDepth goes through a ScaleQuantumToAny that lost its +0.5,
+#   so the 16-bit value is truncated and about half the pixels come out one lower.
+# CIFAR-10-C was released with the ICLR 2019 paper, before that change, so it was
+# made with the rounding kind; its numbers (RobustBench's) are the ones this suite
+# is read against. True reproduces make_cifar_c.py run today on a non-HDRI build.
+_IM_TRUNCATES = False
+
+
+def _imagemagick_8bit(x: np.ndarray) -> np.ndarray:
+    """A float image on the 0..255 scale as ImageMagick (Q16) writes it to an
+    8-bit PNG, which make_cifar_c.py decodes: uint8, same shape.
+
+    Two steps, both ImageMagick's: MotionBlurImage stores the blurred value
+    (255-scale x times 257, the Q16 quantum of x) with ClampToQuantum, i.e.
+    q = floor(257x + 0.5) clamped to 0..65535; the PNG writer then scales q to
+    8 bits: floor(q/257 + 1/2) (ScaleQuantumToChar's ((q+128) - ((q+128) >> 8))
+    >> 8 is the same map), or floor(q/257) where _IM_TRUNCATES. The 16-bit step
+    is not redundant: it absorbs float error, so a blur of a flat patch that
+    lands a hair below an integer keeps that integer under either rule.
+    """
+    q = np.clip(np.floor(np.asarray(x, dtype=np.float64) * 257.0 + 0.5), 0, 65535).astype(np.int64)
+    return (q // 257 if _IM_TRUNCATES else (2 * q + 257) // 514).astype(np.uint8)
+
+
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
     """make_cifar_c.disk: normalised disk mask on a 17x17 grid (radius <= 8),
     anti-aliased by a 3x3 Gaussian of sigma alias_blur; float32."""
@@ -569,8 +599,7 @@ def _motion_blur_corruption(x, c, rng):
     angles = rng.uniform(-45, 45, size=x.shape[0])
 
     def part(a, b):
-        out = _motion_blur(x[a:b].astype(np.float64), c[0], c[1], angles[a:b])
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)  # ImageMagick writes 8-bit, rounded
+        return _imagemagick_8bit(_motion_blur(x[a:b].astype(np.float64), c[0], c[1], angles[a:b]))
     return _in_slices(x.shape[0], part)
 
 
@@ -594,7 +623,7 @@ def _snow(x, c, rng):
         layer[layer < c[3]] = 0
         layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # saved as an 8-bit 'L' PNG for Wand
         layer = _motion_blur(layer[..., None].astype(np.float64), c[4], c[5], angles[a:b])
-        layer = np.clip(np.rint(layer), 0, 255) / 255.0       # read back from ImageMagick's 8-bit output
+        layer = _imagemagick_8bit(layer) / 255.0              # read back from ImageMagick's 8-bit PNG
         gray = (0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2])[..., None]  # cv2 RGB2GRAY
         img = c[6] * img + (1 - c[6]) * np.maximum(img, gray * 1.5 + 0.5)
         return np.clip(img + layer + np.rot90(layer, k=2, axes=(1, 2)), 0, 1) * 255
