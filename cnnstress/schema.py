@@ -87,6 +87,7 @@ def stress_schema(n_eps: int) -> dict:
         "calibration": {"bins": int, "temperature": NUMBER, "val_n": int, "test_n": int,
                         "uncalibrated": bins, "calibrated": bins},
         "corruptions": {"n": int, "clean_accuracy": NUMBER, "mean_corruption_accuracy": NUMBER,
+                        "mean_corruption_accuracy_without_frost": NUMBER,
                         "drop_from_clean": NUMBER, "accuracy": per_cell, "ece": per_cell, "ece_calibrated": per_cell,
                         "accuracy_by_family": Each(NUMBER), "accuracy_by_severity": Seq(NUMBER, len(SEVERITIES)),
                         "ece_by_severity": Seq(NUMBER, len(SEVERITIES)),
