@@ -321,8 +321,9 @@ class CorruptionGrid(Record):
     """One model on n stratified test images under every corruption type at
     severities 1-5. accuracy/ece/ece_calibrated: {type: [5 values]},
     fractions; the means and drop_from_clean (clean - mean corruption
-    accuracy) likewise; *_by_severity: 5 values; accuracy_by_family:
-    {family: mean accuracy}; unavailable: {type: why it is left out}."""
+    accuracy) likewise, mean_corruption_accuracy over all 15 types and
+    mean_corruption_accuracy_without_frost over the 14 of earlier runs;
+    *_by_severity: 5 values; accuracy_by_family: {family: mean accuracy}."""
     n: int
     positions_seed: int
     clean_accuracy: float
@@ -331,12 +332,12 @@ class CorruptionGrid(Record):
     ece: dict[str, list[float]]
     ece_calibrated: dict[str, list[float]]
     mean_corruption_accuracy: float
+    mean_corruption_accuracy_without_frost: float
     drop_from_clean: float
     accuracy_by_severity: list[float]
     accuracy_by_family: dict[str, float]
     ece_by_severity: list[float]
     ece_calibrated_by_severity: list[float]
-    unavailable: dict[str, str]
 
 
 @dataclass(frozen=True, kw_only=True)

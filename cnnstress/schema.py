@@ -136,6 +136,7 @@ def stress_schema(n_eps: int) -> dict:
         "calibration": {"bins": COUNT, "temperature": NUMBER, "val_n": COUNT, "test_n": COUNT,
                         "uncalibrated": bins, "calibrated": bins},
         "corruptions": {"n": COUNT, "clean_accuracy": FRACTION, "mean_corruption_accuracy": FRACTION,
+                        "mean_corruption_accuracy_without_frost": FRACTION,
                         "drop_from_clean": Range(-1.0, 1.0), "accuracy": per_cell, "ece": per_cell,
                         "ece_calibrated": per_cell, "accuracy_by_family": Keys(families, FRACTION),
                         "accuracy_by_severity": Seq(FRACTION, len(SEVERITIES)),

@@ -9,8 +9,11 @@
    the HSV value, Gaussian noise std, impulse-noise rate).
 4. The building blocks against literal transcriptions of the reference code
    (make_cifar_c.py, imagecorruptions' Wand-free motion blur) and, where
-   scipy is installed, against scipy.ndimage.
-5. Batched generation (corrupt_cells): same pixels as corrupt() whatever the
+   scipy is installed, against scipy.ndimage; ImageMagick's 8-bit output
+   against a value table worked by hand.
+5. Frost: the authors' table, their formula on hand-made overlays, the crop
+   geometry, the shipped photographs and their hash check.
+6. Batched generation (corrupt_cells): same pixels as corrupt() whatever the
    number of worker processes and the split into slices or chunks.
 Small batches only: the file runs in 10-20 s on a 2-core CPU, most of it
 starting two worker processes.
@@ -28,7 +31,8 @@ import pytest
 import torch
 
 from cnnstress.robustness import corruptions as C
-from cnnstress.errors import ConfigError
+from cnnstress.robustness import frost as F
+from cnnstress.errors import ConfigError, DataError
 
 # Corruptions whose output does not depend on the seed.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
@@ -59,7 +63,7 @@ def images() -> torch.Tensor:
 
 def test_tables_name_the_same_corruptions():
     assert C.tables_consistent()
-    assert len(C.CORRUPTIONS) == 15 - 1  # ImageNet-C's 15 minus frost (its textures are not bundled)
+    assert len(C.CORRUPTIONS) == 15  # CIFAR-10-C's 15 (RobustBench's layout)
 
 
 def mad(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,11 +75,10 @@ def mad(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_constants():
     assert C.CORRUPTIONS == (
         "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-        "zoom_blur", "snow", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
+        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
         "jpeg_compression")
-    assert "frost" not in C.CORRUPTIONS and "frost" in C.UNAVAILABLE and C.UNAVAILABLE["frost"]
     assert set(C.FAMILIES) == set(C.CORRUPTIONS)
-    assert [C.FAMILIES[c] for c in C.CORRUPTIONS] == ["noise"] * 3 + ["blur"] * 4 + ["weather"] * 3 + ["digital"] * 4
+    assert [C.FAMILIES[c] for c in C.CORRUPTIONS] == ["noise"] * 3 + ["blur"] * 4 + ["weather"] * 4 + ["digital"] * 4
     assert C.SEVERITIES == (1, 2, 3, 4, 5)
 
 
@@ -94,7 +97,7 @@ def test_severity_parameters_spot_checks():
 # Every severity table of hendrycks/robustness, ImageNet-C/create_c/make_cifar_c.py
 # (commit ca360085d57889288c4143fddd8a707bbcae01bd, the file's last change; unchanged
 # at the repository's HEAD 8190fe329f5f072a06e3a2aea02bb5dda69aed9f), copied from each
-# function's `c = [...]` line as written there. Frost is left out (see C.UNAVAILABLE).
+# function's `c = [...]` line as written there.
 # Not make_tinyimagenet_c.py's or make_imagenet_c.py's tables: those differ (e.g.
 # motion blur (10, 1)..(12, 3) for Tiny ImageNet).
 _IMSIZE = 32  # make_cifar_c.elastic_transform's IMSIZE
@@ -112,6 +115,7 @@ MAKE_CIFAR_C = {
              (0.15,0.3,1.75,0.55,10,4,0.9),
              (0.25,0.3,2.25,0.6,12,6,0.85),
              (0.3,0.3,1.25,0.65,14,12,0.8)],
+    "frost": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
     "fog": [(.2,3), (.5,3), (0.75,2.5), (1,2), (1.5,1.75)],
     "brightness": [.05, .1, .15, .2, .3],
     "contrast": [.75, .5, .4, .3, 0.15],
@@ -146,17 +150,12 @@ def test_severity_table_is_make_cifar_c(name):
         assert _as_numbers(ours) == _as_numbers(theirs), f"{name} s{s}: {ours!r} vs make_cifar_c.py {theirs!r}"
 
 
-@pytest.mark.parametrize("name", ["frost", "speckle_noise", "", "Gaussian_Noise", None])
+@pytest.mark.parametrize("name", ["speckle_noise", "spatter", "", "Gaussian_Noise", None])
 def test_bad_name_raises(name, images):
     with pytest.raises(ConfigError, match="gaussian_noise"):
         C.corrupt(images[:1], name, 1)
     with pytest.raises(ConfigError):
         C.severity_parameter(name, 1)
-
-
-def test_frost_message_says_why(images):
-    with pytest.raises(ConfigError, match="unavailable"):
-        C.corrupt(images[:1], "frost", 1)
 
 
 @pytest.mark.parametrize("severity", [-1, 6, 1.0, True, "3", None])
@@ -214,7 +213,11 @@ def many_images() -> torch.Tensor:
     return smooth_images(32, seed=1)
 
 
-# Two types are checked on their components instead:
+# Three types are checked otherwise:
+# * frost: severity 5 moves an image less than severity 4 (image weight 0.75
+#   against 0.85 while the frost weight only goes 0.4 -> 0.45: the darkening
+#   offsets the brighter frost); its five (a, b) pairs are checked against the
+#   authors' table and its formula on hand-made overlays (section 5).
 # * elastic_transform: its distance from clean *falls* with severity on CIFAR:
 #   the random affine shrinks (0.08 -> 0.03 of the image size) while the
 #   elastic displacement grows; test_elastic_components checks both.
@@ -222,7 +225,7 @@ def many_images() -> torch.Tensor:
 #   severity), and step 4 -> 5 only raises the blur sigma 0.25 -> 0.4, an effect
 #   smaller than shuffle-to-shuffle variation (it inverted for 2 of 16 batches);
 #   test_glass_blur_grows_with_severity compares severities on the same shuffle.
-MONOTONE = [c for c in C.CORRUPTIONS if c not in ("elastic_transform", "glass_blur")]
+MONOTONE = [c for c in C.CORRUPTIONS if c not in ("elastic_transform", "glass_blur", "frost")]
 
 
 # Pixelate on smooth images: the error sits on a few edges and depends on
@@ -507,7 +510,181 @@ def test_helpers_match_scipy():
     np.testing.assert_allclose(C._bilinear_reflect(x, rows, cols), ref, atol=1e-12)
 
 
-# --- 5. batched generation: corrupt_cells, slicing, workers -------------------------------
+# ImageMagick (Q16) writing a blurred value x (0..255 scale) to an 8-bit PNG, worked
+# by hand: q = floor(257 x + 1/2) clamped to 0..65535 (ClampToQuantum), then
+# floor(q/257 + 1/2) (every ImageMagick before October 2019, so CIFAR-10-C; HDRI
+# builds) or floor(q/257) (Q16 non-HDRI builds since 6.9.10-69).
+#   x            q      rounded  truncated
+IMAGEMAGICK_8BIT = [
+    (0.0,           0,     0,   0),
+    (0.49,          126,   0,   0),    # 125.93
+    (0.5,           129,   1,   0),    # 128.5 -> 129; 129/257 = 0.502
+    (0.999999999,   257,   1,   1),    # a hair under 1 (float error): q keeps it 1 under both rules
+    (2.5,           643,   3,   2),    # 642.5 -> 643; np.rint(2.5) would give 2 (ties to even)
+    (3.7,           951,   4,   3),    # 950.9 -> 951; 951/257 = 3.700
+    (99.9999999,    25700, 100, 100),
+    (127.4,         32742, 127, 127),  # 32741.8 -> 32742; 32742/257 = 127.40
+    (254.5,         65407, 255, 254),  # 65406.5 -> 65407; 65407/257 = 254.50
+    (255.0,         65535, 255, 255),
+    (300.0,         65535, 255, 255),  # clamped
+    (-3.0,          0,     0,   0),    # clamped
+]
+
+
+@pytest.mark.parametrize("truncates", [False, True])
+def test_imagemagick_8bit_value_table(truncates, monkeypatch):
+    monkeypatch.setattr(C, "_IM_TRUNCATES", truncates)
+    x = np.array([row[0] for row in IMAGEMAGICK_8BIT])
+    expected = [row[3] if truncates else row[2] for row in IMAGEMAGICK_8BIT]
+    out = C._imagemagick_8bit(x)
+    assert out.dtype == np.uint8 and out.tolist() == expected
+
+
+def test_imagemagick_8bit_is_scale_quantum_to_char(monkeypatch):
+    """Every 16-bit quantum q (fed as x = q/257, which the first step maps back
+    to q): the published rule is ImageMagick's ScaleQuantumToChar for Q16,
+    ((q + 128) - ((q + 128) >> 8)) >> 8, and ScaleQuantumToAny(q, 255) with
+    its +0.5; the other is that ScaleQuantumToAny without it, 255 q / 65535
+    truncated."""
+    q = np.arange(65536, dtype=np.int64)
+    assert C._IM_TRUNCATES is False        # the rule CIFAR-10-C was made with
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), ((q + 128) - ((q + 128) >> 8)) >> 8)
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), np.floor(255 * q / 65535 + 0.5))
+    monkeypatch.setattr(C, "_IM_TRUNCATES", True)
+    np.testing.assert_array_equal(C._imagemagick_8bit(q / 257), (255 * q) // 65535)
+
+
+@pytest.mark.parametrize("truncates", [False, True])
+def test_motion_blur_keeps_flat_images(truncates, monkeypatch):
+    """A flat image blurs to itself up to float error (the kernel sums to 1
+    within an ulp); ImageMagick's 16-bit step keeps it exact, so motion blur
+    and snow's streaks leave flat areas where they were, under either rule."""
+    monkeypatch.setattr(C, "_IM_TRUNCATES", truncates)
+    levels = torch.tensor([0, 1, 37, 128, 200, 254, 255], dtype=torch.uint8)
+    x = levels.view(-1, 1, 1, 1).expand(-1, 3, 32, 32).contiguous()
+    for s in C.SEVERITIES:
+        assert torch.equal(C.corrupt(x, "motion_blur", s, seed=3), x)
+
+
+# --- 5. frost ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("severity", C.SEVERITIES)
+def test_frost_parameters_are_make_cifar_c(severity):
+    """make_cifar_c.frost's (image weight, frost weight) at this severity."""
+    authors = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)][severity - 1]
+    assert C.severity_parameter("frost", severity) == authors
+    assert C.FAMILIES["frost"] == "weather" and C.CORRUPTIONS.index("frost") == C.CORRUPTIONS.index("snow") + 1
+
+
+def _flat_overlays(colours_bgr, shapes):
+    return tuple(np.broadcast_to(np.array(c, dtype=np.uint8), (h, w, 3)).copy() for c, (h, w) in zip(colours_bgr, shapes))
+
+
+def test_frost_is_the_authors_formula_on_hand_made_overlays(monkeypatch):
+    """Five flat overlays (BGR, as OpenCV reads them) of distinct colours: every
+    crop of one is that colour, so each image must equal
+    uint8(clip(a * image + b * colour_rgb, 0, 255)) for one of the five, and
+    across 40 images each of the five is drawn."""
+    colours_bgr = [(10, 20, 30), (200, 100, 0), (0, 0, 255), (255, 255, 255), (7, 150, 90)]
+    shapes = [(40, 50), (33, 33), (60, 34), (45, 70), (36, 90)]
+    monkeypatch.setattr(C, "frost_overlays", lambda: _flat_overlays(colours_bgr, shapes))
+    x = smooth_images(40, seed=2)
+    xf = x.permute(0, 2, 3, 1).numpy().astype(np.float64)
+    for s in C.SEVERITIES:
+        a, b = C.severity_parameter("frost", s)
+        out = C.corrupt(x, "frost", s, seed=0).permute(0, 2, 3, 1).numpy()
+        candidates = [np.clip(a * xf + b * np.array(colour[::-1], dtype=np.float64), 0, 255).astype(np.uint8)
+                      for colour in colours_bgr]
+        drawn = []
+        for i in range(len(x)):
+            matches = [k for k, cand in enumerate(candidates) if np.array_equal(out[i], cand[i])]
+            assert matches, f"severity {s}, image {i}: not a * image + b * any overlay colour"
+            drawn.append(matches[0])
+        assert set(drawn) == set(range(5)), drawn
+
+
+def test_frost_crops_are_windows_the_authors_could_draw(monkeypatch):
+    """Overlays whose pixels name their position (B = row, G = column, R =
+    overlay): each crop is a 32x32 window of the drawn overlay, converted to
+    RGB, starting at most 33 pixels from the far edge (the authors'
+    randint(0, size - 32) never draws the last start), both extremes drawn."""
+    shapes = [(40, 50), (33, 33), (60, 34), (45, 70), (36, 90)]
+    overlays = []
+    for k, (h, w) in enumerate(shapes):
+        rows, cols = np.mgrid[0:h, 0:w]
+        overlays.append(np.stack([rows, cols, np.full((h, w), k)], -1).astype(np.uint8))
+    monkeypatch.setattr(C, "frost_overlays", lambda: tuple(overlays))
+    crops = []
+    real = C._frost_crops
+    monkeypatch.setattr(C, "_frost_crops", lambda *args: crops.append(real(*args)) or crops[-1])
+    n = 3000
+    C.corrupt(torch.zeros(n, 3, 32, 32, dtype=torch.uint8), "frost", 1, seed=0)
+    crops = np.concatenate(crops).astype(int)          # RGB: R = overlay, G = column, B = row
+    assert crops.shape == (n, 32, 32, 3)
+    which, left, top = crops[:, 0, 0, 0], crops[:, 0, 0, 1], crops[:, 0, 0, 2]
+    r = np.arange(32)
+    np.testing.assert_array_equal(crops[..., 0], np.broadcast_to(which[:, None, None], (n, 32, 32)))
+    np.testing.assert_array_equal(crops[..., 1], np.broadcast_to(left[:, None, None] + r, (n, 32, 32)))
+    np.testing.assert_array_equal(crops[..., 2], np.broadcast_to(top[:, None, None] + r[:, None], (n, 32, 32)))
+    for k, (h, w) in enumerate(shapes):
+        mine = which == k
+        assert 500 < mine.sum() < 700                  # about n / 5 each
+        assert (top[mine].min(), top[mine].max()) == (0, h - 33)
+        assert (left[mine].min(), left[mine].max()) == (0, w - 33)
+
+
+def test_frost_same_seed_same_pixels(images):
+    """Seeded like the other random types: the same seed gives the same
+    pixels (in-process and through corrupt_cells; any worker count is
+    test_corrupt_cells_matches_corrupt_with_any_workers), another seed other
+    crops."""
+    for s in C.SEVERITIES:
+        first = C.corrupt(images, "frost", s, seed=7)
+        assert torch.equal(first, C.corrupt(images, "frost", s, seed=7))
+        assert torch.equal(first, next(C.corrupt_cells(images, [("frost", s)], seed=7, workers=1)))
+        assert not torch.equal(first, C.corrupt(images, "frost", s, seed=8))
+
+
+def test_shipped_frost_photographs():
+    """The five photographs ship with the package (README and licence beside
+    them), match the authors' SHA-256, and load as the authors' literal calls
+    give: cv2.imread(file) (BGR, alpha dropped), cv2.resize by 0.2."""
+    from importlib import resources
+    folder = resources.files("cnnstress.resources").joinpath("frost")
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["LICENSE", "README.md", "frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"]
+    readme = folder.joinpath("README.md").read_text()
+    assert all(f"{digest}  {name}" in readme for name, digest in F.FROST_FILES.items())
+    assert "Apache" in folder.joinpath("LICENSE").read_text()
+    overlays = F.frost_overlays()
+    assert F.frost_overlays() is overlays                  # read once per process
+    assert [o.shape for o in overlays] == [(120, 180, 3), (63, 112, 3), (63, 112, 3), (70, 105, 3), (99, 132, 3)]
+    for overlay, name in zip(overlays, F.FROST_FILES):
+        assert overlay.dtype == np.uint8 and not overlay.flags.writeable
+        literal = cv2.resize(cv2.imread(str(folder.joinpath(name))), (0, 0), fx=0.2, fy=0.2)
+        np.testing.assert_array_equal(overlay, literal)
+
+
+def test_altered_frost_photograph_is_refused_in_one_line(tmp_path):
+    from importlib import resources
+    folder = resources.files("cnnstress.resources").joinpath("frost")
+    for name in F.FROST_FILES:
+        (tmp_path / name).write_bytes(folder.joinpath(name).read_bytes())
+    assert all(np.array_equal(a, b) for a, b in zip(F.load_overlays(tmp_path), F.frost_overlays()))
+    data = bytearray((tmp_path / "frost4.jpg").read_bytes())
+    data[len(data) // 2] ^= 0x01                          # one bit, still a decodable JPEG
+    (tmp_path / "frost4.jpg").write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        F.load_overlays(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "frost4.jpg" in message and "altered" in message and "reinstall" in message
+    (tmp_path / "frost2.png").unlink()
+    with pytest.raises(DataError, match="frost2.png cannot be read") as err:
+        F.load_overlays(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+# --- 6. batched generation: corrupt_cells, slicing, workers -------------------------------
 
 def test_per_image_corruptions_are_sliced_exactly():
     """The types that draw no random numbers run in slices of images on large
@@ -547,8 +724,8 @@ def test_corrupt_cells_matches_corrupt_with_any_workers(images):
 
 
 def test_corrupt_cells_validates_before_any_work(images):
-    with pytest.raises(ConfigError, match="unavailable"):
-        C.corrupt_cells(images, [("fog", 1), ("frost", 1)])          # raised at the call, not at next()
+    with pytest.raises(ConfigError, match="unknown corruption"):
+        C.corrupt_cells(images, [("fog", 1), ("spatter", 1)])        # raised at the call, not at next()
     with pytest.raises(ConfigError, match="0..5"):
         C.corrupt_cells(images, [("fog", 6)])
     with pytest.raises(ConfigError, match="seed"):

@@ -277,7 +277,7 @@ def test_with_failure_counts_matches_count_failures(stress_parts, threshold):
 
 def test_corruption_grid_from_corruption_report(stress_parts):
     g = round_trip(results.CorruptionGrid, stress_parts["corruptions"])
-    assert g.n == 10 and "frost" in g.unavailable and len(g.ece_by_severity) == 5
+    assert g.n == 10 and "frost" in g.accuracy and len(g.ece_by_severity) == 5
 
 
 def test_attack_curves_from_adversarial_accuracy(stress_parts):

@@ -107,7 +107,11 @@ def test_corruption_report_bookkeeping():
     assert acc.shape == (len(CORRUPTIONS), 5) and ((acc >= 0) & (acc <= 1)).all()
     assert colour["mean_corruption_accuracy"] == pytest.approx(acc.mean())
     assert colour["accuracy_by_severity"] == pytest.approx(acc.mean(0).tolist())
-    assert len(colour["ece_by_severity"]) == 5 and "frost" in colour["unavailable"]
+    assert len(colour["ece_by_severity"]) == 5
+    # the mean over the 14 types of runs before frost: every row but frost's
+    older = np.array([colour["accuracy"][c] for c in CORRUPTIONS if c != "frost"])
+    assert len(CORRUPTIONS) == 15 and older.shape == (14, 5)
+    assert colour["mean_corruption_accuracy_without_frost"] == pytest.approx(older.mean())
     assert set(colour["accuracy_by_family"]) == {"noise", "blur", "weather", "digital"}
 
 
@@ -171,7 +175,8 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
     metrics = json.loads((stressed / "metrics.json").read_text())
     for name in ("baseline", "improved"):
         m = metrics[name]
-        for key in ("ece", "ece_calibrated", "mean_corruption_accuracy", "fgsm_accuracy", "pgd_accuracy"):
+        for key in ("ece", "ece_calibrated", "mean_corruption_accuracy", "mean_corruption_accuracy_without_frost",
+                    "fgsm_accuracy", "pgd_accuracy"):
             assert key in m, key
         assert 0 <= m["ece"] <= 1 and 0 <= m["mean_corruption_accuracy"] <= 1
         assert set(m["pgd_accuracy"]) == {"2/255", "8/255"}
@@ -184,6 +189,7 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
         assert m["ece_calibrated"] == pytest.approx(_plain_ece(scaled / scaled.sum(1, keepdims=True), labels), abs=1e-6)
     rows = list(csv.reader((stressed / "corruption_accuracy.csv").open()))
     assert [r[0] for r in rows[2:]] == ["baseline", "improved"]
+    assert len(rows[0]) == 1 + 15 * 5 and rows[0].count("frost") == 5      # 15 types x 5 severities
     report = (stressed / "analysis_report.txt").read_text()
     for text in ("7. Stress tests beyond accuracy", "7a. Calibration", "7b. Common corruptions",
                  "7c. Adversarial", "7d. Did the augmentation help", "frost", "9. Failure triage against human review", "10. Summary"):
@@ -204,6 +210,29 @@ def test_stress_command_reuses_cache_and_force_recomputes(stressed, shared_cifar
     assert after["corruptions"]["n"] == 10
     metrics = json.loads((stressed / "metrics.json").read_text())
     assert metrics["stress"]["settings"]["corruption_subset"] == 10
+
+
+def test_stress_cache_from_before_frost_is_not_reused(stressed, shared_cifar_dir, tmp_path, capsys):
+    """A stress cache written before frost and ImageMagick's 8-bit conversion
+    (settings version 1, 14 types) is recomputed, never reused: the key holds
+    the version and the list of types."""
+    import shutil
+
+    settings = stress.stress_settings(get_config("smoke"))
+    assert settings["version"] == 2 and settings["corruptions"] == list(CORRUPTIONS) and "frost" in CORRUPTIONS
+    out = tmp_path / "run"
+    shutil.copytree(stressed, out)
+    cache = out / "stress_baseline.json"
+    assert main(cli("stress", shared_cifar_dir, out)) == 0          # this code's caches, whatever ran before
+    capsys.readouterr()
+    old = json.loads(cache.read_text())
+    old["key"]["settings"]["version"] = 1
+    old["key"]["settings"]["corruptions"].remove("frost")
+    cache.write_text(json.dumps(old))
+    assert main(cli("stress", shared_cifar_dir, out)) == 0
+    said = capsys.readouterr().out
+    assert f"reusing {cache}" not in said and f"reusing {out / 'stress_improved.json'}" in said
+    assert json.loads(cache.read_text())["key"]["settings"]["version"] == 2
 
 
 def test_stress_without_trained_models_is_a_one_line_error(shared_cifar_dir, tmp_path, capsys):

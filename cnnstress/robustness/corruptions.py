@@ -26,19 +26,22 @@ scikit-image are not runtime dependencies of this package):
   algorithm (as the `imagecorruptions` package re-implements it): a one-sided
   line kernel of width 2*radius+1 with Gaussian(sigma) weights, sampled at
   integer offsets rounded along the angle, edge pixels replicated; the result
-  is rounded to 8 bits as ImageMagick's PNG output is;
+  goes through ImageMagick's 8-bit PNG output as the authors' did (a 16-bit
+  quantum rounded half up, then scaled to 8 bits: see _imagemagick_8bit);
 * PIL BOX resize (pixelate) and PIL JPEG (quality c, PIL's default 4:2:0
-  chroma subsampling) -> the same Pillow calls.
+  chroma subsampling) -> the same Pillow calls; frost's cv2.imread and
+  cv2.resize -> the same OpenCV calls, on the authors' five photographs
+  shipped as package data (cnnstress.robustness.frost).
 
 Deliberate deviations, all documented where they happen: random numbers come
 from a numpy Generator seeded from (seed, name, severity) and are drawn for
 the whole batch at once, so an image's noise depends on its position in the
 batch and on the batch size (same inputs -> same outputs; a different
-batching gives another, equally valid, draw). Frost is not available (see
-UNAVAILABLE). Glass blur reproduces what the authors' "swap" line actually
-does in numpy (a copy, see _glass_shuffle). Contrast takes the channel mean
-from the exact integer sum rather than numpy's float mean, so that a constant
-image is not truncated one level down (see _contrast).
+batching gives another, equally valid, draw). Glass blur reproduces what the
+authors' "swap" line actually does in numpy (a copy, see _glass_shuffle).
+Contrast takes the channel mean from the exact integer sum rather than numpy's
+float mean, so that a constant image is not truncated one level down (see
+_contrast).
 
 Speed. Work is done in slices of _SLICE images (random draws are still made
 for the whole batch first, in the authors' order), which keeps temporaries in
@@ -63,16 +66,13 @@ import torch
 from PIL import Image
 
 from ..errors import CnnstressError, ConfigError
+from .frost import frost_overlays
 
-__all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "UNAVAILABLE", "corrupt", "corrupt_cells", "resolve_workers",
+__all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "corrupt", "corrupt_cells", "resolve_workers",
            "severity_parameter"]
 
 IMSIZE = 32  # the CIFAR parameters (kernel sizes, shuffle ranges, fog map) assume 32x32
 SEVERITIES = (1, 2, 3, 4, 5)
-
-UNAVAILABLE: dict[str, str] = {
-    "frost": "needs the authors' frost texture photographs (frost1-6), which are not bundled and are not downloaded",
-}
 
 # CIFAR parameters from make_cifar_c.py, severity 1..5.
 _PARAMS: dict[str, tuple] = {
@@ -89,6 +89,7 @@ _PARAMS: dict[str, tuple] = {
     "snow": ((0.1, 0.2, 1, 0.6, 8, 3, 0.95), (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
              (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9), (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
              (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8)),  # loc, scale, zoom, threshold, blur radius, blur sigma, blend
+    "frost": ((1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)),  # image weight, frost weight
     "fog": ((.2, 3), (.5, 3), (.75, 2.5), (1, 2), (1.5, 1.75)),          # strength, plasma wibble decay
     "brightness": (.05, .1, .15, .2, .3),                                # added to HSV value
     "contrast": (.75, .5, .4, .3, 0.15),                                 # factor about the channel mean
@@ -99,17 +100,17 @@ _PARAMS: dict[str, tuple] = {
     "jpeg_compression": (80, 65, 58, 50, 40),                            # JPEG quality
 }
 
-# Standard CIFAR-10-C order (noise, blur, weather, digital), frost left out.
+# Standard CIFAR-10-C order (noise, blur, weather, digital), as make_cifar_c.py and RobustBench list them.
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
     "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "fog", "brightness",
+    "snow", "frost", "fog", "brightness",
     "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
 FAMILIES: dict[str, str] = {
     **dict.fromkeys(("gaussian_noise", "shot_noise", "impulse_noise"), "noise"),
     **dict.fromkeys(("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"), "blur"),
-    **dict.fromkeys(("snow", "fog", "brightness"), "weather"),
+    **dict.fromkeys(("snow", "frost", "fog", "brightness"), "weather"),
     **dict.fromkeys(("contrast", "elastic_transform", "pixelate", "jpeg_compression"), "digital"),
 }
 
@@ -118,8 +119,7 @@ FAMILIES: dict[str, str] = {
 
 def _check(name: str, severity: int) -> None:
     if not isinstance(name, str) or name not in _PARAMS:
-        extra = f" ({name} is unavailable: {UNAVAILABLE[name]})" if name in UNAVAILABLE else ""
-        raise ConfigError(f"unknown corruption {name!r}{extra}; choose one of: {', '.join(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption {name!r}; choose one of: {', '.join(CORRUPTIONS)}")
     if isinstance(severity, bool) or not isinstance(severity, (int, np.integer)) or not 0 <= severity <= 5:
         raise ConfigError(f"corruption severity must be an integer 0..5 (0 = clean), got {severity!r}")
 
@@ -253,8 +253,8 @@ _SLICE = 64  # images per pass of a per-image corruption: 64 x 32x32x3 float64 =
 
 # Corruptions that draw random numbers (their _FUNCS use rng); the others are
 # per-image functions, so any split of the batch gives the same pixels.
-_RANDOM = frozenset({"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "fog",
-                     "elastic_transform"})
+_RANDOM = frozenset({"gaussian_noise", "shot_noise", "impulse_noise", "glass_blur", "motion_blur", "snow", "frost",
+                     "fog", "elastic_transform"})
 
 _WORKER_IMAGES: np.ndarray | None = None  # this worker's copy of the batch (NHWC uint8)
 
@@ -394,6 +394,35 @@ def _motion_blur(x: np.ndarray, radius: float, sigma: float, angles: np.ndarray)
         cols = np.clip(np.arange(w)[None, :] + ox[:, None], 0, w - 1)
         out += k[i] * x[ar, rows[:, :, None], cols[:, None, :]]
     return out
+
+
+# ImageMagick's 8-bit PNG output depends on its version and build (checked in its
+# sources and against 6.9.11-60, Debian 12's, in both builds):
+# - before 6.9.10-69 / 7.0.8-69 (October 2019), and in every HDRI build (IM7's
+#   default) since: round to nearest, half up;
+# - Q16 non-HDRI builds since then (Debian's and Ubuntu's `imagemagick`): the PNG
+#   writer's SetImageDepth goes through a ScaleQuantumToAny that lost its +0.5,
+#   so the 16-bit value is truncated and about half the pixels come out one lower.
+# CIFAR-10-C was released with the ICLR 2019 paper, before that change, so it was
+# made with the rounding kind; its numbers (RobustBench's) are the ones this suite
+# is read against. True reproduces make_cifar_c.py run today on a non-HDRI build.
+_IM_TRUNCATES = False
+
+
+def _imagemagick_8bit(x: np.ndarray) -> np.ndarray:
+    """A float image on the 0..255 scale as ImageMagick (Q16) writes it to an
+    8-bit PNG, which make_cifar_c.py decodes: uint8, same shape.
+
+    Two steps, both ImageMagick's: MotionBlurImage stores the blurred value
+    (255-scale x times 257, the Q16 quantum of x) with ClampToQuantum, i.e.
+    q = floor(257x + 0.5) clamped to 0..65535; the PNG writer then scales q to
+    8 bits: floor(q/257 + 1/2) (ScaleQuantumToChar's ((q+128) - ((q+128) >> 8))
+    >> 8 is the same map), or floor(q/257) where _IM_TRUNCATES. The 16-bit step
+    is not redundant: it absorbs float error, so a blur of a flat patch that
+    lands a hair below an integer keeps that integer under either rule.
+    """
+    q = np.clip(np.floor(np.asarray(x, dtype=np.float64) * 257.0 + 0.5), 0, 65535).astype(np.int64)
+    return (q // 257 if _IM_TRUNCATES else (2 * q + 257) // 514).astype(np.uint8)
 
 
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
@@ -569,8 +598,7 @@ def _motion_blur_corruption(x, c, rng):
     angles = rng.uniform(-45, 45, size=x.shape[0])
 
     def part(a, b):
-        out = _motion_blur(x[a:b].astype(np.float64), c[0], c[1], angles[a:b])
-        return np.clip(np.rint(out), 0, 255).astype(np.uint8)  # ImageMagick writes 8-bit, rounded
+        return _imagemagick_8bit(_motion_blur(x[a:b].astype(np.float64), c[0], c[1], angles[a:b]))
     return _in_slices(x.shape[0], part)
 
 
@@ -594,11 +622,43 @@ def _snow(x, c, rng):
         layer[layer < c[3]] = 0
         layer = (np.clip(layer, 0, 1) * 255).astype(np.uint8)  # saved as an 8-bit 'L' PNG for Wand
         layer = _motion_blur(layer[..., None].astype(np.float64), c[4], c[5], angles[a:b])
-        layer = np.clip(np.rint(layer), 0, 255) / 255.0       # read back from ImageMagick's 8-bit output
+        layer = _imagemagick_8bit(layer) / 255.0              # read back from ImageMagick's 8-bit PNG
         gray = (0.299 * img[..., 0] + 0.587 * img[..., 1] + 0.114 * img[..., 2])[..., None]  # cv2 RGB2GRAY
         img = c[6] * img + (1 - c[6]) * np.maximum(img, gray * 1.5 + 0.5)
         return np.clip(img + layer + np.rot90(layer, k=2, axes=(1, 2)), 0, 1) * 255
     return _in_slices(n, part)
+
+
+def _frost(x, c, rng):
+    overlays = frost_overlays()
+    n = x.shape[0]
+    heights = np.array([o.shape[0] for o in overlays])
+    widths = np.array([o.shape[1] for o in overlays])
+    # The authors' draws per image, here for the whole batch: a photograph (np.random.randint(5)),
+    # then the crop's top and left (randint(0, size - 32): the last possible start is never drawn).
+    which = rng.integers(0, len(overlays), size=n)
+    tops = rng.integers(0, heights[which] - IMSIZE)
+    lefts = rng.integers(0, widths[which] - IMSIZE)
+
+    def part(a, b):
+        crops = _frost_crops(overlays, which[a:b], tops[a:b], lefts[a:b])
+        return np.clip(c[0] * x[a:b] + c[1] * crops, 0, 255)  # their np.array(x) is uint8 too: same float64 sums
+    return _in_slices(n, part)
+
+
+def _frost_crops(overlays: Sequence[np.ndarray], which: np.ndarray, tops: np.ndarray,
+                 lefts: np.ndarray) -> np.ndarray:
+    """The 32x32 crop at (tops[i], lefts[i]) of BGR overlay which[i], for
+    every i, converted to RGB: uint8 (N, 32, 32, 3)."""
+    out = np.empty((len(which), IMSIZE, IMSIZE, 3), dtype=np.uint8)
+    r = np.arange(IMSIZE)
+    for k, overlay in enumerate(overlays):
+        sel = np.flatnonzero(which == k)
+        if sel.size:
+            rows = (tops[sel, None] + r)[:, :, None]
+            cols = (lefts[sel, None] + r)[:, None, :]
+            out[sel] = overlay[rows, cols][..., ::-1]  # BGR -> RGB
+    return out
 
 
 def _fog(x, c, rng):
@@ -671,7 +731,7 @@ def _jpeg_compression(x, c, rng):
 _FUNCS: dict[str, Callable[[np.ndarray, object, np.random.Generator], np.ndarray]] = {
     "gaussian_noise": _gaussian_noise, "shot_noise": _shot_noise, "impulse_noise": _impulse_noise,
     "defocus_blur": _defocus_blur, "glass_blur": _glass_blur, "motion_blur": _motion_blur_corruption,
-    "zoom_blur": _zoom_blur, "snow": _snow, "fog": _fog, "brightness": _brightness, "contrast": _contrast,
+    "zoom_blur": _zoom_blur, "snow": _snow, "frost": _frost, "fog": _fog, "brightness": _brightness, "contrast": _contrast,
     "elastic_transform": _elastic_transform, "pixelate": _pixelate, "jpeg_compression": _jpeg_compression,
 }
 
