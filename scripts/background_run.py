@@ -5,6 +5,7 @@
     python scripts/background_run.py status                # epochs per model, s/epoch, accuracy
     python scripts/background_run.py pause -- python -m pytest -q   # run a heavy command beside it
     python scripts/background_run.py stop                  # SIGTERM: the last finished epoch is kept
+    python scripts/background_run.py publish results/full  # once finished: outputs + weight shards
 
 The run lives outside the checkout (default ~/cnnstress-full, or
 $CNNSTRESS_RUN_HOME): data/, run/ (the output folder), code/ (the package as it
@@ -224,6 +225,51 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def publishable(run: Path) -> list[Path]:
+    """Every output of the run worth committing: figures, reports, metrics,
+    config, predictions, CSVs, caches, histories; not checkpoints (the weights
+    are published as shards), temporary or hidden files, or links."""
+    keep = []
+    for path in sorted(run.rglob("*")):
+        rel = path.relative_to(run)
+        if (path.is_symlink() or not path.is_file() or path.suffix in (".pt", ".tmp")
+                or any(part.startswith(".") for part in rel.parts)):
+            continue
+        keep.append(path)
+    return keep
+
+
+def cmd_publish(args) -> int:
+    p = paths(args.home)
+    run, dest = p["run"], args.dest.resolve()
+    if running_pid(args.home) is not None:
+        print("error: the run is still going; publish once it has finished (see `status`)", file=sys.stderr)
+        return 2
+    report = run / "analysis_report.txt"
+    checkpoints = [run / name / "checkpoint.pt" for name in MODELS]
+    if not report.is_file() or any(not c.is_file() or c.stat().st_mtime > report.stat().st_mtime
+                                   for c in checkpoints):
+        print(f"error: {run} holds no report made from the final checkpoints; finish the run first "
+              "(`start` resumes it)", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    from cnnstress.weights import export_weights, verify_published
+    dest.mkdir(parents=True, exist_ok=True)
+    files = publishable(run)
+    for src in files:
+        target = dest / src.relative_to(run)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    if p["log"].is_file():
+        shutil.copyfile(p["log"], dest / "training_console.log")   # every session's console, appended
+    written = export_weights(run, dest)
+    verify_published(dest)
+    total = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    print(f"published {len(files)} output files and {len(written)} weight files into {dest} ({total:,} bytes); "
+          f"check: python -m cnnstress run --weights {args.dest}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=HOME, help=f"the run's folder (default {HOME})")
@@ -240,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     pause.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("resume", help="continue a run left stopped")
     sub.add_parser("stop", help="end the run (SIGTERM; finished epochs are kept)")
+    publish = sub.add_parser("publish", help="copy the finished run's outputs and its weight shards to DEST")
+    publish.add_argument("dest", type=Path, help="e.g. results/full")
     args = parser.parse_args(argv)
     if getattr(args, "command", None) and args.command[0] == "--":
         args.command = args.command[1:]
     return {"start": cmd_start, "status": cmd_status, "pause": cmd_pause, "resume": cmd_resume,
-            "stop": cmd_stop}[args.cmd](args)
+            "stop": cmd_stop, "publish": cmd_publish}[args.cmd](args)
 
 
 if __name__ == "__main__":

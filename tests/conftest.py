@@ -61,6 +61,27 @@ def shared_cifar_dir(tmp_path_factory) -> Path:
     return write_cifar(tmp_path_factory.mktemp("cifar") / "data")
 
 
+def tiny_training_config(**kw):
+    """The smoke profile cut to 128 training images in fp32: an epoch takes a
+    second or two on a 2-core CPU (training-loop tests)."""
+    from cnnstress.config import get_config
+    base = dict(val_size=50, train_subset=128, device="cpu", batch_size=32, epochs=2, precision="fp32")
+    base.update(kw)
+    return get_config("smoke", **base)
+
+
+def weights_equal(a, b) -> bool:
+    """Two models hold bit-identical parameters and buffers."""
+    import torch
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def strip_time(history):
+    """A training history without its wall times (the only field that differs between identical runs)."""
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
 def cli(command: str, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
     """Arguments for `python -m cnnstress <command>` in the smoke profile on the CPU, quiet."""
     return [command, "--profile", "smoke", "--device", "cpu", "--no-progress",

@@ -119,3 +119,31 @@ def test_start_refuses_a_second_run(bg, fake_run, capsys, monkeypatch):
     monkeypatch.setattr(bg, "has_bf16", lambda: True)
     assert bg.main(["--home", str(home), "start"]) == 2
     assert f"already going (pid {proc.pid}" in capsys.readouterr().err
+
+
+def test_publish_copies_the_outputs_and_exports_verified_weights(bg, analysed_run, tmp_path, capsys):
+    import os
+    import shutil
+
+    from cnnstress.weights import SUMS_FILE, verify_published
+    home = tmp_path / "home"
+    shutil.copytree(analysed_run, home / "run")     # a copy: the session fixture stays as it is
+    (home / "run.log").write_text("console\n")
+    dest = tmp_path / "results" / "full"
+    assert bg.main(["--home", str(home), "publish", str(dest)]) == 0
+    assert "check: python -m cnnstress run --weights" in capsys.readouterr().out
+    assert list(dest.glob("baseline-*-of-*.pt")) and list(dest.glob("improved-*-of-*.pt"))
+    assert all("-of-" in p.name for p in dest.rglob("*.pt"))   # weight shards only, no checkpoint
+    assert not (dest / "baseline" / "checkpoint.pt").exists()
+    for name in ("metrics.json", "analysis_report.txt", "report.html", "config.json", "baseline/history.json",
+                 "improved/history.json", "training_console.log", SUMS_FILE):
+        assert (dest / name).is_file(), name
+    assert (dest / "metrics.json").read_bytes() == (analysed_run / "metrics.json").read_bytes()
+    assert len(verify_published(dest)) >= 4   # two models' shards and weights.json, all hashes match
+    # a checkpoint newer than the report: the run is not finished, nothing is published
+    ckpt = home / "run" / "baseline" / "checkpoint.pt"
+    later = (home / "run" / "analysis_report.txt").stat().st_mtime + 60
+    os.utime(ckpt, (later, later))
+    assert bg.main(["--home", str(home), "publish", str(tmp_path / "other")]) == 2
+    assert "no report made from the final checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import torch
 
 from cnnstress.__main__ import main
 from cnnstress.budget import TimeBudget, TimeBudgetReached, epoch_estimate, parse_time_budget
@@ -16,24 +15,14 @@ from cnnstress.errors import CnnstressError
 from cnnstress.pipeline import run_pipeline
 from cnnstress.train import fit
 
-from conftest import cli
-
-NOW = datetime(2026, 12, 6, 1, 53, 44, tzinfo=timezone.utc)
+from conftest import cli, strip_time, tiny_training_config, weights_equal
 
 
 def _config(**kw):
-    base = dict(val_size=50, train_subset=128, device="cpu", batch_size=32, epochs=3, precision="fp32")
-    base.update(kw)
-    return get_config("smoke", **base)
+    return tiny_training_config(**{"epochs": 3, **kw})
 
 
-def _weights_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _strip_time(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+NOW = datetime(2026, 12, 6, 1, 53, 44, tzinfo=timezone.utc)
 
 
 class SteppedClock:
@@ -118,8 +107,8 @@ def test_a_budget_of_one_epoch_stops_there_and_resumes_bit_identically(splits, t
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
     resumed = fit(cfg, splits, checkpoint_path=tmp_path / "part.pt", resume=True, log=None)
     assert resumed.resumed_from_epoch == 1 and not resumed.budget_stopped
-    assert _weights_equal(whole.model, resumed.model)
-    assert _strip_time(whole.history) == _strip_time(resumed.history)
+    assert weights_equal(whole.model, resumed.model)
+    assert strip_time(whole.history) == strip_time(resumed.history)
 
 
 def test_a_budget_that_fits_every_epoch_trains_them_all(splits, tmp_path):

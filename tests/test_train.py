@@ -4,27 +4,12 @@ import pytest
 import torch
 
 from cnnstress.checkpoint import read_checkpoint
-from cnnstress.config import get_config
 from cnnstress.data import load_splits
 from cnnstress.errors import CheckpointError, TrainingDiverged
 from cnnstress.evaluate import predict
 from cnnstress.train import fit
 
-
-def _config(**kw):
-    # 128 training images keep each epoch to a second or two on a 2-core CPU
-    base = dict(val_size=50, train_subset=128, device="cpu", batch_size=32, epochs=2, precision="fp32")
-    base.update(kw)
-    return get_config("smoke", **base)
-
-
-def _weights_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def _strip_time(history):
-    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+from conftest import strip_time, tiny_training_config as _config, weights_equal
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +21,10 @@ def test_same_seed_same_history_and_weights(splits):
     cfg = _config(epochs=1, augment="enhanced")
     a = fit(cfg, splits, log=None)
     b = fit(cfg, splits, log=None)
-    assert _strip_time(a.history) == _strip_time(b.history)
-    assert _weights_equal(a.model, b.model)
+    assert strip_time(a.history) == strip_time(b.history)
+    assert weights_equal(a.model, b.model)
     c = fit(cfg.replace(seed=7), splits, log=None)
-    assert not _weights_equal(a.model, c.model)
+    assert not weights_equal(a.model, c.model)
 
 
 def test_resume_equals_uninterrupted_run(splits, tmp_path):
@@ -52,11 +37,11 @@ def test_resume_equals_uninterrupted_run(splits, tmp_path):
     assert {"model", "optimizer", "scheduler", "rng", "history", "config"} <= set(ckpt)
     resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
     assert resumed.resumed_from_epoch == 1
-    assert _weights_equal(whole.model, resumed.model)
-    assert _strip_time(whole.history) == _strip_time(resumed.history)
+    assert weights_equal(whole.model, resumed.model)
+    assert strip_time(whole.history) == strip_time(resumed.history)
     # a finished checkpoint is reused, not retrained
     again = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
-    assert again.reused and _weights_equal(whole.model, again.model)
+    assert again.reused and weights_equal(whole.model, again.model)
 
 
 def test_training_lowers_the_loss_and_learns(shared_cifar_dir):
@@ -111,7 +96,7 @@ def test_checkpoint_is_weights_only_and_format_1_still_resumes_identically(split
     ckpt["format"] = 1
     torch.save(ckpt, tmp_path / "b.pt")
     resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
-    assert resumed.resumed_from_epoch == 1 and _weights_equal(whole.model, resumed.model)
+    assert resumed.resumed_from_epoch == 1 and weights_equal(whole.model, resumed.model)
 
 
 def test_checkpoint_that_would_run_code_is_refused_and_runs_nothing(splits, tmp_path):
