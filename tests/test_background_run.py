@@ -35,6 +35,16 @@ def fake_run(tmp_path):
     proc.wait()
 
 
+def _command_lines() -> list[str]:
+    lines = []
+    for entry in Path("/proc").iterdir():
+        try:
+            lines.append(entry.joinpath("cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except (OSError, NotADirectoryError):
+            pass
+    return lines
+
+
 def _state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
@@ -43,14 +53,14 @@ def test_pause_stops_the_run_during_the_command_and_continues_it_after(bg, fake_
     home, proc = fake_run
     probe = home / "seen"
     code = f"import pathlib; pathlib.Path({str(probe)!r}).write_text(open('/proc/{proc.pid}/stat').read())"
-    assert bg.main(["--home", str(home), "pause", "--", sys.executable, "-c", code]) == 0
+    assert bg.main(["--home", str(home), "pause", "--max-minutes", "7.77", "--", sys.executable, "-c", code]) == 0
     assert probe.read_text().rsplit(")", 1)[1].split()[0] == "T"      # stopped while the command ran
     assert _state(proc.pid) in "RS"                                     # continued after
     logged = (home / "pauses.log").read_text().splitlines()
     assert len(logged) == 1 and sys.executable in logged[0]
-    # no watchdog is left behind
-    left = subprocess.run(["pgrep", "-f", f"kill -CONT -{proc.pid}"], capture_output=True, text=True).stdout
-    assert left.strip() == ""
+    # no watchdog is left behind (neither its shell nor its sleep)
+    assert not [p for p in _command_lines() if f"kill -CONT -{proc.pid}" in p]
+    assert not [p for p in _command_lines() if p == "sleep 466"]   # 7.77 minutes: no other pause's
 
 
 def test_pause_passes_the_commands_exit_status_and_continues_on_failure(bg, fake_run):
