@@ -138,6 +138,24 @@ def model_progress(run: Path, name: str) -> str:
             f"(best {100 * best['val_acc']:.2f}% at epoch {best['epoch']})")
 
 
+def training_left(run: Path) -> tuple[int, float] | None:
+    """(epochs still to train over both models, seconds at the median epoch
+    time so far), or None before the first epoch. A model not started yet
+    needs the epochs the other one's config asks for (both use one config)."""
+    seconds, done, wanted = [], {}, None
+    for name in MODELS:
+        try:
+            data = json.loads((run / name / "history.json").read_text())
+            seconds += [float(h["seconds"]) for h in data["history"]]
+            done[name], wanted = len(data["history"]), int(data["config"]["epochs"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if not seconds or wanted is None:
+        return None
+    left = sum(wanted - done.get(name, 0) for name in MODELS)
+    return left, left * statistics.median(seconds)
+
+
 def cmd_status(args) -> int:
     p = paths(args.home)
     pid = running_pid(args.home)
@@ -146,6 +164,9 @@ def cmd_status(args) -> int:
     print(f"run: {state}" + (f" (pid {pid})" if pid else "") + f"; folder {p['run']}")
     for name in MODELS:
         print("  " + model_progress(p["run"], name))
+    left = training_left(p["run"])
+    if left:
+        print(f"  training left: {left[0]} epochs, about {left[1] / 3600:.1f} h at the median epoch time")
     if p["log"].exists():
         tail = p["log"].read_text(errors="replace").splitlines()[-args.lines:]
         print("log tail:\n" + "\n".join("  " + line for line in tail))

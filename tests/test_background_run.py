@@ -109,6 +109,7 @@ def test_status_reports_epochs_seconds_and_accuracy(bg, tmp_path, capsys):
     assert "run: not running" in out
     assert "baseline: 3/30 epochs, median 450 s/epoch (last 900 s), val acc 75.00% (best 78.00% at epoch 2)" in out
     assert "improved: not started" in out
+    assert "training left: 57 epochs, about 7.1 h at the median epoch time" in out   # 27 + 30 epochs x 450 s
 
 
 def test_start_refuses_without_data_and_writes_nothing(bg, tmp_path, capsys, monkeypatch):
