@@ -7,6 +7,8 @@ from cnnstress.checkpoint import read_checkpoint
 from cnnstress.data import load_splits
 from cnnstress.errors import CheckpointError, TrainingDiverged
 from cnnstress.evaluate import predict
+from cnnstress.config import get_config
+from cnnstress.runtime import cpu_has_bf16
 from cnnstress.train import fit
 
 from conftest import strip_time, tiny_training_config as _config, weights_equal
@@ -141,3 +143,37 @@ def test_checkpoint_with_older_augmentation_draws_is_not_resumed(splits, tmp_pat
             assert "\n" not in msg and "draws" in msg and "--force" in msg
         else:
             assert fit(cfg, splits, checkpoint_path=path, resume=True, log=None).resumed_from_epoch == 1
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16/AMX): emulated bf16 is "
+                                                "too slow for a test; the full study's own resume path is not covered here")
+def test_resume_equals_uninterrupted_run_in_bf16(splits, tmp_path):
+    # The full study trains in bf16 on such a CPU and is resumed every session: the same guarantee there.
+    cfg = _config(epochs=2, augment="enhanced", precision="bf16")
+    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
+    fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
+    resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    assert resumed.resumed_from_epoch == 1
+    assert weights_equal(whole.model, resumed.model)
+    assert strip_time(whole.history) == strip_time(resumed.history)
+
+
+def test_train_resume_from_the_command_line_equals_an_uninterrupted_run(shared_cifar_dir, splits, tmp_path, capsys):
+    from cnnstress.__main__ import main
+
+    from conftest import cli
+    flags = ["--epochs", "2", "--train-subset", "128", "--val-size", "50", "--batch-size", "32", "--precision", "fp32"]
+    assert main(cli("train", shared_cifar_dir, tmp_path / "whole", *flags)) == 0
+    # an interrupted run: the checkpoint after epoch 1, where `train` itself would have left it
+    cfg = _config(epochs=2, augment="baseline")
+    assert cfg == get_config("smoke", device="cpu", epochs=2, train_subset=128, val_size=50, batch_size=32,
+                             precision="fp32")                      # what the flags give
+    (tmp_path / "part" / "baseline").mkdir(parents=True)
+    fit(cfg, splits, checkpoint_path=tmp_path / "part" / "baseline" / "checkpoint.pt", log=None, stop_after_epoch=1)
+    assert main(cli("train", shared_cifar_dir, tmp_path / "part", *flags, "--resume")) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = read_checkpoint(tmp_path / "whole" / "baseline" / "checkpoint.pt")
+    b = read_checkpoint(tmp_path / "part" / "baseline" / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert strip_time(a["history"]) == strip_time(b["history"])
