@@ -260,9 +260,14 @@ def test_model_mode_params_and_buffers_untouched(fitted):
         assert all(p.grad is None for n, p in model.named_parameters() if n != "linear.weight")
         # eval mode during the attack: batch-norm statistics did not move
         assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())
-        # restored on an exception too (label 5 of a 2-class model)
-        with pytest.raises((IndexError, RuntimeError)):
+        # restored on an exception too (label 5 of a 2-class model: refused before any attack step)
+        with pytest.raises(ValueError, match=r"class ids in 0\.\.1 \(the model has 2 outputs\), got 0\.\.5"):
             pgd(model, x, torch.tensor([5, 0, 1, 0]), 2 / 255, steps=1)
+        with pytest.raises(ValueError, match=r"class ids in 0\.\.1 .*got -1\.\.1"):
+            fgsm(model, x, torch.tensor([-1, 0, 1, 0]), 2 / 255)
+        with pytest.raises(ValueError, match="the model has 2 outputs"):
+            adversarial_accuracy(model, x_u8[:4], torch.tensor([0, 2, 1, 0]), eps_list=(2 / 255,), steps=1,
+                                 progress=False)
         assert model.training
     finally:
         model.eval()

@@ -356,7 +356,7 @@ def test_presets():
 
 
 def test_enhanced_needs_a_generator():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs a torch.Generator"):
         A.augment_batch(_uint8(2), A.PRESETS["enhanced"])
 
 

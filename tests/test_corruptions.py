@@ -154,7 +154,7 @@ def test_severity_table_is_make_cifar_c(name):
 def test_bad_name_raises(name, images):
     with pytest.raises(ConfigError, match="gaussian_noise"):
         C.corrupt(images[:1], name, 1)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="unknown corruption .*; choose one of: gaussian_noise"):
         C.severity_parameter(name, 1)
 
 
@@ -162,20 +162,20 @@ def test_bad_name_raises(name, images):
 def test_bad_severity_raises(severity, images):
     with pytest.raises(ConfigError, match="0..5"):
         C.corrupt(images[:1], "contrast", severity)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"severity must be an integer 0\.\.5 \(0 = clean\)"):
         C.severity_parameter("contrast", severity)
 
 
 def test_bad_seed_and_images_raise(images):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="seed must be a non-negative integer, got -1"):
         C.corrupt(images[:1], "fog", 1, seed=-1)
     with pytest.raises(ValueError, match="32"):
         C.corrupt(torch.zeros(1, 3, 28, 28, dtype=torch.uint8), "fog", 1)
     with pytest.raises(ValueError, match="uint8"):
         C.corrupt(images[:1].float(), "fog", 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\) NCHW, got torch.uint8 \(3, 32, 32\)"):
         C.corrupt(images[0], "fog", 1)               # no batch axis
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got ndarray"):
         C.corrupt(images[:1].numpy(), "fog", 1)
 
 
@@ -747,7 +747,7 @@ def test_resolve_workers():
     assert big == min(cpus, 70)
     assert C.resolve_workers(None, 10_000, 2) <= 2                # never more processes than cells
     for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ConfigError):
+        with pytest.raises(ConfigError, match=r"workers must be an integer >= 1 or None \(auto\), got "):
             C.resolve_workers(bad, 10, 70)
 
 

@@ -116,7 +116,7 @@ def test_compute_upsample_normalize_are_separate_steps():
     shared = normalize_maps(up, scale=2 * float(up.max()))   # one scale for both: 0 stays 0
     assert torch.allclose(shared[0], up[0] / (2 * up.max())) and shared.max() == pytest.approx(0.5)
     assert torch.equal(normalize_maps(up, scale=0.0), torch.zeros_like(up))
-    with pytest.raises(GradCAMError):
+    with pytest.raises(GradCAMError, match=r"activations and gradients of one shape \(N,K,h,w\)"):
         compute_cam(acts, grads[:, :, :2])
 
 
@@ -194,9 +194,9 @@ def test_no_hooks_left_after_success_and_after_errors():
         GradCAM(boom, boom.conv)(tiny_input())
     assert no_hooks(boom)
 
-    with pytest.raises(GradCAMError):
+    with pytest.raises(GradCAMError, match="not a \\(N,C,h,w\\) convolutional feature map"):
         GradCAM(model, model.fc)(tiny_input())
-    with pytest.raises(GradCAMError):
+    with pytest.raises(GradCAMError, match="targets has 1 entries but the batch has 2 images"):
         cam(tiny_input(2), targets=[0])
     assert no_hooks(model)
 
@@ -218,7 +218,7 @@ def test_mode_restored_and_computation_in_eval(mode):
     torch.testing.assert_close(res.raw, ref.raw)
 
     boom = TinyNet(boom=True).train()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="boom inside forward"):
         GradCAM(boom, boom.conv)(tiny_input())
     assert all(m.training for m in boom.modules())
 

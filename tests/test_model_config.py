@@ -33,7 +33,7 @@ def test_config_defaults_are_the_seed_setting():
     cfg = get_config("full")
     assert (cfg.seed, cfg.epochs, cfg.lr, cfg.weight_decay, cfg.schedule) == (42, 30, 1e-3, 1e-4, "cosine")
     assert cfg.val_size == 5000 and cfg.train_subset is None and cfg.augment == "baseline"
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'epochs'"):
         cfg.epochs = 3
 
 
@@ -79,7 +79,7 @@ def test_every_field_has_a_group_and_help():
         if "choices" in f.metadata:   # the choices shown are the ones Config accepts
             for choice in f.metadata["choices"]:
                 Config().replace(**{f.name: choice})
-            with pytest.raises(ConfigError):
+            with pytest.raises(ConfigError, match=f"unknown .*'no-such-choice'; choose one of {f.metadata['choices'][0]}"):
                 Config().replace(**{f.name: "no-such-choice"})
     assert {f.metadata["group"] for f in dataclasses.fields(Config)} == set(GROUPS)
 

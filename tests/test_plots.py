@@ -111,7 +111,7 @@ def test_training_curves_empty_history_does_not_crash():
 
 def test_training_curves_wrong_axes_count():
     fig, ax = plt.subplots()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs 2 axes, got 1"):
         plots.plot_training_curves({"baseline": _history(2)}, axes=[ax])
 
 
@@ -223,7 +223,7 @@ def test_confusion_matrix_raw_counts_into_ax_and_bad_shape():
     out = plots.plot_confusion_matrix(np.eye(3, dtype=int) * 7, classes=("a", "b", "c"), normalize=False, ax=ax)
     assert out is fig
     assert ax.images[0].get_array().max() == 7
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be \(3, 3\), got \(3, 4\)"):
         plots.plot_confusion_matrix(np.zeros((3, 4), dtype=int), classes=("a", "b", "c"))
 
 

@@ -120,6 +120,20 @@ def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return grad
 
 
+def _check_classes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Labels must be class ids the model has; one forward of one image tells
+    how many (beyond them cross-entropy fails with an IndexError on the CPU and
+    a device-side assert, fatal to the CUDA context, on a GPU). Eval mode."""
+    if y.numel() == 0 or x.shape[0] == 0:
+        return
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        classes = model(_model_input(model, x[:1])).shape[1]
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"labels must be class ids in 0..{classes - 1} (the model has {classes} outputs), "
+                         f"got {low}..{high}")
+
+
 def _attack_inputs(model: nn.Module, images: torch.Tensor, labels: Any,
                    device: Any) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
     """The attack device, the images as fp32 there and the labels there."""
@@ -169,6 +183,7 @@ def fgsm(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: floa
         return images.detach().clone()
     dev, x, y = _attack_inputs(model, images, labels, device)
     with eval_mode(model):
+        _check_classes(model, x, y)
         out = _fgsm(model, x, y, eps)
     return out.to(images.device, images.dtype)
 
@@ -195,6 +210,7 @@ def pgd(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float
     dev, x, y = _attack_inputs(model, images, labels, device)
     gen = torch.Generator(device=dev).manual_seed(int(seed))
     with eval_mode(model):
+        _check_classes(model, x, y)
         out = _pgd(model, x, y, eps, steps, size, random_start, gen)
     return out.to(images.device, images.dtype)
 
@@ -250,6 +266,7 @@ def adversarial_accuracy(model: nn.Module, images_uint8: torch.Tensor, labels: t
                         progress_enabled(progress))
     try:
         with eval_mode(model):
+            _check_classes(model, to_float(images_uint8[:1].to(dev)), labels)
             for batch in batches:
                 x = to_float(images_uint8[batch].to(dev))
                 y = labels[batch].to(dev)
