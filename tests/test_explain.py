@@ -58,8 +58,10 @@ def test_t_quantile_matches_scipy(p, df):
 
 
 def test_t_quantile_rejects_bad_arguments():
-    for p, df in ((0.975, 0), (0.975, 2.5), (1.0, 3), (0.2, 3)):
-        with pytest.raises(ValueError):
+    for p, df, says in ((0.975, 0, "df must be a positive integer, got 0"),
+                        (0.975, 2.5, "df must be a positive integer, got 2.5"),
+                        (1.0, 3, r"p must be in \[0.5, 1\), got 1.0"), (0.2, 3, r"p must be in \[0.5, 1\), got 0.2")):
+        with pytest.raises(ValueError, match=says):
             explain.t_quantile(p, df)
 
 

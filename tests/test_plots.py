@@ -272,9 +272,9 @@ def test_plot_samples_grid_titles_and_given_axes():
     fig2, axes = plt.subplots(1, 3)
     out = plots.plot_samples(np.zeros((3, 32, 32, 3), dtype=np.uint8), [9, 0, 1], n=16, axes=axes)
     assert out is fig2 and [ax.get_title() for ax in axes] == ["truck", "airplane", "automobile"]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"must be 4-D .* got shape \(2, 32, 32\)"):
         plots.plot_samples(np.zeros((2, 32, 32), dtype=np.uint8), [0, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"{len(images)} images but 5 labels"):
         plots.plot_samples(images, labels[:5])
 
 
