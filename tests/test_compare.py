@@ -91,6 +91,21 @@ def test_bootstrap_contains_true_diff():
     assert wider["low"] <= r["low"] and wider["high"] >= r["high"]
 
 
+def test_bootstrap_interval_equals_a_naive_resampling_loop():
+    # The same generator, one resample per loop iteration, accuracies recomputed from scratch.
+    rng = np.random.default_rng(11)
+    a, b = rng.random(157) < 0.6, rng.random(157) < 0.7
+    r = bootstrap_accuracy_diff(a, b, n_boot=400, seed=5, confidence=0.9)
+    draw = np.random.default_rng(5)
+    diffs = []
+    for _ in range(400):
+        idx = draw.integers(0, 157, size=157, dtype=np.int64)
+        diffs.append(b[idx].mean() - a[idx].mean())
+    low, high = np.quantile(diffs, [0.05, 0.95])
+    assert r["low"] == pytest.approx(low, abs=1e-12) and r["high"] == pytest.approx(high, abs=1e-12)
+    assert r["diff"] == pytest.approx(b.mean() - a.mean(), abs=1e-15)
+
+
 def test_bootstrap_deterministic_under_seed_and_chunking():
     a, b = paired(15, 25, both_right=120, both_wrong=40)
     r1 = bootstrap_accuracy_diff(a, b, n_boot=300, seed=7)

@@ -188,6 +188,36 @@ def test_randomised_copies_leave_the_model_alone():
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_each_cascade_step_reinitialises_exactly_its_modules():
+    model = tiny_model().eval()
+    with torch.no_grad():   # move every tensor off its reset value, so that each reset shows
+        for v in model.state_dict().values():
+            v.add_(3) if v.is_floating_point() else v.fill_(7)
+    groups = [["linear"], ["layer4"], ["layer3", "layer2"]]
+    previous = {k: v.clone() for k, v in model.state_dict().items()}
+    not_reset = {}
+    for step in randomised_copies(model, groups, seed=3):
+        not_reset[step.index] = step.not_reset
+        now = {k: v.clone() for k, v in step.model.state_dict().items()}
+        for k, v in now.items():
+            module = k.rsplit(".", 1)[0]
+            mine = any(module == n or module.startswith(n + ".") for n in step.names)
+            if mine and k not in step.not_reset:
+                assert not torch.equal(v, previous[k]), f"step {step.index}: {k} was not re-initialised"
+            else:
+                assert torch.equal(v, previous[k]), f"step {step.index}: {k} changed outside {step.names}"
+        if step.index:
+            state = step.model.state_dict()   # BatchNorm back to its initial statistics and affine values
+            for k in (k for k in state if k.endswith("running_mean") and k.startswith(tuple(step.names))):
+                bn = k.rsplit(".", 1)[0]
+                assert torch.equal(state[k], torch.zeros_like(state[k]))
+                assert torch.equal(state[bn + ".running_var"], torch.ones_like(state[k]))
+                assert int(state[bn + ".num_batches_tracked"]) == 0
+                assert torch.equal(state[bn + ".weight"], torch.ones_like(state[k]))
+        previous = now
+    assert not_reset == {0: [], 1: [], 2: ["layer4.1.gain"], 3: []}   # a module without reset_parameters
+
+
 @pytest.mark.parametrize("kwargs, call, match", [
     ({"similarity_func": 0.5}, {}, "similarity_func must be callable"),
     ({"threshold": float("nan")}, {}, "threshold"),
