@@ -97,3 +97,14 @@ def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("analysed_run")
     assert main(cli("run", shared_cifar_dir, out)) == 0
     return out
+
+
+@pytest.fixture
+def analysed_copy(analysed_run, tmp_path) -> Path:
+    """A private copy of `analysed_run` for a test that writes into it, so that
+    test order never decides what later tests see (file times are kept, so the
+    caches stay valid for the copied checkpoints)."""
+    import shutil
+    out = tmp_path / "analysed_copy"
+    shutil.copytree(analysed_run, out)
+    return out

@@ -208,7 +208,8 @@ def test_run_writes_explanations(analysed_run):
         assert text in report, text
 
 
-def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_run, shared_cifar_dir, capsys):
+def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_copy, shared_cifar_dir, capsys):
+    analysed_run = analysed_copy   # this test writes: a private copy
     args = cli("explain", shared_cifar_dir, analysed_run)
     before = (analysed_run / "explanations.json").read_bytes()
     assert main(args) == 0

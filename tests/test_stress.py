@@ -198,14 +198,22 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
         assert (stressed / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_stress_command_reuses_cache_and_force_recomputes(stressed, shared_cifar_dir, capsys):
+def test_stress_command_reuses_cache_and_force_recomputes(analysed_copy, shared_cifar_dir, capsys):
+    import os
+    stressed = analysed_copy
     args = cli("stress", shared_cifar_dir, stressed)
     before = (stressed / "stress_baseline.json").read_bytes()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "reusing" in out and "mean corruption accuracy" in out
     assert (stressed / "stress_baseline.json").read_bytes() == before
-    assert main(args + ["--force", "--corruption-subset", "10"]) == 0
+    # The same settings with --force: recomputed and rewritten, not reused (the smoke subset is 10 already).
+    for name in ("baseline", "improved"):
+        os.utime(stressed / f"stress_{name}.json", ns=(10**9, 10**9))
+    assert main(args + ["--force"]) == 0
+    assert "stress: reusing" not in capsys.readouterr().out
+    for name in ("baseline", "improved"):
+        assert (stressed / f"stress_{name}.json").stat().st_mtime_ns != 10**9, name
     after = json.loads((stressed / "stress_baseline.json").read_text())["results"]
     assert after["corruptions"]["n"] == 10
     metrics = json.loads((stressed / "metrics.json").read_text())
