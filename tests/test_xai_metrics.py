@@ -235,8 +235,14 @@ def test_randomisation_metric_errors(kwargs, call, match):
 
 
 def test_abs_spearman_is_the_verdicts_score():
+    from scipy.stats import spearmanr
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
-    assert abs_spearman(a, b) == abs(spearman(a, b, absolute=True))
-    assert abs_spearman(a, -a) == abs(spearman(a, -a, absolute=True))
+    # the reference: SciPy's rank correlation of the absolute maps, its sign dropped
+    assert abs_spearman(a, b) == pytest.approx(abs(spearmanr(np.abs(a).ravel(), np.abs(b).ravel())[0]), abs=1e-12)
+    assert abs_spearman(a, -a) == pytest.approx(1.0, abs=1e-12)         # |a| == |-a|: the same ranking
+    flipped = np.arange(25.0).reshape(5, 5)                             # a reversed ranking counts as similar
+    assert abs_spearman(flipped, 25.0 - flipped) == pytest.approx(1.0, abs=1e-12)
+    assert spearman(flipped, 25.0 - flipped) == pytest.approx(-1.0, abs=1e-12)
+    assert np.isnan(abs_spearman(np.zeros((5, 5)), a))                  # a constant map: undefined
     assert issubclass(SanityError, CnnstressError)
