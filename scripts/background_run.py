@@ -198,13 +198,22 @@ def cmd_pause(args) -> int:
         return paused(args)
 
 
+# Sleeps, then continues the run's process group (or the process, when it leads none).
+WATCHDOG = """import os, signal, sys, time
+pid, seconds = int(sys.argv[2]), int(sys.argv[3])
+time.sleep(seconds)
+(os.killpg if os.getpgid(pid) == pid else os.kill)(pid, signal.SIGCONT)
+"""
+
+
 def paused(args) -> int:
     pid = running_pid(args.home)
     if pid is None:
         return subprocess.call(args.command)
-    # The watchdog continues the run even if this script dies without its finally.
-    target = f"-{pid}" if os.getpgid(pid) == pid else str(pid)
-    watchdog = subprocess.Popen(["sh", "-c", f"sleep {int(args.max_minutes * 60)}; kill -CONT {target}"],
+    # The watchdog continues the run even if this script dies without its finally. It is one process (no
+    # shell with a sleep child), so killing and reaping it below leaves nothing behind.
+    watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, "cnnstress-watchdog", str(pid),
+                                 str(int(args.max_minutes * 60))],
                                 start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
     started = time.monotonic()
@@ -216,7 +225,8 @@ def paused(args) -> int:
         return 130
     finally:
         signal_group(pid, signal.SIGCONT)
-        os.killpg(watchdog.pid, signal.SIGKILL)   # its sleep too, not only the shell
+        watchdog.kill()
+        watchdog.wait()
         for s, handler in previous.items():
             signal.signal(s, handler)
         took = time.monotonic() - started
