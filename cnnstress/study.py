@@ -8,7 +8,7 @@ The notebook and the command line drive the same object::
     study.failures("baseline")         # test predictions + high-confidence failures
     study.gradcam()                    # Grad-CAM figures of the top failures
     study.train("improved"); study.compare(); study.stress(); study.explain(); study.label_review()
-    study.report()
+    study.report(); study.findings()   # the report files; what was found, in sentences
 
 or all of it with `study.run()` (what `python -m cnnstress run` calls). Every
 step takes what it needs from earlier steps, loading it from the output
@@ -288,6 +288,14 @@ class Study:
     def report(self):
         """metrics.json, analysis_report.txt and report.html from every stage run so far."""
         return self.run_stage("report")
+
+    def findings(self):
+        """What the study found, in sentences built from the stages' results
+        (the report's summary): a list of strings, shown as a bulleted list
+        in a notebook. Stages not run in this session come from their caches."""
+        from .stages import report
+        with output_lock(self.out, log=self.log):
+            return report.stage.findings(self)
 
     def run(self, *, only: str | None = None, force_only: bool = False):
         """Every stage in order (cnnstress.stages.STAGES). only="stress" or

@@ -10,6 +10,8 @@ numbers in metrics.json and its section of the reports:
     model_metrics(study, result, m) -> flat numbers merged into metrics.json[m]
     metrics(study, result)          -> metrics.json[stage.name] (None: nothing)
     sections(study, result)         -> report sections (reporting.Section)
+    finding(study, result)          -> what it found, in a sentence or two for a reader
+                                       (the report's summary, Study.findings())
 
 Adding a stage means one module defining a `Stage` subclass and one line in
 `cnnstress.stages.STAGES`.
@@ -62,6 +64,10 @@ class Stage:
 
     def sections(self, study: "Study", result: Any) -> list:
         return []
+
+    def finding(self, study: "Study", result: Any) -> str | None:
+        """What the stage found, as plain sentences built from `result` (None: nothing to say)."""
+        return None
 
     # --- caching -----------------------------------------------------------
     def settings(self, study: "Study") -> dict[str, Any]:

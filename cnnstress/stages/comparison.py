@@ -81,6 +81,19 @@ class ComparisonStage(Stage):
                 f"{result.mcnemar.p_value:.3g}; failures {fc.a} -> {fc.b}: {fc.fixed} fixed, "
                 f"{fc.still_high_confidence} persist, {fc.new} new, {fc.newly_confident} newly confident")
 
+    def finding(self, study: "Study", result: Comparison) -> str:
+        d, mc, fc = result.accuracy_diff, result.mcnemar, result.failures.counts
+        t = study.config.failure_threshold if result.threshold is None else result.threshold
+        change = ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in (result.config_diff or {}).items()) or "nothing"
+        moved = (f"{'raised' if d.diff > 0 else 'lowered'} test accuracy by {abs(100 * d.diff):.2f} points"
+                 if d.diff else "left test accuracy unchanged")
+        sig = "significant" if mc.p_value < 0.05 else "not significant"
+        return (f"Changing only {change} {moved} ({d.confidence:.0%} paired-bootstrap interval "
+                f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]; McNemar p = {mc.p_value:.3g}, {sig} at 5%). "
+                f"Of the baseline's {fc.a} failures above {t:.0%} confidence, {fc.fixed} were fixed and "
+                f"{fc.still_high_confidence} stayed above it; of the improved model's {fc.b}, {fc.new} are new (the "
+                f"baseline was right) and {fc.newly_confident} newly confident (the baseline was wrong, less sure).")
+
     def metrics(self, study: "Study", result: Comparison) -> dict[str, Any]:
         return result.to_dict()
 

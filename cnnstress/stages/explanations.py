@@ -18,7 +18,7 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE, ensure_writable_dir
 from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
-from ..reporting import Figure, Paragraph, Section, Table, pct
+from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
 from ..schema import explanations_schema
@@ -168,6 +168,23 @@ class ExplanationsStage(Stage):
             lines.append(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "
                          f"{ls.suspect_failures} of {ls.failures} failures are suspected label errors")
         return "\n".join(lines)
+
+    def finding(self, study: "Study", result: Explanations) -> str:
+        parts = []
+        for name, f in result.faithfulness.items():
+            cam = (f.sample.methods or {}).get("gradcam")
+            faith = (f"{cam.verdict} against pixel noise and {cam.verdict_smooth} against smooth noise on "
+                     f"{f.sample.n} images" if cam is not None and cam.verdict else "no faithfulness sample")
+            sanity = verdict_word(result.sanity[name].methods["gradcam"].verdict.passed)
+            parts.append(f"{name}: {faith}, sanity check {sanity}")
+        ls = result.label_suspects
+        weak = {n: pct(t.flagged_fraction, 1) for n, t in ls.items() if not t.reliable}
+        caveat = (f" (unreliable: the flags cover {per_model(weak)} of the test set, far more than its wrong labels)"
+                  if weak else "")
+        return (f"Grad-CAM against random maps (deletion and insertion): {'; '.join(parts)}. Confident learning "
+                f"suspects a wrong label behind "
+                f"{per_model({n: f'{t.suspect_failures} of {t.failures}' for n, t in ls.items()})} "
+                f"high-confidence failures{caveat}.")
 
     def model_metrics(self, study: "Study", result: Explanations, model: str) -> dict[str, Any]:
         faith = {group: {m: {"deletion_auc": v.deletion_auc, "insertion_auc": v.insertion_auc,

@@ -21,7 +21,7 @@ from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
 from ..plots import plot_failure_case, plot_no_failures, save_figure
-from ..reporting import Figure, Paragraph, Section, Table, pct
+from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary
 from ..runtime import resolve_device, resolve_precision
 from ..weights import describe_reference
@@ -314,6 +314,14 @@ class FailuresStage(Stage):
         return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
                          f"{m.summary.high_confidence_failures} high-confidence failures"
                          for n, m in result.models.items())
+
+    def finding(self, study: "Study", result: FailuresResult) -> str:
+        ms = result.models
+        n = next(iter(ms.values())).summary.n
+        return (f"On the {n:,} test images, accuracy was "
+                f"{per_model({name: pct(m.summary.test_accuracy) for name, m in ms.items()})}; "
+                f"{per_model({name: str(m.summary.high_confidence_failures) for name, m in ms.items()})} images "
+                f"were predicted wrongly with more than {result.threshold:.0%} confidence.")
 
     def model_metrics(self, study: "Study", result: FailuresResult, model: str) -> dict[str, Any]:
         return result.models[model].summary.to_dict()

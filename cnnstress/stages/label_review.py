@@ -27,7 +27,7 @@ import numpy as np
 from ..data import CLASSES
 from ..io import remove_file
 from ..plots import plot_confirmed_label_errors, plot_precision_at_k
-from ..reporting import Figure, Paragraph, Section, Table
+from ..reporting import Figure, Paragraph, Section, Table, per_model
 from ..results import Record, optional
 from ..xai.checks import agreed_suspects, label_suspects
 from ..xai.label_errors import label_quality_scores
@@ -238,6 +238,15 @@ class LabelReviewStage(Stage):
             lines.append(f"label review, both models agreeing: {a.flagged} flags, precision "
                          f"{a.precision.hits}/{a.precision.total} reviewed, recall {a.recall.hits}/{a.recall.total}")
         return "\n".join(lines)
+
+    def finding(self, study: "Study", result: LabelReview) -> str:
+        if not result.official_order:
+            return f"The human review of the test labels does not apply here: {result.order.reason}."
+        confirmed = per_model({n: f"{len(m.kinds.confirmed_label_error)} of {m.triage.failures}"
+                               for n, m in (result.models or {}).items()})
+        return (f"The human review of {result.reviewed} test labels ({result.confirmed} of them wrong) confirms a "
+                f"wrong label behind {confirmed} high-confidence failures (a lower bound: an unreviewed image counts as "
+                f"correctly labelled).")
 
     def model_metrics(self, study: "Study", result: LabelReview, model: str) -> dict[str, Any]:
         if not result.official_order or not result.models or model not in result.models:

@@ -31,6 +31,16 @@ class ReportResult(Record):
     seconds: float        # the study's wall time when the report was written
 
 
+class Findings(list):
+    """The study's findings (sentences): a bulleted list as text, in a notebook as Markdown."""
+
+    def __str__(self) -> str:
+        return "\n".join(f"- {sentence}" for sentence in self)
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
 class ReportStage(Stage):
     name = "report"
     title = "Summary"
@@ -73,33 +83,53 @@ class ReportStage(Stage):
                 f"Hardware: {metrics['hardware']}."]
         return Document("cnnstress analysis report", meta, sections)
 
+    def findings(self, study: "Study") -> Findings:
+        """What the study found, one entry per stage that ran (its `finding`),
+        then why a worse improved model may be underfitting: sentences built
+        from the typed results, no number written by hand. Stages this session
+        has not run are taken from their caches (see `complete`)."""
+        self.complete(study)
+        note = self.underfitting_note(study)
+        return Findings([text for _, text in self.stage_findings(study)] + ([note] if note else []))
+
+    def stage_findings(self, study: "Study") -> list[tuple[str, str]]:
+        """(stage name, its finding) for each stage that ran and has one, in stage order."""
+        found = [(s.name, s.finding(study, study.results[s.name])) for s in study.stage_list
+                 if s is not self and s.name in study.results]
+        return [(name, text) for name, text in found if text]
+
+    def underfitting_note(self, study: "Study") -> str | None:
+        """Why the enhanced augmentation lost accuracy, when it did and the
+        improved model also fits its training data less; else None."""
+        comparison, training = study.results.get("comparison"), study.results.get("training")
+        if comparison is None or training is None or comparison.accuracy_diff.diff > 0:
+            return None
+        b, i = training.models["baseline"], training.models["improved"]
+        if i.final_train_accuracy >= b.final_train_accuracy:
+            return None
+        # Augmentation makes the training task harder; in a short run that shows
+        # as underfitting rather than as better generalisation.
+        return (f"The improved model also fits its training data less ({100 * i.final_train_accuracy:.2f}% vs "
+                f"{100 * b.final_train_accuracy:.2f}% training accuracy after {i.epochs} epochs, train-validation "
+                f"gap {i.gap_points:+.1f} vs {b.gap_points:+.1f} points): it is still underfitting, and stronger "
+                f"augmentation needs more epochs than this run had to pay off (the 'full' profile trains "
+                f"{PROFILES['full']['epochs']} epochs on every training image).")
+
     def summary_blocks(self, study: "Study") -> list:
+        """The report's closing section: the findings (Study.findings()), then where the numbers are."""
         comparison = study.results.get("comparison")
-        training = study.results.get("training")
         if comparison is None:
             return [Paragraph("The comparison did not run; see the sections above.")]
-        diff, fc, t = comparison.accuracy_diff, comparison.failures.counts, comparison.threshold
-        sig = "significant" if comparison.mcnemar.p_value < 0.05 else "not significant"
-        better = diff.diff > 0
-        change = f"{(fc.b - fc.a) / fc.a * 100 if fc.a else 0:+.0f}%"
-        blocks = [Paragraph(
-            f"Changing only the augmentation preset {'raised' if better else 'did not raise'} test accuracy "
-            f"({100 * diff.diff:+.2f} points, {sig} by McNemar) and changed the number of wrong predictions "
-            f"made with more than {t:.0%} confidence from {fc.a} to {fc.b} ({change}). "
-            f"Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold every number "
-            f"above; failures_baseline.csv and failures_improved.csv list each failure.",
-            kind="verdict-good" if better else "verdict-bad")]
-        if training is not None:
-            b, i = training.models["baseline"], training.models["improved"]
-            if not better and i.final_train_accuracy < b.final_train_accuracy:
-                # Augmentation makes the training task harder; in a short run that shows
-                # as underfitting rather than as better generalisation.
-                blocks.append(Paragraph(
-                    f"The improved model also fits its training data less ({100 * i.final_train_accuracy:.2f}% vs "
-                    f"{100 * b.final_train_accuracy:.2f}% training accuracy after {i.epochs} epochs, train-validation "
-                    f"gap {i.gap_points:+.1f} vs {b.gap_points:+.1f} points): it is still underfitting, and stronger "
-                    f"augmentation needs more epochs than this run had to pay off (the 'full' profile trains "
-                    f"{PROFILES['full']['epochs']} epochs on every training image).", kind="note"))
+        better = comparison.accuracy_diff.diff > 0
+        note = self.underfitting_note(study)
+        verdict = "verdict-good" if better else "verdict-bad"
+        blocks = [Paragraph(text, kind=verdict if name == "comparison" else "text")
+                  for name, text in self.stage_findings(study)]
+        if note:
+            blocks.append(Paragraph(note, kind="note"))
+        blocks.append(Paragraph("Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold "
+                                "every number above; failures_baseline.csv and failures_improved.csv list each "
+                                "failure."))
         return blocks
 
     def complete(self, study: "Study") -> None:

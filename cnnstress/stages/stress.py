@@ -160,6 +160,22 @@ class StressStage(Stage):
             f"{100 * r.corruptions.mean_corruption_accuracy:.2f}%, PGD {r.adversarial.eps_255[-1]}/255 accuracy "
             f"{100 * r.adversarial.pgd[-1]:.1f}%" for n, r in result.models.items())
 
+    def finding(self, study: "Study", result: StressStageResult) -> str:
+        rs = list(result.models.values())
+
+        def each(value, digits: int = 2) -> str:   # "1.60% / 2.74%", in the order of the models
+            return " / ".join(pct(value(r), digits) for r in rs)
+
+        first = rs[0]
+        return (f"Beyond clean accuracy ({' / '.join(result.models)}): calibration error (ECE) "
+                f"{each(lambda r: r.calibration.uncalibrated.ece)}, "
+                f"{each(lambda r: r.calibration.calibrated.ece)} after temperature scaling; mean accuracy over "
+                f"{len(first.corruptions.accuracy)} corruption types at {len(first.corruptions.accuracy_by_severity)} "
+                f"severities {each(lambda r: r.corruptions.mean_corruption_accuracy)}, against "
+                f"{each(lambda r: r.corruptions.clean_accuracy)} on the same images uncorrupted; PGD accuracy at "
+                f"{first.adversarial.eps_255[-1]}/255 {each(lambda r: r.adversarial.pgd[-1], 1)} "
+                f"({first.adversarial.steps} steps, {first.adversarial.n} images).")
+
     def model_metrics(self, study: "Study", result: StressStageResult, model: str) -> dict[str, Any]:
         r = result.models[model]
         cal, corr, adv = r.calibration, r.corruptions, r.adversarial

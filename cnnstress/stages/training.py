@@ -24,7 +24,7 @@ from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_writable_dir
 from ..plots import plot_training_curves, save_figure
-from ..reporting import Figure, Paragraph, Section
+from ..reporting import Figure, Paragraph, Section, pct, per_model
 from ..results import Record, optional
 from ..runtime import resolve_device
 from ..study import MODELS
@@ -260,6 +260,13 @@ class TrainingStage(Stage):
         return "; ".join(f"{n}: {m.epochs} epochs, final validation accuracy {100 * m.final_val_accuracy:.2f}%"
                          + (" (reused)" if m.reused_checkpoint else f" ({m.train_seconds:.0f} s)")
                          for n, m in result.models.items())
+
+    def finding(self, study: "Study", result: TrainingResult) -> str:
+        ms = result.models
+        epochs = {n: f"{m.epochs} epoch{'s' if m.epochs != 1 else ''}" for n, m in ms.items()}
+        after = next(iter(epochs.values())) if len(set(epochs.values())) == 1 else per_model(epochs)
+        return (f"After {after}, training accuracy was {per_model({n: pct(m.final_train_accuracy) for n, m in ms.items()})}"
+                f" and validation accuracy {per_model({n: pct(m.final_val_accuracy) for n, m in ms.items()})}.")
 
     def model_metrics(self, study: "Study", result: TrainingResult, model: str) -> dict[str, Any]:
         m = result.models[model]
