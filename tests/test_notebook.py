@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
+
+from cnnstress.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "assignment.ipynb"
@@ -27,6 +30,10 @@ OUTPUTS = FIGURES + ("analysis_report.txt", "metrics.json", "failures_baseline.c
                      "baseline/checkpoint.pt", "baseline/history.json",
                      "improved/checkpoint.pt", "improved/history.json",
                      "stress_baseline.json", "stress_improved.json", "corruption_accuracy.csv", "explanations.json")
+# Written as well, but not checked after the smoke run: the command line's config, the lock, and the
+# human review's figures (the fixture's test set is not in the official order).
+ALSO_WRITTEN = ("report.html", "run_log.json", "config.json", ".cnnstress.lock", "label_errors_confirmed.png",
+                "label_precision_at_k.png")
 CACHED = ("baseline/checkpoint.pt", "improved/checkpoint.pt", "baseline/history.json", "improved/history.json",
           "predictions_baseline.npz", "predictions_improved.npz", "stress_baseline.json", "stress_improved.json")
 THRESHOLD_LINE = "THRESHOLD = study.config.failure_threshold"
@@ -57,13 +64,24 @@ def _stage_cell(nb, number: int):
     raise AssertionError(f"no stage {number} in the notebook")
 
 
+def _heading(nb, number: int) -> str:
+    """The '## N. ...' line of section `number`."""
+    return next(c.source.splitlines()[0] for c in nb.cells
+                if c.cell_type == "markdown" and c.source.startswith(f"## {number}."))
+
+
 def _stamp(path: Path) -> tuple[bytes, int]:
     return path.read_bytes(), path.stat().st_mtime_ns
 
 
 # --- the committed file ----------------------------------------------------------
 
-def test_committed_notebook_has_no_outputs_and_fourteen_stages():
+def _named(name: str) -> str:
+    """An output's name as the first cell lists it: one entry per model (`<model>`)."""
+    return name.replace("baseline", "<model>").replace("improved", "<model>")
+
+
+def test_committed_notebook_has_no_outputs_and_sixteen_sections():
     raw = json.loads(NOTEBOOK.read_text(encoding="utf-8"))
     assert raw["nbformat"] == 4
     assert raw["metadata"]["kernelspec"]["name"] == "python3"
@@ -73,8 +91,24 @@ def test_committed_notebook_has_no_outputs_and_fourteen_stages():
             assert cell["execution_count"] is None, cell["source"]
     nb = _read_notebook()
     nbformat.validate(nb)
-    for n in range(1, 15):
+    for n in range(1, 17):
         assert _stage_cell(nb, n).source.strip()
+    assert not any(c.source.startswith("## 17.") for c in nb.cells)
+    # the first cell names every file the study writes
+    intro = nb.cells[0].source
+    for name in OUTPUTS + ALSO_WRITTEN:
+        assert f"`{_named(name)}`" in intro, name
+    # section 4 is titled after what its cell shows; explanations and the label review are separate sections
+    assert "configuration" in _heading(nb, 4) and _stage_cell(nb, 4).source.strip() == "study.config_table()"
+    assert "study.explain(" in _stage_cell(nb, 13).source and "label_review" not in _stage_cell(nb, 13).source
+    assert _stage_cell(nb, 14).source.strip() == "study.label_review()"
+    # it closes with what was found, in sentences the package builds from the results
+    assert _heading(nb, 16) == "## 16. What we found" and nb.cells[-1] is _stage_cell(nb, 16)
+    assert nb.cells[-1].source.strip() == "study.findings()"
+    # no setting typed into the prose: the threshold and the epochs come from study.config
+    prose = " ".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert f"{Config().failure_threshold:.0%}" not in prose
+    assert not re.search(r"\b\d+ epochs?\b", prose)
     assert sum(THRESHOLD_LINE in c.source for c in nb.cells) == 1
     setup = _stage_cell(nb, 1).source
     for name in ("PROFILE", "DATA_DIR", "OUT_DIR", "FORCE = False", "WEIGHTS = None", "%matplotlib inline"):
@@ -144,16 +178,19 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert metrics["comparison"]["config_diff"] == {"augment": ["baseline", "enhanced"]}
     assert metrics["baseline"]["n"] == 100 and metrics["baseline"]["epochs"] == 1
     report = (out / "analysis_report.txt").read_text()
-    assert report.strip() in _text(_stage_cell(nb, 14))          # stage 14 prints the report it wrote
+    assert report.strip() in _text(_stage_cell(nb, 15))          # stage 15 prints the report it wrote
     assert "8. Can the explanations and the failures be trusted?" in report
     assert "failures are suspected label errors" in _text(_stage_cell(nb, 13))
-    # the fixture's test set is synthetic: the human review does not apply, and stage 13 says so
-    assert "label review: the loaded test set is not in the official order" in _text(_stage_cell(nb, 13))
+    # the fixture's test set is synthetic: the human review does not apply, and stage 14 says so
+    assert "label review: the loaded test set is not in the official order" in _text(_stage_cell(nb, 14))
     assert "7. Stress tests beyond accuracy" in report
     assert "mean corruption accuracy" in _text(_stage_cell(nb, 12))
     assert metrics["baseline"]["mean_corruption_accuracy"] == pytest.approx(
         json.loads((out / "stress_baseline.json").read_text())["results"]["corruptions"]["mean_corruption_accuracy"])
     assert f"{100 * metrics['baseline']['test_accuracy']:.2f}%" in _text(_stage_cell(nb, 7))
+    found = _text(_stage_cell(nb, 16))                            # the findings, as the report's summary
+    assert found.startswith("- ") and f"{100 * metrics['improved']['test_accuracy']:.2f}% (improved)" in found
+    assert all(line[2:] in " ".join(report.split()) for line in found.splitlines())
 
 
 def test_rerun_reuses_checkpoints_and_predictions(first_run):
@@ -182,10 +219,10 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run):
     assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report
     # stage 8 drew the cases before the improved model existed; the report still says what it predicts
     assert report.count("The improved model predicts") == 3
-    # stage 14 takes the failures of stages 7, 8 and 10 as they are: no second evaluation or Grad-CAM
-    stage14 = _text(_stage_cell(nb, 14))
-    logged = stage14.splitlines()
-    assert not any(line.startswith(("case 1:", "baseline: test accuracy")) for line in logged), stage14[:2000]
+    # stage 15 takes the failures of stages 7, 8 and 10 as they are: no second evaluation or Grad-CAM
+    stage15 = _text(_stage_cell(nb, 15))
+    logged = stage15.splitlines()
+    assert not any(line.startswith(("case 1:", "baseline: test accuracy")) for line in logged), stage15[:2000]
 
 
 @pytest.mark.slow

@@ -170,18 +170,19 @@ class ExplanationsStage(Stage):
         return "\n".join(lines)
 
     def finding(self, study: "Study", result: Explanations) -> str:
-        parts = []
+        parts, sizes = [], set()
         for name, f in result.faithfulness.items():
             cam = (f.sample.methods or {}).get("gradcam")
-            faith = (f"{cam.verdict} against pixel noise and {cam.verdict_smooth} against smooth noise on "
-                     f"{f.sample.n} images" if cam is not None and cam.verdict else "no faithfulness sample")
+            faith = f"{cam.verdict} / {cam.verdict_smooth}" if cam is not None and cam.verdict else "no sample"
+            sizes.add(f.sample.n)
             sanity = verdict_word(result.sanity[name].methods["gradcam"].verdict.passed)
-            parts.append(f"{name}: {faith}, sanity check {sanity}")
+            parts.append(f"{name} {faith}, sanity check {sanity}")
         ls = result.label_suspects
         weak = {n: pct(t.flagged_fraction, 1) for n, t in ls.items() if not t.reliable}
         caveat = (f" (unreliable: the flags cover {per_model(weak)} of the test set, far more than its wrong labels)"
                   if weak else "")
-        return (f"Grad-CAM against random maps (deletion and insertion): {'; '.join(parts)}. Confident learning "
+        return (f"Grad-CAM's faithfulness (deletion and insertion on {' / '.join(map(str, sorted(sizes)))} sample "
+                f"images) against a pixel-noise / a smooth random map: {'; '.join(parts)}. Confident learning "
                 f"suspects a wrong label behind "
                 f"{per_model({n: f'{t.suspect_failures} of {t.failures}' for n, t in ls.items()})} "
                 f"high-confidence failures{caveat}.")
