@@ -63,7 +63,8 @@ def _flags(action: argparse.Action) -> str:
         shown += f" / `--no-{action.dest.replace('_', '-')}`"
     if others:
         shown += f" (also {', '.join(f'`{n}`' for n in others)})"
-    return _cell(shown)
+    # A '|' inside a code span stays escaped in some renderers: close the span around it.
+    return _cell(shown.replace("|", "`|`"))
 
 
 def cli_reference() -> str:
