@@ -88,13 +88,40 @@ def cli(command: str, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra]
 
 
+def copy_run(source: Path, dest: Path) -> Path:
+    """A private copy of a run folder (copytree keeps the file times, so the
+    checkpoint stamps in the caches still match and nothing is recomputed)."""
+    import shutil
+    shutil.copytree(source, dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
-def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
-    """`python -m cnnstress run` in the smoke profile with every stage
-    (stress and explanations included), shared by the stage tests."""
+def trained_run(shared_cifar_dir, tmp_path_factory) -> Path:
+    """`python -m cnnstress run --no-stress --no-explain` in the smoke profile:
+    both models trained once for the whole session, their failures, comparison,
+    report and figures. Read only: a test that writes takes `trained_copy`."""
     from cnnstress.__main__ import main
 
-    out = tmp_path_factory.mktemp("analysed_run")
+    out = tmp_path_factory.mktemp("trained_run")
+    assert main(cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain")) == 0
+    return out
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path) -> Path:
+    """A private copy of `trained_run` for a test that writes into it."""
+    return copy_run(trained_run, tmp_path / "trained_copy")
+
+
+@pytest.fixture(scope="session")
+def analysed_run(trained_run, shared_cifar_dir, tmp_path_factory) -> Path:
+    """`python -m cnnstress run` with every stage (stress and explanations
+    included) on the session's trained pair, shared by the stage tests. Read
+    only: a test that writes takes `analysed_copy`."""
+    from cnnstress.__main__ import main
+
+    out = copy_run(trained_run, tmp_path_factory.mktemp("analysed_run") / "run")
     assert main(cli("run", shared_cifar_dir, out)) == 0
     return out
 
@@ -102,9 +129,5 @@ def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def analysed_copy(analysed_run, tmp_path) -> Path:
     """A private copy of `analysed_run` for a test that writes into it, so that
-    test order never decides what later tests see (file times are kept, so the
-    caches stay valid for the copied checkpoints)."""
-    import shutil
-    out = tmp_path / "analysed_copy"
-    shutil.copytree(analysed_run, out)
-    return out
+    test order never decides what later tests see."""
+    return copy_run(analysed_run, tmp_path / "analysed_copy")
