@@ -70,6 +70,33 @@ def tiny_training_config(**kw):
     return get_config("smoke", **base)
 
 
+@pytest.fixture(scope="session")
+def tiny_splits(shared_cifar_dir):
+    """The splits of `shared_cifar_dir` under tiny_training_config."""
+    from cnnstress.data import load_splits
+    return load_splits(shared_cifar_dir, tiny_training_config(), download=False)
+
+
+@pytest.fixture(scope="session")
+def two_epoch_runs(tiny_splits, tmp_path_factory):
+    """For each preset, the tiny 2-epoch run trained whole and the same run
+    stopped after epoch 1, checkpoints kept: the references the resume tests
+    share. Read only: a test copies the checkpoint it resumes or edits."""
+    from types import SimpleNamespace
+
+    from cnnstress.train import fit
+
+    root = tmp_path_factory.mktemp("two_epoch_runs")
+    runs = {}
+    for augment in ("baseline", "enhanced"):
+        cfg = tiny_training_config(epochs=2, augment=augment)
+        whole = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-whole.pt", log=None)
+        part = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-part.pt", log=None, stop_after_epoch=1)
+        runs[augment] = SimpleNamespace(cfg=cfg, whole=whole, part=part, whole_path=root / f"{augment}-whole.pt",
+                                        part_path=root / f"{augment}-part.pt")
+    return runs
+
+
 def weights_equal(a, b) -> bool:
     """Two models hold bit-identical parameters and buffers."""
     import torch

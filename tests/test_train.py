@@ -1,6 +1,5 @@
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,22 +18,6 @@ from conftest import strip_time, tiny_training_config as _config, weights_equal
 @pytest.fixture(scope="module")
 def splits(shared_cifar_dir):
     return load_splits(shared_cifar_dir, _config(), download=False)
-
-
-@pytest.fixture(scope="module")
-def two_epoch_runs(splits, tmp_path_factory):
-    """For each preset, the tiny 2-epoch run trained whole and the same run
-    stopped after epoch 1, checkpoints kept: the references the resume tests
-    share. Read only: a test copies the checkpoint it resumes or edits."""
-    root = tmp_path_factory.mktemp("two_epoch_runs")
-    runs = {}
-    for augment in ("baseline", "enhanced"):
-        cfg = _config(epochs=2, augment=augment)
-        whole = fit(cfg, splits, checkpoint_path=root / f"{augment}-whole.pt", log=None)
-        part = fit(cfg, splits, checkpoint_path=root / f"{augment}-part.pt", log=None, stop_after_epoch=1)
-        runs[augment] = SimpleNamespace(cfg=cfg, whole=whole, part=part, whole_path=root / f"{augment}-whole.pt",
-                                        part_path=root / f"{augment}-part.pt")
-    return runs
 
 
 def _copy(src, dest):
