@@ -332,10 +332,10 @@ def upward(imp: Import) -> str | None:
 
 def test_every_module_has_a_layer_and_every_layer_entry_a_module():
     tops = {m.split(".")[0] for m in MODULES}
-    assert [m for m in MODULES if not any(m.split(".")[0] in names for names in LAYERS.values())] == []
-    assert sorted(n for names in LAYERS.values() for n in names if n not in tops) == []
     named = [n for names in LAYERS.values() for n in names]
-    assert len(named) == len(set(named))
+    assert sorted(tops - set(named)) == [], "a new module: put it in its layer in LAYERS"
+    assert sorted(set(named) - tops) == [], "no such module: remove it from LAYERS"
+    assert len(named) == len(set(named)), "a module in two layers"
 
 
 def test_import_finder_sees_every_depth():
