@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import PROFILES
 from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Document, Paragraph, Section, render_text, write_html
 from ..results import Record
 from ..runtime import describe_hardware, resolve_device
@@ -46,7 +47,7 @@ class ReportStage(Stage):
             if section is not None:
                 metrics[s.name] = section
         metrics.update({
-            "config": study.model_config("baseline").to_dict(),
+            "config": study.model_config(BASELINE).to_dict(),
             "profile": study.config.profile,
             "hardware": describe_hardware(resolve_device(study.config.device)),
             "pipeline_seconds": seconds,
@@ -90,7 +91,7 @@ class ReportStage(Stage):
             f"above; failures_baseline.csv and failures_improved.csv list each failure.",
             kind="verdict-good" if better else "verdict-bad")]
         if training is not None:
-            b, i = training.models["baseline"], training.models["improved"]
+            b, i = training.models[BASELINE], training.models[IMPROVED]
             if not better and i.final_train_accuracy < b.final_train_accuracy:
                 # Augmentation makes the training task harder; in a short run that shows
                 # as underfitting rather than as better generalisation.
