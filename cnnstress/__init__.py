@@ -12,10 +12,10 @@ from .model import resnet18
 from .runtime import resolve_device, resolve_precision, seed_everything
 from .study import Study
 from .train import FitResult, fit, load_model
+from .version import __version__  # noqa: F401  (cnnstress.__version__)
 
 __all__ = [
     "CIFAR_MEAN", "CIFAR_STD", "CLASSES", "PROFILES", "CnnstressError", "Config", "FitResult", "GradCAM",
     "GradCAMPlusPlus", "Predictions", "fit", "get_config", "load_model", "load_splits", "predict", "resnet18",
     "resolve_device", "resolve_precision", "seed_everything", "Study",
 ]
-__version__ = "0.1.0"

@@ -15,6 +15,7 @@ from .budget import TimeBudget, TimeBudgetReached
 from .config import GROUPS, PROFILES, Config, get_config
 from .errors import CnnstressError, ConfigError
 from . import pipeline
+from .registry import BASELINE, MODEL_NAMES, MODEL_OF_PRESET, checkpoint_path
 from .weights import analysis_config
 
 
@@ -267,8 +268,9 @@ def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> s
     import shlex
 
     out = Path(args.out_dir or pipeline.default_out_dir())
-    names = [pipeline.RUN_NAMES.get(getattr(args, "augment", None), "baseline")] if args.command == "train" else ["baseline", "improved"]
-    ckpts = [p for p in (out / name / "checkpoint.pt" for name in names) if p.is_file()]
+    # train: the model its --augment preset trains (no flag: the config's default, the baseline's)
+    names = [MODEL_OF_PRESET.get(getattr(args, "augment", None), BASELINE)] if args.command == "train" else MODEL_NAMES
+    ckpts = [p for p in (checkpoint_path(out, name) for name in names) if p.is_file()]
     ours = [p for p in ckpts if p.stat().st_mtime >= started]   # written by this very command
     rerun = [a for a in argv if a != "--force"] if ours and ckpts == ours else list(argv)
     if args.command == "train" and ckpts and "--force" not in rerun and "--resume" not in rerun:

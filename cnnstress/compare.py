@@ -17,6 +17,7 @@ import numpy as np
 
 from .arrays import as_int_vector, as_numpy
 from .evaluate import FailureTable
+from .registry import BASELINE, IMPROVED
 
 # Below this many discordant pairs McNemar uses the exact binomial test.
 EXACT_BELOW = 25
@@ -153,12 +154,12 @@ def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b
 
 
 def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> dict[str, Any]:
-    """The paired comparison of "baseline" and "improved" on the same test
+    """The paired comparison of the BASELINE and IMPROVED models on the same test
     images (evaluate.Predictions and FailureTable per model): accuracy
     difference with a bootstrap interval (seeded by config.seed), McNemar's
     test, and which failures were fixed, persist, are new or newly confident.
     The dict form of results.Comparison (without config_diff)."""
-    a, b = preds["baseline"], preds["improved"]
+    a, b = preds[BASELINE], preds[IMPROVED]
     if not np.array_equal(np.asarray(a.labels), np.asarray(b.labels)):
         raise ValueError("the two models were evaluated on different test images")
     correct_a = np.asarray(a.preds == a.labels)
@@ -166,7 +167,7 @@ def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> d
     return {
         "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=n_boot, seed=config.seed),
         "mcnemar": mcnemar(correct_a, correct_b),
-        "failures": compare_failures(failures["baseline"], failures["improved"], b.preds, b.labels, preds_a=a.preds),
-        "threshold": failures["baseline"].threshold,
+        "failures": compare_failures(failures[BASELINE], failures[IMPROVED], b.preds, b.labels, preds_a=a.preds),
+        "threshold": failures[BASELINE].threshold,
     }
 

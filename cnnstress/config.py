@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import CnnstressError, ConfigError
+from .io import ENV_PROFILE, save_json
+from .registry import AUGMENT_PRESETS, BASELINE, MODELS
 
-AUGMENT_PRESETS = ("baseline", "enhanced")
 PRECISIONS = ("auto", "bf16", "fp32")
 SCHEDULES = ("cosine", "constant")
 FAITHFULNESS_BASELINES = ("blur", "mean")
@@ -58,7 +60,8 @@ class Config:
     weight_decay: float = _learned(1e-4, "Adam (L2) weight decay")
     schedule: str = _learned("cosine", "learning-rate schedule: cosine annealing to 0 over `epochs`, stepped per "
                                        "epoch, or constant", choices=SCHEDULES)
-    augment: str = _learned("baseline", "augmentation preset, see cnnstress.augment", choices=AUGMENT_PRESETS)
+    augment: str = _learned(MODELS[BASELINE], "augmentation preset, see cnnstress.augment",
+                            choices=AUGMENT_PRESETS)
     val_size: int = _learned(5000, "images held out of the official train set, stratified")
     train_subset: int | None = _learned(None, "cap on training images (stratified); none = all")
     precision: str = _learned("auto", "autocast dtype: auto = bf16 where the hardware has it", choices=PRECISIONS)
@@ -213,8 +216,6 @@ class Config:
 
     def save(self, path: str | Path) -> Path:
         """Write the config as JSON to `path` atomically; Config.load reads it back."""
-        from .io import save_json
-
         save_json(path, self.to_dict())
         return Path(path)
 
@@ -345,3 +346,20 @@ def get_config(profile: str = "quick", **overrides: Any) -> Config:
         return Config(**values)
     except TypeError as exc:  # an unknown keyword
         raise ConfigError(f"bad config override: {exc}") from None
+
+
+def default_profile(explicit: str | None = None, *, fallback: str | None = None) -> str:
+    """The profile to use: `explicit` (a --profile flag) when given, else
+    $CNNSTRESS_PROFILE, else `fallback`, else full on a GPU and quick on a CPU.
+    The variable sets a default; it never overrides a flag."""
+    if explicit:
+        return explicit
+    if ENV_PROFILE in os.environ:
+        if os.environ[ENV_PROFILE] not in PROFILES:
+            raise CnnstressError(f"${ENV_PROFILE} is {os.environ[ENV_PROFILE]!r}, not a profile; set it to one of "
+                                 f"{', '.join(PROFILES)} or unset it")
+        return os.environ[ENV_PROFILE]
+    if fallback:
+        return fallback
+    import torch
+    return "full" if torch.cuda.is_available() else "quick"

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from .registry import BASELINE, IMPROVED, MODELS
+
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 64 * 2**20
@@ -275,7 +277,7 @@ def seed_run(study) -> SeedRun:
                            ece=float(expected_calibration_error(preds.probs, preds.labels,
                                                                 study.config.calibration_bins)),
                            mean_corruption_accuracy=corr)
-    return SeedRun(seed=int(study.config.seed), baseline=figures("baseline"), improved=figures("improved"))
+    return SeedRun(seed=int(study.config.seed), baseline=figures(BASELINE), improved=figures(IMPROVED))
 
 
 def write_seeds_summary(summary: SeedsSummary, folder: Path) -> None:
@@ -429,8 +431,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_dir = ensure_writable_dir(work / "main")
         _say(f"== main study: profile {config.profile}, {config.epochs} epochs ==")
         timer.prefix = "main "
-        configs = {"baseline": config.replace(augment="baseline"), "improved": config.replace(augment="enhanced")}
-        splits = load_splits(data_dir, configs["baseline"])
+        configs = {name: config.replace(augment=preset) for name, preset in MODELS.items()}
+        splits = load_splits(data_dir, configs[BASELINE])
         timer.lap("data", len(splits.train) + len(splits.val) + len(splits.test), "images loaded")
         with output_lock(main_dir, log=_say):
             for name, cfg in configs.items():

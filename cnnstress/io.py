@@ -175,24 +175,6 @@ def default_out_dir() -> str:
     return os.environ.get(ENV_OUT_DIR, DEFAULT_OUT_DIR)
 
 
-def default_profile(explicit: str | None = None, *, fallback: str | None = None) -> str:
-    """The profile to use: `explicit` (a --profile flag) when given, else
-    $CNNSTRESS_PROFILE, else `fallback`, else full on a GPU and quick on a CPU.
-    The variable sets a default; it never overrides a flag."""
-    if explicit:
-        return explicit
-    if ENV_PROFILE in os.environ:
-        from .config import PROFILES
-        if os.environ[ENV_PROFILE] not in PROFILES:
-            raise CnnstressError(f"${ENV_PROFILE} is {os.environ[ENV_PROFILE]!r}, not a profile; set it to one of "
-                                 f"{', '.join(PROFILES)} or unset it")
-        return os.environ[ENV_PROFILE]
-    if fallback:
-        return fallback
-    import torch
-    return "full" if torch.cuda.is_available() else "quick"
-
-
 def predictions_path(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / f"predictions_{name}.npz"
 

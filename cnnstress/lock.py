@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import CnnstressError, OutputInUse
+from .io import default_out_dir, ensure_writable_dir, remove_stale_temp_files
+from .registry import MODEL_NAMES
 
 try:
     import fcntl
@@ -116,9 +118,6 @@ def output_lock(out_dir: str | Path, log: Callable[[str], None] | None = print) 
 
 def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
     """Lock `path` (in folder `out`), say so in it, clear stale temp files; the open fd."""
-    from .io import ensure_writable_dir, remove_stale_temp_files
-    from .pipeline import RUN_NAMES
-
     ensure_writable_dir(out)
     try:
         # O_NOFOLLOW: a symlink planted as the lock file must not make us truncate its target.
@@ -154,7 +153,7 @@ def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
         except OSError as exc:
             raise CnnstressError(f"cannot write the lock file {path} ({exc.strerror or exc}); free some space "
                                  "or use another --out-dir") from None
-        for folder in [out, *(out / name for name in RUN_NAMES.values() if (out / name).is_dir())]:
+        for folder in [out, *(out / name for name in MODEL_NAMES if (out / name).is_dir())]:
             removed = remove_stale_temp_files(folder)
             if removed and log:
                 log(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by an "
@@ -180,7 +179,6 @@ def locks_output(func: Callable) -> Callable:
         if out is None and "result" in bound.arguments:
             out = bound.arguments["result"].outputs
         if out is None:
-            from .pipeline import default_out_dir
             out = default_out_dir()
         log = bound.arguments.get("log", print)
         with output_lock(out, log=log):

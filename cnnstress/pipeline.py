@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .budget import TimeBudgetReached
-from .config import Config
-from .io import default_data_dir, default_out_dir, default_profile  # noqa: F401  (the CLI's defaults)
+from .config import Config, default_profile  # noqa: F401  (the CLI's defaults)
+from .io import default_data_dir, default_out_dir  # noqa: F401
 from .lock import output_lock
-from .study import MODELS, Study
-
-RUN_NAMES = {preset: name for name, preset in MODELS.items()}  # augment preset -> model name
+from .registry import MODEL_OF_PRESET as RUN_NAMES  # noqa: F401  (augment preset -> model name, as before)
+from .study import Study
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .registry import BASELINE, IMPROVED
 from .robustness.corruptions import CORRUPTIONS, FAMILIES, SEVERITIES
 from .xai.checks import CAM_EXPLAINERS, RANDOM_BASELINES
 
@@ -169,12 +170,12 @@ def explanations_schema(models: list[str], n_test: int | None = None) -> dict:
         "label_suspects": {m: suspects for m in models},
         "sanity_maps": (None, {"model": str, "steps": Seq(str), "maps": Grid(4)}),
     }
-    if {"baseline", "improved"} <= set(models):
+    if {BASELINE, IMPROVED} <= set(models):
         drift_group = ({"n": 0}, {"n": COUNT, "median_spearman": MAYBE_NUMBER, "moved_onto_centre": COUNT,
-                                  "centre_fraction": {"baseline": FRACTION, "improved": FRACTION}})
+                                  "centre_fraction": {BASELINE: FRACTION, IMPROVED: FRACTION}})
         schema["drift"] = {"layer": str, "fixed": drift_group, "persisting": drift_group, "new": drift_group}
         schema["label_agreement"] = {"count": COUNT, "positions": Seq(position),
-                                     "failures": {"baseline": Seq(position), "improved": Seq(position)}}
+                                     "failures": {BASELINE: Seq(position), IMPROVED: Seq(position)}}
     return schema
 
 

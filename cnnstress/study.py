@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .budget import TimeBudget
-from .config import Config, get_config
+from .config import Config, default_profile, get_config
 from .errors import CheckpointError, CnnstressError
-from .io import (DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, default_profile,
-                 ensure_writable_dir)
+from .io import DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, ensure_writable_dir
 from .lock import output_lock
+from .registry import BASELINE, MODEL_NAMES, MODELS, augment_preset, checkpoint_path  # noqa: F401  (study.MODELS)
 from .runlog import StageTimer
 
-MODELS = {"baseline": "baseline", "improved": "enhanced"}  # model name -> augment preset
 CONFIG_FILE = "config.json"   # the resolved config of the last run, re-runnable with --config
 
 
@@ -84,7 +83,7 @@ class Study:
             TimeBudget.parse(str(time_budget))
         self.timer = timer if timer is not None else StageTimer(log=None)  # the CLI's run logs its laps
         self.started = time.perf_counter()
-        self.models: tuple[str, ...] = tuple(MODELS)
+        self.models: tuple[str, ...] = MODEL_NAMES
         self.results: dict[str, Any] = {}     # stage name -> its typed result
         self.skipped: set[str] = set()        # analysis stages left out (nothing cached)
         self.trained: dict[str, Any] = {}     # model name -> stages.training.Trained
@@ -114,9 +113,7 @@ class Study:
 
     def model_config(self, name: str) -> Config:
         """The config a model is trained with: the study's, with its augmentation preset."""
-        if name not in MODELS:
-            raise CnnstressError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-        return self.config.replace(augment=MODELS[name])
+        return self.config.replace(augment=augment_preset(name))
 
     def set(self, **changes: Any) -> "Study":
         """Change analysis settings (e.g. failure_threshold, cam_layer) for the
@@ -145,7 +142,7 @@ class Study:
         """The data, loaded on first use (cnnstress.data.CifarSplits)."""
         if self._splits is None:
             from .data import load_splits
-            self._splits = load_splits(self.data_dir, self.model_config("baseline"))
+            self._splits = load_splits(self.data_dir, self.model_config(BASELINE))
             s = self._splits
             self.say(f"data: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images")
             self.timer.lap("data", len(s.train) + len(s.val) + len(s.test), "images loaded")
@@ -185,7 +182,7 @@ class Study:
     # --- the notebook's steps ------------------------------------------------
     def describe(self) -> None:
         """Print the profile, device, data and output folders (the setup cell)."""
-        from . import __version__
+        from .version import __version__
         from .runtime import describe_hardware, resolve_device
         c = self.config
         device = resolve_device(c.device)
@@ -223,7 +220,7 @@ class Study:
         return Markdown("| field | value | changes the learned weights |\n|---|---|---|\n" + "\n".join(
             f"| `{k}` | `{v!r}` | {'yes' if k in learned else 'no'} |" for k, v in self.config.to_dict().items()))
 
-    def confusion_matrix(self, name: str = "baseline"):
+    def confusion_matrix(self, name: str = BASELINE):
         """Model `name`'s confusion matrix on the test set; returns the Figure."""
         import numpy as np
 
@@ -256,7 +253,7 @@ class Study:
         with output_lock(self.out, log=self.log):
             return training.stage.curves(self, show=show)
 
-    def failures(self, name: str = "baseline", threshold: float | None = None):
+    def failures(self, name: str = BASELINE, threshold: float | None = None):
         """Test predictions and high-confidence failures of model `name`
         (stages.failures.ModelFailures, shown as a table in a notebook)."""
         from .stages import failures
@@ -317,9 +314,8 @@ class Study:
 
 def require_checkpoints(study: Study) -> None:
     """For commands that never train: both finished checkpoints must exist."""
-    from .stages.training import checkpoint_path
     for name in study.models:
-        path = checkpoint_path(study.out, study.model_config(name))
+        path = checkpoint_path(study.out, name)
         if study.weights is None and not path.exists():
             raise CheckpointError(f"no trained {name} model: checkpoint {path} not found; "
                                   f"train both models first (python -m cnnstress run) or pass the right --out-dir")

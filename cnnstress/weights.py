@@ -32,12 +32,12 @@ from .data import NUM_CLASSES
 from .errors import CheckpointError
 from .io import atomic_write, save_json
 from .model import ARCH, resnet18
+from .registry import MODEL_NAMES, checkpoint_path
 
 FORMAT_VERSION = 1
 METADATA_FILE = "weights.json"
 SUMS_FILE = "SHA256SUMS"
 MAX_BYTES = 16 * 2**20
-MODEL_NAMES = ("baseline", "improved")        # pipeline.RUN_NAMES values
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _SHARD_OVERHEAD = 64 * 1024                   # zip/pickle framing per shard, an upper bound
 _TENSOR_OVERHEAD = 1024                       # per tensor record and its key
@@ -136,7 +136,7 @@ def export_weights(out_dir: str | Path, dest: str | Path, *, dtype: torch.dtype 
                             "dtype": dtype_name, "max_bytes": max_bytes, "models": {}}
     shards_by_model: dict[str, list[bytes]] = {}
     for name in MODEL_NAMES:
-        path = out_dir / name / "checkpoint.pt"
+        path = checkpoint_path(out_dir, name)
         ckpt = read_checkpoint(path)
         config = Config.from_dict(ckpt["config"])
         if not ckpt.get("finished", int(ckpt["epoch"]) >= config.epochs):

@@ -70,6 +70,33 @@ def tiny_training_config(**kw):
     return get_config("smoke", **base)
 
 
+@pytest.fixture(scope="session")
+def tiny_splits(shared_cifar_dir):
+    """The splits of `shared_cifar_dir` under tiny_training_config."""
+    from cnnstress.data import load_splits
+    return load_splits(shared_cifar_dir, tiny_training_config(), download=False)
+
+
+@pytest.fixture(scope="session")
+def two_epoch_runs(tiny_splits, tmp_path_factory):
+    """For each preset, the tiny 2-epoch run trained whole and the same run
+    stopped after epoch 1, checkpoints kept: the references the resume tests
+    share. Read only: a test copies the checkpoint it resumes or edits."""
+    from types import SimpleNamespace
+
+    from cnnstress.train import fit
+
+    root = tmp_path_factory.mktemp("two_epoch_runs")
+    runs = {}
+    for augment in ("baseline", "enhanced"):
+        cfg = tiny_training_config(epochs=2, augment=augment)
+        whole = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-whole.pt", log=None)
+        part = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-part.pt", log=None, stop_after_epoch=1)
+        runs[augment] = SimpleNamespace(cfg=cfg, whole=whole, part=part, whole_path=root / f"{augment}-whole.pt",
+                                        part_path=root / f"{augment}-part.pt")
+    return runs
+
+
 def weights_equal(a, b) -> bool:
     """Two models hold bit-identical parameters and buffers."""
     import torch
@@ -88,13 +115,40 @@ def cli(command: str, data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
             "--data-dir", str(data_dir), "--out-dir", str(out_dir), *extra]
 
 
+def copy_run(source: Path, dest: Path) -> Path:
+    """A private copy of a run folder (copytree keeps the file times, so the
+    checkpoint stamps in the caches still match and nothing is recomputed)."""
+    import shutil
+    shutil.copytree(source, dest)
+    return dest
+
+
 @pytest.fixture(scope="session")
-def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
-    """`python -m cnnstress run` in the smoke profile with every stage
-    (stress and explanations included), shared by the stage tests."""
+def trained_run(shared_cifar_dir, tmp_path_factory) -> Path:
+    """`python -m cnnstress run --no-stress --no-explain` in the smoke profile:
+    both models trained once for the whole session, their failures, comparison,
+    report and figures. Read only: a test that writes takes `trained_copy`."""
     from cnnstress.__main__ import main
 
-    out = tmp_path_factory.mktemp("analysed_run")
+    out = tmp_path_factory.mktemp("trained_run")
+    assert main(cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain")) == 0
+    return out
+
+
+@pytest.fixture
+def trained_copy(trained_run, tmp_path) -> Path:
+    """A private copy of `trained_run` for a test that writes into it."""
+    return copy_run(trained_run, tmp_path / "trained_copy")
+
+
+@pytest.fixture(scope="session")
+def analysed_run(trained_run, shared_cifar_dir, tmp_path_factory) -> Path:
+    """`python -m cnnstress run` with every stage (stress and explanations
+    included) on the session's trained pair, shared by the stage tests. Read
+    only: a test that writes takes `analysed_copy`."""
+    from cnnstress.__main__ import main
+
+    out = copy_run(trained_run, tmp_path_factory.mktemp("analysed_run") / "run")
     assert main(cli("run", shared_cifar_dir, out)) == 0
     return out
 
@@ -102,9 +156,5 @@ def analysed_run(shared_cifar_dir, tmp_path_factory) -> Path:
 @pytest.fixture
 def analysed_copy(analysed_run, tmp_path) -> Path:
     """A private copy of `analysed_run` for a test that writes into it, so that
-    test order never decides what later tests see (file times are kept, so the
-    caches stay valid for the copied checkpoints)."""
-    import shutil
-    out = tmp_path / "analysed_copy"
-    shutil.copytree(analysed_run, out)
-    return out
+    test order never decides what later tests see."""
+    return copy_run(analysed_run, tmp_path / "analysed_copy")

@@ -48,6 +48,18 @@ class MeanModel(nn.Module):
         return torch.stack([torch.log(s), torch.log1p(-s)], dim=1)
 
 
+class RecordingMeanModel(MeanModel):
+    """MeanModel that keeps a copy of every input batch it is shown."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return super().forward(x)
+
+
 def patch_images(n: int = 4) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     x = 0.5 * torch.randn(n, 3, 32, 32, generator=g)
@@ -164,14 +176,22 @@ def test_ties_are_broken_at_random_not_in_raster_order():
     # halfway, the random half holds a hypergeometric share of the evidence: mean 0.25, sd ~0.016
     half = rand.deletion[:, 1].double()
     assert abs(half.mean().item() - 0.25) < 0.01 and half.std().item() > 0.005
-    # the curve is the one of the order importance_order gives, checked by hand
-    order = importance_order(flat, seed=0)
-    kept = torch.ones(n, side * side, dtype=torch.bool)
-    kept.scatter_(1, order[:, :side * side // 2], False)
-    expect = (x[:, 0].reshape(n, -1) * kept).mean(1)
-    torch.testing.assert_close(rand.deletion[:, 1], expect)
-    again = deletion_insertion(MeanModel(), x, flat, zeros_t(n), steps=2, baseline="mean", seed=0)
-    assert torch.equal(again.deletion, rand.deletion)
+    # What the model was shown, read back from its inputs (not from importance_order): halfway, each
+    # image has exactly half its pixels deleted (set to the mean baseline, 0), in every channel at once;
+    # insertion shows exactly those pixels; the halves differ between images and are not raster order.
+    seen = RecordingMeanModel()
+    again = deletion_insertion(seen, x, flat, zeros_t(n), steps=2, baseline="mean", seed=0)
+    assert torch.equal(again.deletion, rand.deletion)                 # the seed fixes the order
+    shown = torch.cat(seen.inputs).view(n, 2, 3, 3, side * side)       # image, mode, step, channel, pixel
+    deleted_half = shown[:, 0, 1] == 0
+    inserted_half = shown[:, 1, 1] != 0
+    assert torch.equal(deleted_half, deleted_half[:, :1].expand_as(deleted_half))   # channels together
+    assert (deleted_half[:, 0].sum(1) == side * side // 2).all()
+    assert torch.equal(inserted_half[:, 0], deleted_half[:, 0])
+    assert (shown[:, 0, 0] != 0).all() and (shown[:, 0, 2] == 0).all()   # nothing, then everything deleted
+    torch.testing.assert_close(rand.deletion[:, 1], (x[:, 0].reshape(n, -1) * ~deleted_half[:, 0]).mean(1))
+    assert len({tuple(d.nonzero().flatten().tolist()) for d in deleted_half[:, 0]}) == n
+    assert not deleted_half[:, 0, :side * side // 2].all(1).any()
 
 
 def test_importance_order_sorts_values_and_shuffles_only_ties():

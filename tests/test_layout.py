@@ -1,12 +1,16 @@
 """Package layout rules (issue 13): no module imports another module's
 private name, nothing runs at import beyond definitions, and the modules'
-top-level imports form no cycle."""
+top-level imports form no cycle. Issue 21: every import, at any depth
+(inside functions and under TYPE_CHECKING too), points down the layer table
+LAYERS, and all imports together form no cycle but through the known
+violations that the stage contract (issue 21, part 2) removes."""
 from __future__ import annotations
 
 import ast
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -157,27 +161,76 @@ def _with_packages(dep: str, importer: str) -> set[str]:
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the cnnstress modules its top level imports (imports inside
-    functions and under `if TYPE_CHECKING` are deferred, so they do not count).
-    Names are MODULES' dotted names."""
-    graph = {}
-    for name in MODULES:
-        deps = set()
-        for node in _tree(name).body:
-            stmts = node.body if isinstance(node, ast.Try) else [node]
-            for stmt in stmts:
-                targets = []
-                if isinstance(stmt, ast.ImportFrom) and (target := _target(stmt, name)) is not None:
-                    for alias in stmt.names:  # from .xai import cam: the module cam, else the package
-                        sub = _submodule(target, alias.name)
-                        targets.append(sub if sub in MODULES else target)
-                elif isinstance(stmt, ast.Import):
-                    targets = [a.name.removeprefix("cnnstress.") for a in stmt.names if a.name.startswith("cnnstress.")]
-                for target in targets:
-                    if (dep := _module_of(target)) is not None:
-                        deps |= _with_packages(dep, name)
-        graph[name] = deps - {name}
+@dataclass(frozen=True)
+class Import:
+    """One cnnstress module importing another (MODULES' dotted names; "__init__"
+    is the package's front, imported by `from . import name`)."""
+    importer: str
+    imported: str
+    line: int
+    where: str   # "top level", "in f()" (run when f runs), "under TYPE_CHECKING" (never run)
+
+    @property
+    def deferred(self) -> bool:
+        return self.where != "top level"
+
+    def __str__(self) -> str:
+        return f"cnnstress.{self.importer} imports cnnstress.{self.imported} (line {self.line}, {self.where})"
+
+
+def imports(tree: ast.Module, name: str = "module") -> list[Import]:
+    """Every import of a cnnstress module anywhere in `tree` (the source of
+    module `name`), relative ones resolved; importing a module of a
+    subpackage from outside it imports the subpackage's __init__ too."""
+    found: list[Import] = []
+
+    def targets(stmt: ast.stmt) -> list[str]:
+        if isinstance(stmt, ast.ImportFrom) and (target := _target(stmt, name)) is not None:
+            out = []
+            for alias in stmt.names:  # from .xai import cam: the module cam, else the package
+                sub = _submodule(target, alias.name)
+                out.append(sub if _module_of(sub) else target)
+            return out
+        if isinstance(stmt, ast.Import):
+            return [a.name.removeprefix("cnnstress").lstrip(".") for a in stmt.names
+                    if a.name.split(".")[0] == "cnnstress"]
+        return []
+
+    def visit(node: ast.AST, where: str) -> None:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for target in targets(node):
+                dep = _module_of(target) if target else "__init__"   # "": the package's front
+                for module in sorted(_with_packages(dep, name)) if dep else ():
+                    if module != name:
+                        found.append(Import(name, module, node.lineno, where))
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for child in ast.iter_child_nodes(node):
+                visit(child, f"in {node.name}()" if where == "top level" else where)
+        elif isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            for child in node.body:
+                visit(child, "under TYPE_CHECKING")
+            for child in node.orelse:
+                visit(child, where)
+        else:
+            for child in ast.iter_child_nodes(node):
+                visit(child, where)
+
+    visit(tree, "top level")
+    return found
+
+
+def all_imports() -> list[Import]:
+    return [imp for name in MODULES for imp in imports(_tree(name), name)]
+
+
+def import_graph(*, deferred: bool = False) -> dict[str, set[str]]:
+    """module -> the cnnstress modules it imports: at its top level only
+    (what runs at import: imports inside functions and under TYPE_CHECKING
+    are deferred), or with deferred=True every import at any depth."""
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    for imp in all_imports():
+        if deferred or not imp.deferred:
+            graph[imp.importer].add(imp.imported)
     return graph
 
 
@@ -215,4 +268,117 @@ def test_no_import_cycle():
     assert graph["xai.checks"] >= {"data", "runtime", "xai.cam", "config"}
     assert graph["stages.stress"] >= {"robustness.suite", "robustness.__init__", "stages.base"}   # across subpackages
     assert "xai.__init__" not in graph["xai.checks"] and graph["__init__"] >= {"xai.cam", "xai.__init__"}
+    assert find_cycle(graph) is None
+
+
+# --- layers (issue 21) ------------------------------------------------------
+# The layers, bottom up: a module imports only modules of its own layer and of
+# the layers below, at any depth (inside functions and under TYPE_CHECKING too).
+# Keys of the table: a top-level module, or a subpackage with all its modules.
+LAYERS: dict[str, tuple[str, ...]] = {
+    # leaves every layer reads: errors, the settings, files and folders, devices
+    # and seeds, the model registry (names, presets, checkpoint paths), timing
+    "base": ("errors", "version", "registry", "config", "io", "runtime", "arrays", "budget", "runlog", "resources"),
+    # one model or two: data, augmentation, network, training and its
+    # checkpoints, evaluation, paired comparison, published weights, the output lock
+    "engine": ("data", "augment", "model", "checkpoint", "train", "evaluate", "compare", "weights", "lock"),
+    # what the stages compute and show: stress and explanation methods, typed
+    # results and cache checks, figures, report rendering
+    "analysis": ("robustness", "xai", "results", "schema", "plots", "reporting"),
+    "stages": ("stages",),
+    "study": ("study",),   # the object the notebook drives; the stages run on it
+    # what drives a Study: the pipeline, the CLI, the packed GPU study, the package's front
+    "front": ("pipeline", "__main__", "full_study", "docs_cli", "__init__"),
+}
+LAYER_ORDER = tuple(LAYERS)
+RULE = " -> ".join(LAYER_ORDER)
+
+# Upward imports that part 2 of issue 21 (the stage contract) removes, each
+# matched by (importer, imported, where). The list only shrinks: an entry that
+# no longer matches an upward import fails test_known_upward_imports_are_current.
+STAGE_TAKES_STUDY = ("a stage's methods take the whole Study (type hints only); the stage contract hands a stage "
+                     "the results it requires instead")
+KNOWN_UPWARD: dict[tuple[str, str, str], str] = {
+    ("stages.base", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.comparison", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.explanations", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.failures", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.label_review", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.report", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.stress", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    ("stages.training", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
+    # Two run loops walk the stages (Study.run_stage, pipeline.run_study);
+    # the stage contract keeps one, and Study.run stops calling the pipeline.
+    ("study", "pipeline", "in run()"): "Study.run delegates to pipeline.run_study, the second run loop",
+}
+
+
+def layer_of(module: str) -> str:
+    top = module.split(".")[0]
+    for layer, names in LAYERS.items():
+        if top in names:
+            return layer
+    raise KeyError(f"cnnstress.{module} is in no layer: add {top!r} to LAYERS in tests/test_layout.py")
+
+
+def upward(imp: Import) -> str | None:
+    """Which layer rule `imp` breaks (one line naming both modules), or None."""
+    a, b = layer_of(imp.importer), layer_of(imp.imported)
+    if LAYER_ORDER.index(b) <= LAYER_ORDER.index(a):
+        return None
+    below = ", ".join(LAYER_ORDER[:LAYER_ORDER.index(a) + 1])
+    return f"{imp}: {a} -> {b} points up ({RULE}); {a} modules import {below} only"
+
+
+def test_every_module_has_a_layer_and_every_layer_entry_a_module():
+    tops = {m.split(".")[0] for m in MODULES}
+    named = [n for names in LAYERS.values() for n in names]
+    assert sorted(tops - set(named)) == [], "a new module: put it in its layer in LAYERS"
+    assert sorted(set(named) - tops) == [], "no such module: remove it from LAYERS"
+    assert len(named) == len(set(named)), "a module in two layers"
+
+
+def test_import_finder_sees_every_depth():
+    src = ("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nfrom .cam import get_layer\n"
+           "from .. import __version__\nif TYPE_CHECKING:\n    from ..study import Study\n"
+           "class A:\n    from ..registry import BASELINE\n    def m(self):\n        import cnnstress.stages.base\n"
+           "def f():\n    def g():\n        from ..pipeline import run_study\n    from ..xai import cam\n")
+    found = [(i.imported, i.line, i.where) for i in imports(ast.parse(src), "xai.checks")]
+    assert found == [("xai.cam", 3, "top level"), ("__init__", 4, "top level"), ("study", 6, "under TYPE_CHECKING"),
+                     ("registry", 8, "top level"), ("stages.__init__", 10, "in m()"), ("stages.base", 10, "in m()"),
+                     ("pipeline", 13, "in f()"), ("xai.cam", 14, "in f()")]
+
+
+def test_an_upward_import_inside_a_function_is_named():
+    [imp] = imports(ast.parse("def save(path):\n    from .study import Study\n"), "io")
+    assert upward(imp) == ("cnnstress.io imports cnnstress.study (line 2, in save()): base -> study points up "
+                           f"({RULE}); base modules import base only")
+    [imp] = imports(ast.parse("from ..evaluate import predict\n"), "xai.cam")
+    assert upward(imp) is None
+
+
+def test_every_import_points_down_the_layers():
+    """No import at any depth points to a higher layer, but the known ones
+    that the stage contract removes (KNOWN_UPWARD)."""
+    broken = [rule for imp in all_imports() if (rule := upward(imp))
+              and (imp.importer, imp.imported, imp.where) not in KNOWN_UPWARD]
+    assert broken == [], "\n".join(broken)
+
+
+def test_known_upward_imports_are_current():
+    """Each KNOWN_UPWARD entry still matches an upward import: once part 2
+    removes one, its entry goes too."""
+    seen = {(i.importer, i.imported, i.where) for i in all_imports() if upward(i)}
+    assert [k for k in KNOWN_UPWARD if k not in seen] == [], "remove these entries from KNOWN_UPWARD"
+
+
+def test_no_import_cycle_at_any_depth():
+    """All imports together, function-level and type-only included, form no
+    cycle but through KNOWN_UPWARD (the layers forbid any other cycle across
+    layers; this catches cycles inside one layer, e.g. config <-> io)."""
+    graph = {name: set() for name in MODULES}
+    for imp in all_imports():
+        if (imp.importer, imp.imported, imp.where) not in KNOWN_UPWARD:
+            graph[imp.importer].add(imp.imported)
+    assert graph["lock"] >= {"io", "registry", "runtime"}   # function-level imports are read
     assert find_cycle(graph) is None

@@ -11,14 +11,11 @@ from cnnstress.evaluate import FailureTable
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def run_out(shared_cifar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    # The analysis stages are tested in test_stress.py and test_explain.py; here `run` without them.
-    code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--no-stress", "--no-explain",
-                 "--data-dir", str(shared_cifar_dir), "--out-dir", str(out)])
-    assert code == 0
-    return out
+@pytest.fixture
+def run_out(trained_run):
+    """The session's `run --no-stress --no-explain` (read only; the analysis
+    stages are tested in test_stress.py and test_explain.py)."""
+    return trained_run
 
 
 def _valid_png(path):
@@ -80,9 +77,10 @@ def test_run_writes_every_output(run_out):
     assert not (run_out / "explanations.json").exists() and not (run_out / "faithfulness.png").exists()
 
 
-def test_run_saves_its_config_and_reruns_from_it(run_out, shared_cifar_dir, capsys):
+def test_run_saves_its_config_and_reruns_from_it(trained_copy, shared_cifar_dir, capsys):
     """`run` writes its resolved config; `run --config` repeats that run on the trained models."""
     from cnnstress.config import Config, get_config
+    run_out = trained_copy
     saved = Config.load(run_out / "config.json")
     assert saved == get_config("smoke", device="cpu", stress=False, explain=False)
     metrics = (run_out / "metrics.json").read_bytes()
@@ -98,11 +96,14 @@ def test_run_saves_its_config_and_reruns_from_it(run_out, shared_cifar_dir, caps
         assert new[model]["high_confidence_failures"] == old[model]["high_confidence_failures"]
 
 
-def test_rerun_reuses_models_and_explains_failures(run_out, shared_cifar_dir, capsys):
+def test_rerun_reuses_models_and_explains_failures(trained_copy, shared_cifar_dir, capsys):
+    run_out = trained_copy
     ckpt = run_out / "baseline" / "checkpoint.pt"
     before = ckpt.read_bytes()
-    # threshold 0 turns every wrong prediction into a failure, so the Grad-CAM cases exist
+    # threshold 0 turns every wrong prediction into a failure, so the Grad-CAM cases exist (the failure
+    # stage draws them; stress and explanations are not needed here and are tested on their own)
     code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--threshold", "0.0",
+                 "--no-stress", "--no-explain",
                  "--data-dir", str(shared_cifar_dir), "--out-dir", str(run_out)])
     assert code == 0
     out = capsys.readouterr().out

@@ -102,11 +102,15 @@ def test_training_curves_single_epoch_has_markers():
 def test_training_curves_into_given_axes():
     fig, axes = plt.subplots(1, 2)
     out = plots.plot_training_curves({"baseline": _history(3), "improved": _history(3, 0.01)}, axes=axes)
-    assert out is fig
+    assert out is fig and fig.axes == list(axes)                      # drawn there, no axes added
+    assert [len(ax.lines) for ax in axes] == [4, 4]                    # train + validation per model
+    np.testing.assert_allclose(axes[0].lines[0].get_ydata(), [2.0, 1.0, 2.0 / 3])   # baseline train loss
 
 
-def test_training_curves_empty_history_does_not_crash():
-    assert isinstance(plots.plot_training_curves({"baseline": []}), Figure)
+def test_training_curves_empty_history_says_so():
+    fig = plots.plot_training_curves({"baseline": []})
+    assert [len(ax.lines) for ax in fig.axes] == [0, 0]
+    assert [[t.get_text() for t in ax.texts] for ax in fig.axes] == [["no training history"]] * 2
 
 
 def test_training_curves_wrong_axes_count():
@@ -197,7 +201,12 @@ def test_model_comparison_into_given_axes_and_missing_class():
     fig, axes = plt.subplots(1, 3)
     summary = _summary(0.9, 3)
     del summary["per_class_accuracy"]["cat"]
-    assert plots.plot_model_comparison({"baseline": summary}, axes=axes) is fig
+    assert plots.plot_model_comparison({"baseline": summary}, axes=axes) is fig and fig.axes == list(axes)
+    heights = [p.get_height() for p in axes[2].patches]
+    want = [100 * (0.9 - 0.01 * i) for i in range(len(CLASSES))]
+    want[CLASSES.index("cat")] = np.nan                              # a gap, not a zero bar
+    np.testing.assert_allclose(heights, want)
+    assert [t.get_text() for t in axes[2].get_xticklabels()] == list(CLASSES)
 
 
 # --------------------------------------------------------------------------- confusion matrix

@@ -55,21 +55,10 @@ def _temp_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob(".*.tmp"))
 
 
-@pytest.fixture(scope="module")
-def trained(shared_cifar_dir, tmp_path_factory) -> Path:
-    """An output folder with a finished smoke baseline (python -m cnnstress train)."""
-    out = tmp_path_factory.mktemp("trained")
-    assert main(cli("train", shared_cifar_dir, out)) == 0
-    return out
-
-
 @pytest.fixture
-def analysed_copy(analysed_run, tmp_path) -> Path:
-    """A private copy of a full smoke run (copytree keeps the mtimes, so the
-    checkpoint stamps in the caches still match)."""
-    out = tmp_path / "run"
-    shutil.copytree(analysed_run, out)
-    return out
+def trained(trained_copy) -> Path:
+    """A private copy of the session's trained smoke pair (tests here write into it)."""
+    return trained_copy
 
 
 # --- broken caches -----------------------------------------------------------------

@@ -230,9 +230,7 @@ def test_stress_cache_from_before_frost_is_not_reused(stressed, shared_cifar_dir
     assert settings["version"] == 2 and settings["corruptions"] == list(CORRUPTIONS) and "frost" in CORRUPTIONS
     out = tmp_path / "run"
     shutil.copytree(stressed, out)
-    cache = out / "stress_baseline.json"
-    assert main(cli("stress", shared_cifar_dir, out)) == 0          # this code's caches, whatever ran before
-    capsys.readouterr()
+    cache = out / "stress_baseline.json"                            # this code's (the session's run is read only)
     old = json.loads(cache.read_text())
     old["key"]["settings"]["version"] = 1
     old["key"]["settings"]["corruptions"].remove("frost")

@@ -1,4 +1,5 @@
 import math
+import shutil
 
 import pytest
 import torch
@@ -19,31 +20,35 @@ def splits(shared_cifar_dir):
     return load_splits(shared_cifar_dir, _config(), download=False)
 
 
-def test_same_seed_same_history_and_weights(splits):
-    cfg = _config(epochs=1, augment="enhanced")
-    a = fit(cfg, splits, log=None)
-    b = fit(cfg, splits, log=None)
-    assert strip_time(a.history) == strip_time(b.history)
-    assert weights_equal(a.model, b.model)
-    c = fit(cfg.replace(seed=7), splits, log=None)
-    assert not weights_equal(a.model, c.model)
+def _copy(src, dest):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
 
 
-def test_resume_equals_uninterrupted_run(splits, tmp_path):
-    cfg = _config(epochs=2, augment="enhanced")
-    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
-    part = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
-    assert len(part.history) == 1
-    ckpt = read_checkpoint(tmp_path / "b.pt")
+def test_same_seed_same_history_and_weights(splits, two_epoch_runs):
+    ref = two_epoch_runs["enhanced"]
+    again = fit(ref.cfg, splits, log=None, stop_after_epoch=1)         # a second, independent run
+    assert strip_time(again.history) == strip_time(ref.part.history)
+    assert weights_equal(again.model, ref.part.model)
+    other = fit(ref.cfg.replace(seed=7), splits, log=None, stop_after_epoch=1)
+    assert not weights_equal(again.model, other.model)
+
+
+def test_resume_equals_uninterrupted_run(splits, two_epoch_runs, tmp_path):
+    ref = two_epoch_runs["enhanced"]
+    assert len(ref.part.history) == 1
+    path = _copy(ref.part_path, tmp_path / "b.pt")
+    ckpt = read_checkpoint(path)
     assert ckpt["epoch"] == 1 and not ckpt["finished"]
     assert {"model", "optimizer", "scheduler", "rng", "history", "config"} <= set(ckpt)
-    resumed = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
+    resumed = fit(ref.cfg, splits, checkpoint_path=path, resume=True, log=None)
     assert resumed.resumed_from_epoch == 1
-    assert weights_equal(whole.model, resumed.model)
-    assert strip_time(whole.history) == strip_time(resumed.history)
+    assert weights_equal(ref.whole.model, resumed.model)
+    assert strip_time(ref.whole.history) == strip_time(resumed.history)
     # a finished checkpoint is reused, not retrained
-    again = fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", resume=True, log=None)
-    assert again.reused and weights_equal(whole.model, again.model)
+    again = fit(ref.cfg, splits, checkpoint_path=path, resume=True, log=None)
+    assert again.reused and weights_equal(ref.whole.model, again.model)
 
 
 def test_training_lowers_the_loss_and_learns(shared_cifar_dir):
@@ -83,13 +88,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(splits, tmp_path, monkeyp
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_checkpoint_is_weights_only_and_format_1_still_resumes_identically(splits, tmp_path):
+def test_checkpoint_is_weights_only_and_format_1_still_resumes_identically(splits, two_epoch_runs, tmp_path):
     """Checkpoints hold only tensors, numbers, strings and containers; one in
     the old format (numpy's RNG state as an ndarray) still resumes bit-identically."""
     import numpy as np
-    cfg = _config(epochs=2)
-    whole = fit(cfg, splits, checkpoint_path=tmp_path / "a.pt", log=None)
-    fit(cfg, splits, checkpoint_path=tmp_path / "b.pt", log=None, stop_after_epoch=1)
+    ref = two_epoch_runs["baseline"]
+    cfg, whole = ref.cfg, ref.whole
+    _copy(ref.part_path, tmp_path / "b.pt")
     ckpt = torch.load(tmp_path / "b.pt", weights_only=True)   # no allow-list needed
     assert ckpt["format"] == 2
     rng = ckpt["rng"]["numpy"]
@@ -123,15 +128,14 @@ def test_checkpoint_that_would_run_code_is_refused_and_runs_nothing(splits, tmp_
     assert not marker.exists()
 
 
-def test_checkpoint_with_older_augmentation_draws_is_not_resumed(splits, tmp_path):
+def test_checkpoint_with_older_augmentation_draws_is_not_resumed(splits, two_epoch_runs, tmp_path):
     """An enhanced-preset checkpoint made with another version of the random
     draws (older checkpoints carry none: version 1) is another model: resuming
     or reusing it is refused in one line. The identity preset has no draws."""
     from cnnstress.augment import DRAWS_VERSION
     for augment, refused in (("enhanced", True), ("baseline", False)):
-        cfg = _config(epochs=2, augment=augment)
-        path = tmp_path / f"{augment}.pt"
-        fit(cfg, splits, checkpoint_path=path, log=None, stop_after_epoch=1)
+        cfg = two_epoch_runs[augment].cfg
+        path = _copy(two_epoch_runs[augment].part_path, tmp_path / f"{augment}.pt")
         ckpt = torch.load(path, weights_only=True)
         assert ckpt["augment_draws"] == DRAWS_VERSION
         del ckpt["augment_draws"]
@@ -158,21 +162,24 @@ def test_resume_equals_uninterrupted_run_in_bf16(splits, tmp_path):
     assert strip_time(whole.history) == strip_time(resumed.history)
 
 
-def test_train_resume_from_the_command_line_equals_an_uninterrupted_run(shared_cifar_dir, splits, tmp_path, capsys):
+def test_train_resume_from_the_command_line_equals_an_uninterrupted_run(shared_cifar_dir, splits, two_epoch_runs,
+                                                                      tmp_path, capsys):
     from cnnstress.__main__ import main
 
     from conftest import cli
     flags = ["--epochs", "2", "--train-subset", "128", "--val-size", "50", "--batch-size", "32", "--precision", "fp32"]
-    assert main(cli("train", shared_cifar_dir, tmp_path / "whole", *flags)) == 0
-    # an interrupted run: the checkpoint after epoch 1, where `train` itself would have left it
-    cfg = _config(epochs=2, augment="baseline")
-    assert cfg == get_config("smoke", device="cpu", epochs=2, train_subset=128, val_size=50, batch_size=32,
-                             precision="fp32")                      # what the flags give
-    (tmp_path / "part" / "baseline").mkdir(parents=True)
-    fit(cfg, splits, checkpoint_path=tmp_path / "part" / "baseline" / "checkpoint.pt", log=None, stop_after_epoch=1)
+    for name, augment in (("baseline", "baseline"), ("improved", "enhanced")):   # what the flags give
+        assert two_epoch_runs[augment].cfg == get_config("smoke", device="cpu", epochs=2, train_subset=128,
+                                                         val_size=50, batch_size=32, precision="fp32",
+                                                         augment=augment)
+    # an interrupted `train`: the baseline's checkpoint after epoch 1, the improved model finished
+    # (reused, so only the baseline's second epoch is trained here)
+    _copy(two_epoch_runs["baseline"].part_path, tmp_path / "part" / "baseline" / "checkpoint.pt")
+    _copy(two_epoch_runs["enhanced"].whole_path, tmp_path / "part" / "improved" / "checkpoint.pt")
     assert main(cli("train", shared_cifar_dir, tmp_path / "part", *flags, "--resume")) == 0
-    assert "resuming from" in capsys.readouterr().out
-    a = read_checkpoint(tmp_path / "whole" / "baseline" / "checkpoint.pt")
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and printed.count("train loss") == 1
+    a = read_checkpoint(two_epoch_runs["baseline"].whole_path)
     b = read_checkpoint(tmp_path / "part" / "baseline" / "checkpoint.pt")
     assert a["epoch"] == b["epoch"] == 2
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

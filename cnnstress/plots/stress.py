@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
+from ..registry import BASELINE, IMPROVED
 from .style import (DIFFERENCE_COLORMAP, LABEL_SIZE, OKABE_ITO, ROBUSTNESS_COLORMAP, TICK_SIZE, TITLE_SIZE, given_axes,
                     model_colors, new_axes, pct, style_axes)
 
@@ -81,7 +82,7 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     mean corruption accuracy and the clean accuracy on the same images.
     `results`: model name -> the 'corruptions' dict of cnnstress.robustness.suite."""
     names = list(results)
-    with_diff = "baseline" in results and "improved" in results
+    with_diff = BASELINE in results and IMPROVED in results
     panels = len(names) + int(with_diff)
     if axes is None:
         fig, axes = new_axes(1, panels, (4.6 * panels + 0.6, 6.8))
@@ -111,9 +112,9 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     cbar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     if with_diff:
         ax = axes[-1]
-        diff = tables["improved"] - tables["baseline"]
+        diff = tables[IMPROVED] - tables[BASELINE]
         span = max(float(np.abs(diff).max()), 0.01)
-        d = results["improved"]["mean_corruption_accuracy"] - results["baseline"]["mean_corruption_accuracy"]
+        d = results[IMPROVED]["mean_corruption_accuracy"] - results[BASELINE]["mean_corruption_accuracy"]
         im = _heatmap(ax, diff, rows, severities, cmap=DIFFERENCE_COLORMAP, vmin=-span, vmax=span,
                       title=f"improved - baseline: mean {100 * d:+.1f} points", fmt="{:+.0f}")
         ax.axhline(len(types) - 0.5, color="black", linewidth=1)

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..registry import BASELINE, IMPROVED
+
 # Okabe-Ito palette (Okabe & Ito 2008), safe for the common colour-vision deficiencies.
 OKABE_ITO = {
     "black": "#000000",
@@ -31,7 +33,7 @@ OKABE_ITO = {
 }
 BASELINE_COLOR = OKABE_ITO["blue"]
 IMPROVED_COLOR = OKABE_ITO["vermillion"]
-MODEL_COLORS: dict[str, str] = {"baseline": BASELINE_COLOR, "improved": IMPROVED_COLOR}
+MODEL_COLORS: dict[str, str] = {BASELINE: BASELINE_COLOR, IMPROVED: IMPROVED_COLOR}
 # Colours for models with other names, in order of appearance.
 EXTRA_MODEL_COLORS = (OKABE_ITO["bluish_green"], OKABE_ITO["orange"], OKABE_ITO["reddish_purple"],
                       OKABE_ITO["sky_blue"], OKABE_ITO["black"])

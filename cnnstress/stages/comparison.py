@@ -14,6 +14,7 @@ import numpy as np
 from ..compare import compare_models
 from ..data import CLASSES
 from ..plots import plot_confusion_matrix, plot_model_comparison
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage, save_figures
@@ -36,9 +37,9 @@ class ComparisonStage(Stage):
     n_boot = 2000
 
     def run(self, study: "Study", *, force: bool = False, show: bool = False) -> Comparison:
-        preds = {n: failures.predictions(study, n) for n in ("baseline", "improved")}
-        tables = {n: failures.table(study, n) for n in ("baseline", "improved")}
-        base_cfg, imp_cfg = study.model_config("baseline"), study.model_config("improved")
+        preds = {n: failures.predictions(study, n) for n in (BASELINE, IMPROVED)}
+        tables = {n: failures.table(study, n) for n in (BASELINE, IMPROVED)}
+        base_cfg, imp_cfg = study.model_config(BASELINE), study.model_config(IMPROVED)
         result = Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
@@ -64,7 +65,7 @@ class ComparisonStage(Stage):
     def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
         """The failure groups' counts, then up to `k` test images of each group."""
         test = study.splits.test
-        base, imp = failures.predictions(study, "baseline"), failures.predictions(study, "improved")
+        base, imp = failures.predictions(study, BASELINE), failures.predictions(study, IMPROVED)
         groups = result.failures
         lines = [", ".join(f"{k_}: {v}" for k_, v in groups.counts.to_dict().items())]
         for kind in ("fixed", "persisting", "new", "newly_confident"):
@@ -118,7 +119,7 @@ class ComparisonStage(Stage):
         ]
         failures = study.results.get("failures")
         if failures is not None:
-            base, imp = (failures.models[n].summary.per_class_accuracy for n in ("baseline", "improved"))
+            base, imp = (failures.models[n].summary.per_class_accuracy for n in (BASELINE, IMPROVED))
             gains = sorted(((imp[c] or 0) - (base[c] or 0), c) for c in CLASSES)
             blocks.append(Paragraph(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                                     f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points)."))

@@ -18,6 +18,7 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE, ensure_writable_dir
 from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
@@ -89,10 +90,10 @@ class ExplanationsStage(Stage):
                                    "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
                 raw["label_suspects"][name] = label_suspects(preds[name], tables[name])
                 raw["seconds"][name] = time.perf_counter() - t1
-            if {"baseline", "improved"} <= set(names):
+            if {BASELINE, IMPROVED} <= set(names):
                 comparison = study.stage_result("comparison")
                 raw["label_agreement"] = agreed_suspects(raw["label_suspects"], preds)
-                raw["drift"] = drift_report({n: study.model(n).model for n in ("baseline", "improved")}, images,
+                raw["drift"] = drift_report({n: study.model(n).model for n in (BASELINE, IMPROVED)}, images,
                                             preds, comparison.failures.to_dict(), config, device)
             raw["sanity_maps"] = sanity_maps
             raw["seconds"]["total"] = time.perf_counter() - t0
@@ -116,7 +117,7 @@ class ExplanationsStage(Stage):
                 map_title=f"{sm.model if sm else ''}: Grad-CAM ({config.cam_layer}) of {SANITY_FIGURE_IMAGES} test "
                           "images as the layers are re-initialised"),
         }
-        name = "baseline" if "baseline" in result.label_suspects else next(iter(result.label_suspects))
+        name = BASELINE if BASELINE in result.label_suspects else next(iter(result.label_suspects))
         ls = result.label_suspects[name]
         p = failures.predictions(study, name)
         _, review = applicable_review(test.labels, test.indices)   # {} unless the test set is official
@@ -279,13 +280,13 @@ class ExplanationsStage(Stage):
                     drift_rows.append([label, "0"])
                     continue
                 rho = "n/a" if g.median_spearman is None else f"{g.median_spearman:.3f}"
-                drift_rows.append([label, str(g.n), rho, pct(g.centre_fraction["baseline"], 1),
-                                   pct(g.centre_fraction["improved"], 1), f"{g.moved_onto_centre} of {g.n}"])
+                drift_rows.append([label, str(g.n), rho, pct(g.centre_fraction[BASELINE], 1),
+                                   pct(g.centre_fraction[IMPROVED], 1), f"{g.moved_onto_centre} of {g.n}"])
             subs.append(Section("Explanation drift: baseline vs improved Grad-CAM on the same images", [
                 Paragraph("Each model explains its own prediction. Rank correlation of the two maps (1 = same order "
                           "of importance) and the mean share of map mass in the central quarter of the image, where "
                           "CIFAR objects usually sit."),
-                Table(["failures", "images", "median rho", "centre: baseline", "improved", "moved onto centre"],
+                Table(["failures", "images", "median rho", f"centre: {BASELINE}", IMPROVED, "moved onto centre"],
                       drift_rows)], key=self.name))
 
         triage = [Paragraph(
@@ -310,7 +311,7 @@ class ExplanationsStage(Stage):
                 f"models are not independent (same initial weights, same batch order: only the augmentation "
                 f"differs), so they share many mistakes and this agreement is weaker evidence of a wrong label than "
                 f"two independently trained models would give. Among the baseline's failures "
-                f"{len(agree.failures['baseline'])}, among the improved model's {len(agree.failures['improved'])}.",
+                f"{len(agree.failures[BASELINE])}, among the improved model's {len(agree.failures[IMPROVED])}.",
                 kind="note"))
         weak_models = [name for name, ls in result.label_suspects.items() if not ls.reliable]
         if weak_models:

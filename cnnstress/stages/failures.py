@@ -21,6 +21,7 @@ from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
 from ..plots import plot_failure_case, plot_no_failures, save_figure
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary
 from ..runtime import resolve_device, resolve_precision
@@ -230,7 +231,7 @@ class FailuresStage(Stage):
         return done if done is not None else self.evaluate_one(study, name, quiet=quiet)
 
     # --- Grad-CAM of the baseline's top failures ---------------------------
-    def explain_cases(self, study: "Study", *, show: bool = False, name: str = "baseline") -> list[FailureCase]:
+    def explain_cases(self, study: "Study", *, show: bool = False, name: str = BASELINE) -> list[FailureCase]:
         """Grad-CAM for the predicted and the true class of the top failures;
         writes failure_case_<i>.png (or a 'no failures' figure)."""
 
@@ -260,7 +261,7 @@ class FailuresStage(Stage):
         cam = GradCAM(trained.model, get_layer(trained.model, config.cam_layer))
         pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
         true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
-        improved = study.predictions.get("improved")
+        improved = study.predictions.get(IMPROVED)
         cases = []
         for i, f in enumerate(rows):
             suspect = f.position in flagged
@@ -301,8 +302,8 @@ class FailuresStage(Stage):
                 self.predictions(study, name, force=True)
             models[name] = self.evaluate_one(study, name) if force else self.model_result(study, name, quiet=False)
         cases = study.cases if study.cases is not None and not force else self.explain_cases(study, show=show)
-        if "improved" in study.models:   # cases drawn before the improved model existed (notebook stage 8)
-            improved = self.predictions(study, "improved")
+        if IMPROVED in study.models:   # cases drawn before the improved model existed (notebook stage 8)
+            improved = self.predictions(study, IMPROVED)
             for c in cases:
                 if c.improved_pred is None:
                     c.improved_pred = int(improved.preds[c.position])
@@ -363,8 +364,8 @@ class FailuresStage(Stage):
                                     f"{result.top_failures} cases asked for; all are shown."))
         explanations = study.results.get("explanations")
         reliable = True
-        if explanations is not None and "baseline" in explanations.label_suspects:
-            reliable = explanations.label_suspects["baseline"].reliable
+        if explanations is not None and BASELINE in explanations.label_suspects:
+            reliable = explanations.label_suspects[BASELINE].reliable
         for case in result.cases:
             top3 = ", ".join(f"{CLASSES[int(c)]} {100 * p:.1f}%" for c, p in case.top3)
             text = (f"Case {case.rank} ({case.figure}): test image {case.dataset_index}, "

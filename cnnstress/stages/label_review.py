@@ -27,6 +27,7 @@ import numpy as np
 from ..data import CLASSES
 from ..io import remove_file
 from ..plots import plot_confirmed_label_errors, plot_precision_at_k
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, per_model
 from ..results import Record, optional
 from ..xai.checks import agreed_suspects, label_suspects
@@ -177,7 +178,7 @@ class LabelReviewStage(Stage):
                 kinds=failure_kinds(fail_idx, {int(i) for i in flagged}, review),
                 flags_reliable=bool(s["reliable"]), flagged_fraction=float(s["flagged_fraction"]))
         agreement = None
-        if {"baseline", "improved"} <= set(study.models):
+        if {BASELINE, IMPROVED} <= set(study.models):
             agreed = agreed_suspects(suspects, preds)["positions"]
             agreement = flag_scores(loaded[np.asarray(agreed, dtype=np.int64)], review, loaded)
         result = LabelReview(official_order=True, order=order, threshold=study.config.failure_threshold,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import PROFILES
 from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Document, Paragraph, Section, render_text, write_html
 from ..results import Record
 from ..runtime import describe_hardware, resolve_device
@@ -56,7 +57,7 @@ class ReportStage(Stage):
             if section is not None:
                 metrics[s.name] = section
         metrics.update({
-            "config": study.model_config("baseline").to_dict(),
+            "config": study.model_config(BASELINE).to_dict(),
             "profile": study.config.profile,
             "hardware": describe_hardware(resolve_device(study.config.device)),
             "pipeline_seconds": seconds,
@@ -104,7 +105,7 @@ class ReportStage(Stage):
         comparison, training = study.results.get("comparison"), study.results.get("training")
         if comparison is None or training is None or comparison.accuracy_diff.diff > 0:
             return None
-        b, i = training.models["baseline"], training.models["improved"]
+        b, i = training.models[BASELINE], training.models[IMPROVED]
         if i.final_train_accuracy >= b.final_train_accuracy:
             return None
         # Augmentation makes the training task harder; in a short run that shows

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..data import sample_positions
 from ..io import ensure_writable_dir, stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
+from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, StressResult, with_failure_counts
 from ..robustness import (CORRUPTIONS, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
@@ -43,7 +44,7 @@ class StressStageResult(Record):
 
     def corruption_change(self) -> dict[str, float]:
         """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
-        a, b = self.models["baseline"].corruptions.accuracy, self.models["improved"].corruptions.accuracy
+        a, b = self.models[BASELINE].corruptions.accuracy, self.models[IMPROVED].corruptions.accuracy
         return {c: (sum(b[c]) - sum(a[c])) / len(SEVERITIES) for c in CORRUPTIONS}
 
 
@@ -246,12 +247,12 @@ class StressStage(Stage):
                               pct(c.mean_corruption_accuracy_without_frost), f"{100 * c.drop_from_clean:.1f}p",
                               *[pct(c.accuracy_by_family[f], 1) for f in fams]]
                              for n, c in cor.items()]))
-        two = {"baseline", "improved"} <= set(m)
+        two = {BASELINE, IMPROVED} <= set(m)
         if two:
             change = result.corruption_change()
-            blocks.append(Table(["corruption", "baseline", "improved", "change"],
-                                [[c, pct(sum(cor["baseline"].accuracy[c]) / len(SEVERITIES), 1),
-                                  pct(sum(cor["improved"].accuracy[c]) / len(SEVERITIES), 1),
+            blocks.append(Table(["corruption", BASELINE, IMPROVED, "change"],
+                                [[c, pct(sum(cor[BASELINE].accuracy[c]) / len(SEVERITIES), 1),
+                                  pct(sum(cor[IMPROVED].accuracy[c]) / len(SEVERITIES), 1),
                                   f"{100 * change[c]:+.1f}"] for c in CORRUPTIONS],
                                 caption="mean over severities"))
         blocks.append(Paragraph("ECE under corruption, all types pooled per severity (uncalibrated / with the clean T):"))
@@ -283,11 +284,11 @@ class StressStage(Stage):
         if two:
             blocks = sub(("Did the augmentation help beyond clean accuracy?"))
             failures = study.results.get("failures")
-            b, i = m["baseline"], m["improved"]
+            b, i = m[BASELINE], m[IMPROVED]
             text = ""
             if failures is not None:
-                d_clean = (failures.models["improved"].summary.test_accuracy
-                           - failures.models["baseline"].summary.test_accuracy)
+                d_clean = (failures.models[IMPROVED].summary.test_accuracy
+                           - failures.models[BASELINE].summary.test_accuracy)
                 text = f"Clean test accuracy {100 * d_clean:+.2f} points ({better(d_clean)}). "
             d_mca = i.corruptions.mean_corruption_accuracy - b.corruptions.mean_corruption_accuracy
             d_drop = i.corruptions.drop_from_clean - b.corruptions.drop_from_clean

@@ -24,10 +24,10 @@ from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_writable_dir
 from ..plots import plot_training_curves, save_figure
+from ..registry import BASELINE, IMPROVED, augment_preset, checkpoint_path, model_of
 from ..reporting import Figure, Paragraph, Section, pct, per_model
 from ..results import Record, optional
 from ..runtime import resolve_device
-from ..study import MODELS
 from ..train import FitResult, fit, load_model
 from ..weights import METADATA_FILE, load_published
 from .base import Stage
@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 
 RETRAIN = "retrain both models with `python -m cnnstress run --force` and the same options"
 CURVES_FILE = "training_curves.png"
-
-
-def checkpoint_path(out_dir: str | Path, config: Config) -> Path:
-    name = next(n for n, preset in MODELS.items() if preset == config.augment)
-    return Path(out_dir) / name / "checkpoint.pt"
 
 
 @dataclass
@@ -129,7 +124,7 @@ def train_model(config: Config, splits, out_dir: str | Path, *, force: bool = Fa
     refused (resume=False); one with another config is refused unless
     force=True, which starts over and replaces it. budget: stop after the last
     epoch that fits (result.budget_stopped; the checkpoint is saved)."""
-    path = checkpoint_path(out_dir, config)
+    path = checkpoint_path(out_dir, model_of(config.augment))
     ensure_writable_dir(path.parent)
     if path.exists() and not force:
         ckpt = read_checkpoint(path)
@@ -154,7 +149,7 @@ def epochs_done(study: "Study") -> dict[str, tuple[int, int]]:
             done[name] = (study.trained[name].result.epochs_done, cfg.epochs)
             continue
         try:
-            path = checkpoint_path(study.out, cfg).with_name("history.json")
+            path = checkpoint_path(study.out, name).with_name("history.json")
             history = json.loads(path.read_text())["history"]
             done[name] = (len(history), cfg.epochs)
         except (OSError, ValueError, KeyError, TypeError, RecursionError):   # a readable copy only
@@ -168,7 +163,7 @@ def describe_progress(done: dict[str, tuple[int, int]]) -> str:
 
 def load_trained(config: Config, out_dir: str | Path) -> Trained:
     """A finished model from its checkpoint, without training."""
-    path = checkpoint_path(out_dir, config)
+    path = checkpoint_path(out_dir, model_of(config.augment))
     try:
         model, ckpt = load_model(path, config, device=resolve_device(config.device))
     except CheckpointError as exc:
@@ -190,7 +185,7 @@ def published_model(config: Config, weights_dir: str | Path) -> Trained:
     if config.profile not in PROFILES:
         raise ConfigError(f"published weights need the profile they were trained with (one of {', '.join(PROFILES)}), "
                           f"got {config.profile!r}")
-    name = checkpoint_path(".", config).parent.name
+    name = model_of(config.augment)
     pub = load_published(weights_dir, expect_profile=config.profile, device=resolve_device(config.device),
                          names=(name,))[name]
     result = FitResult(model=pub.model, history=pub.history, config=config, resumed_from_epoch=pub.epochs,
@@ -224,7 +219,7 @@ class TrainingStage(Stage):
                 raise TimeBudgetReached(f"time budget reached ({study.budget.ends_at()}): {describe_progress(done)}, "
                                         "checkpoints saved")
         else:
-            path = checkpoint_path(study.out, cfg)
+            path = checkpoint_path(study.out, name)
             if not path.exists():
                 raise CheckpointError(f"no trained {name} model: checkpoint {path} not found; train both models "
                                       "first (python -m cnnstress run) or pass the right --out-dir")
@@ -276,12 +271,12 @@ class TrainingStage(Stage):
                 **({"published_run": m.published_run} if m.published_run else {})}
 
     def sections(self, study: "Study", result: TrainingResult) -> list:
-        cfg = study.model_config("baseline")
+        cfg = study.model_config(BASELINE)
         shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
                  "precision", "device", "failure_threshold"]
-        diff = cfg.diff(study.model_config("improved"))
+        diff = cfg.diff(study.model_config(IMPROVED))
         changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        spec = PRESETS["enhanced"]
+        spec = PRESETS[augment_preset(IMPROVED)]
         config_blocks = [
             Paragraph("Baseline: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in shown) + "."),
             Paragraph(f"Improved model = baseline with exactly one change ({changes}); everything else, "

@@ -35,6 +35,7 @@ from torch import nn
 from ..augment import normalize, to_float
 from ..config import Config
 from ..evaluate import FailureTable, Predictions
+from ..registry import BASELINE, IMPROVED, MODEL_NAMES
 from ..data import sample_positions
 from ..runtime import batch_slices, seed_stream
 from .cam import CAM_METHODS, describe_cam, get_layer, upsample
@@ -270,12 +271,12 @@ def agreed_suspects(suspects: Mapping[str, dict], preds: Mapping[str, Prediction
     a wrong label than agreement between independently trained models would
     be; it mainly drops the suspects that only one augmentation regime
     produces."""
-    a, b = (set(suspects[n]["suspect_positions"]) for n in ("baseline", "improved"))
-    pa, pb = preds["baseline"].preds, preds["improved"].preds
+    a, b = (set(suspects[n]["suspect_positions"]) for n in (BASELINE, IMPROVED))
+    pa, pb = preds[BASELINE].preds, preds[IMPROVED].preds
     both = sorted(p for p in a & b if int(pa[p]) == int(pb[p]))
     return {"positions": both, "count": len(both),
             "failures": {n: [p for p in suspects[n]["suspect_failure_positions"] if p in set(both)]
-                         for n in ("baseline", "improved")}}
+                         for n in MODEL_NAMES}}
 
 
 def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, preds: Mapping[str, Predictions],
@@ -294,13 +295,13 @@ def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, pre
         x = _inputs(test_images[pos], device)
         raw = {name: cam_maps(m, x, preds[name].preds[pos], "gradcam", config.cam_layer)[0].numpy()
                for name, m in models.items()}
-        rho = np.array([spearman(a, b) for a, b in zip(raw["baseline"], raw["improved"])])
+        rho = np.array([spearman(a, b) for a, b in zip(raw[BASELINE], raw[IMPROVED])])
         centre = {name: np.array([describe_cam(m)["centre_fraction"] for m in raw[name]]) for name in raw}
         finite = np.isfinite(rho)
         out[group] = {"n": int(pos.numel()),
                       "median_spearman": float(np.median(rho[finite])) if finite.any() else None,
                       "undefined": int((~finite).sum()),
                       "centre_fraction": {name: float(c.mean()) for name, c in centre.items()},
-                      "centre_shift": float((centre["improved"] - centre["baseline"]).mean()),
-                      "moved_onto_centre": int((centre["improved"] > centre["baseline"]).sum())}
+                      "centre_shift": float((centre[IMPROVED] - centre[BASELINE]).mean()),
+                      "moved_onto_centre": int((centre[IMPROVED] > centre[BASELINE]).sum())}
     return out
