@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 
 from cnnstress.config import Config
+from conftest import copy_run
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "assignment.ipynb"
@@ -194,12 +195,14 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert all("".join(line[2:].split()) in "".join(report.split()) for line in found.splitlines())
 
 
-def test_rerun_reuses_checkpoints_and_predictions(first_run):
+def test_rerun_reuses_checkpoints_and_predictions(first_run, tmp_path, monkeypatch):
     """Run the whole notebook again in a new kernel (as after a restart), with
     stage 8's THRESHOLD set to 0: nothing is retrained or re-predicted (the
     checkpoint and prediction files keep their bytes and mtimes), and every
     wrong prediction becomes a failure, so three Grad-CAM cases are drawn."""
-    out, _ = first_run
+    first, _ = first_run
+    out = copy_run(first, tmp_path / "rerun")          # the first run's folder stays as it was
+    monkeypatch.setenv("CNNSTRESS_OUT_DIR", str(out))
     before = {name: _stamp(out / name) for name in CACHED}
     nb = _read_notebook()
     stage8 = _stage_cell(nb, 8)
@@ -226,12 +229,13 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run):
     assert not any(line.startswith(("case 1:", "baseline: test accuracy")) for line in logged), stage15[:2000]
 
 
-@pytest.mark.slow
-def test_weights_variable_analyses_published_models_without_training(notebook_env, analysed_run, tmp_path,
-                                                                      monkeypatch):
+def test_weights_variable_loads_published_models_without_training(notebook_env, analysed_run, tmp_path,
+                                                                  monkeypatch):
     """WEIGHTS = <published folder> in the setup cell: the training stages load
-    the published models (nothing is trained or checkpointed) and every later
-    stage runs on them; metrics.json sets the source run's numbers beside."""
+    the published models (nothing is trained or checkpointed) and the stages
+    after them run on those models, the published numbers set beside. Run up to
+    the model comparison: every later stage takes its models from the same
+    Study, and `run --weights` takes them through every stage (test_weights.py)."""
     from cnnstress.weights import export_weights
 
     published = tmp_path / "published"
@@ -241,18 +245,18 @@ def test_weights_variable_analyses_published_models_without_training(notebook_en
     nb = _read_notebook()
     setup = _stage_cell(nb, 1)
     setup.source = setup.source.replace("WEIGHTS = None", f"WEIGHTS = {str(published)!r}", 1)
+    nb.cells = nb.cells[:nb.cells.index(_stage_cell(nb, 10)) + 1]
     nb = _execute(nb)
     assert not (out / "baseline").exists() and not (out / "improved").exists()
     for stage in (5, 9):
         text = _text(_stage_cell(nb, stage))
         assert "not trained here" in text and "train loss" not in text
-    for name in FIGURES:
+    for name in ("training_curves.png", "confusion_matrix.png", "model_comparison.png"):
         assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
-    metrics = json.loads((out / "metrics.json").read_text())
     source = json.loads((analysed_run / "metrics.json").read_text())
-    for name in ("baseline", "improved"):
-        assert metrics[name]["published_run"]["test_accuracy"] == source[name]["test_accuracy"]
-        assert metrics[name]["checkpoint"] == str(published / "weights.json")
+    for name, stage in (("baseline", 7), ("improved", 10)):
+        text = " ".join(_text(_stage_cell(nb, stage)).split())
+        assert f"published run (" in text and f"test accuracy {100 * source[name]['test_accuracy']:.2f}%" in text
 
 
 def test_missing_data_folder_is_one_line_in_the_notebook(tmp_path, shared_cifar_dir):
