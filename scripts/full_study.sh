@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The full study on a CUDA machine, packed into OUT_DIR (at most 8 files of at
-# most 16 MiB): weight shards, weights.json, SHA256SUMS, results.tar.gz and
-# this run's log (study_log.txt). See `python3 -m cnnstress.full_study --help`.
+# The full study on a CUDA machine, packed into OUT_DIR (by default at most 8
+# files of at most 16 MiB; --max-files, --max-file-mib, --max-total-mib):
+# weight shards, weights.json, SHA256SUMS, results.tar.gz and this run's log
+# (study_log.txt). See `python3 scripts/remote_study.py --help`.
 #
 #   bash scripts/full_study.sh OUT_DIR [--seeds 43 44] [--bench] [--compile MODE]
 #   CNNSTRESS_STUDY_PROFILE=smoke CNNSTRESS_STUDY_DEVICE=cpu bash scripts/full_study.sh /tmp/out   # CPU proof
@@ -21,5 +22,5 @@ OUT=$(cd "$1" && pwd); shift   # absolute: the study runs from the repository ro
 cd "$(dirname "$0")/.." || exit 2
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-"$PY" -m cnnstress.full_study "$OUT" "$@" 2>&1 | tee -a "$OUT/study_log.txt"
+"$PY" scripts/remote_study.py "$OUT" "$@" 2>&1 | tee -a "$OUT/study_log.txt"
 exit "${PIPESTATUS[0]}"

@@ -288,7 +288,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "stages": ("stages",),
     "study": ("study",),   # the object the notebook drives; the stages run on it
     # what drives a Study: the pipeline, the CLI, the packed GPU study, the package's front
-    "front": ("pipeline", "__main__", "full_study", "docs_cli", "__init__"),
+    "front": ("pipeline", "__main__", "docs_cli", "__init__"),
 }
 LAYER_ORDER = tuple(LAYERS)
 RULE = " -> ".join(LAYER_ORDER)

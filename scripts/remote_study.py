@@ -1,7 +1,10 @@
 """The full study as one command for a GPU machine, packed for the trip back.
 
-    python -m cnnstress.full_study OUT_DIR [--seeds 43 44] [--bench]
+    python scripts/remote_study.py OUT_DIR [--seeds 43 44] [--bench]
     (scripts/full_study.sh OUT_DIR ... wraps it and logs to OUT_DIR/study_log.txt)
+
+A script beside the package, not part of it: it drives the same Study stages
+(pipeline.run_pipeline, stages.training) as `python -m cnnstress`.
 
 In order: record the versions; write the data from the carried archive when
 it is missing; a smoke run on the device (a broken device path fails in
@@ -15,8 +18,10 @@ Adam) and extra seeds (`--seeds`: baseline and improved per seed, training +
 evaluation + failures, summarised as mean +- std and paired differences),
 each followed by a fresh results archive.
 
-OUT_DIR is checked against the transfer rules (at most 8 plain files of at
-most 16 MiB, 64 MiB in all, names of letters, digits, '.', '_', '-'); a
+OUT_DIR is checked against the transfer rules of the machine it runs on (by
+default those of the remote GPU machine this was written for: at most 8 plain
+files of at most 16 MiB, 64 MiB in all; --max-files, --max-file-mib and
+--max-total-mib change them; names of letters, digits, '.', '_', '-'); a
 breach is reported and makes the exit status 1.
 """
 from __future__ import annotations
@@ -36,8 +41,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from .registry import BASELINE, IMPROVED, MODELS
+if __package__ in (None, ""):          # run as a file: the package is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from cnnstress.registry import BASELINE, IMPROVED, MODELS  # noqa: E402
+
+# The default transfer rules: those of the remote GPU machine this script was
+# written for (what may come back from it); options override them per run.
 MAX_FILES = 8
 MAX_FILE_BYTES = 16 * 2**20
 MAX_TOTAL_BYTES = 64 * 2**20
@@ -121,7 +131,7 @@ def pack_results(work_dir: str | Path, dest: str | Path, *, name: str = RESULTS_
     temporary files, written atomically to dest/name. When it exceeds
     max_bytes, the predictions arrays are left out (DROP_ORDER, each step
     logged); still too big raises ValueError (nothing is written then)."""
-    from .io import atomic_write
+    from cnnstress.io import atomic_write
 
     work, dest = Path(work_dir), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -153,8 +163,8 @@ def publish_weights(work_main: Path, out_dir: Path, log: Callable[[str], None],
     With `staging`, the export is written there first and only changed files
     are copied over, SHA256SUMS last: a run killed meanwhile leaves the
     earlier, complete export rather than one without its sums file."""
-    from .io import atomic_write
-    from .weights import export_weights, sha256_file
+    from cnnstress.io import atomic_write
+    from cnnstress.weights import export_weights, sha256_file
     if staging is None:
         paths = export_weights(work_main, out_dir)
     else:
@@ -262,7 +272,7 @@ def summarize_seeds(runs: Iterable[SeedRun]) -> SeedsSummary:
 
 def seed_run(study) -> SeedRun:
     """The headline figures of a finished study (pipeline.run_pipeline's result)."""
-    from .robustness.calibration import expected_calibration_error
+    from cnnstress.robustness.calibration import expected_calibration_error
 
     failures = study.results["failures"].models
     stress = study.results.get("stress")
@@ -281,7 +291,7 @@ def seed_run(study) -> SeedRun:
 
 
 def write_seeds_summary(summary: SeedsSummary, folder: Path) -> None:
-    from .io import atomic_write, save_json
+    from cnnstress.io import atomic_write, save_json
     save_json(folder / SEEDS_JSON, summary.to_dict())
     atomic_write(folder / SEEDS_TEXT, lambda t: t.write_text(summary.to_text() + "\n"))
 
@@ -299,7 +309,7 @@ def pinned_versions(requirements: Path) -> dict[str, str]:
 
 
 def version_lines(pins: dict[str, str]) -> list[str]:
-    from .runlog import library_versions
+    from cnnstress.runlog import library_versions
     found = library_versions()
     lines = ["versions: " + ", ".join(f"{k} {v}" for k, v in found.items())]
     for name, pin in pins.items():
@@ -313,8 +323,8 @@ def version_lines(pins: dict[str, str]) -> list[str]:
 def ensure_data(data_dir: Path, kit_dir: Path, log: Callable[[str], None]) -> bool:
     """Write CIFAR-10 into data_dir from the kit's archive when it is missing.
     Returns True when it had to be written."""
-    from .data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
-    from .errors import DataError
+    from cnnstress.data import BATCHES_DIR, TEST_FILE, TRAIN_FILES
+    from cnnstress.errors import DataError
     folder = data_dir / BATCHES_DIR
     if all((folder / n).is_file() for n in (*TRAIN_FILES, TEST_FILE)):
         log(f"data: {folder} is there")
@@ -334,9 +344,9 @@ def ensure_data(data_dir: Path, kit_dir: Path, log: Callable[[str], None]) -> bo
 # --- the command --------------------------------------------------------------------
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from .config import COMPILE_MODES, PROFILES
-    ap = argparse.ArgumentParser(prog="python -m cnnstress.full_study", description=__doc__.splitlines()[0])
-    ap.add_argument("out_dir", help="folder for what comes back (at most 8 files of at most 16 MiB)")
+    from cnnstress.config import COMPILE_MODES, PROFILES
+    ap = argparse.ArgumentParser(prog="python scripts/remote_study.py", description=__doc__.splitlines()[0])
+    ap.add_argument("out_dir", help="folder for what comes back (see --max-files, --max-file-mib, --max-total-mib)")
     ap.add_argument("--seeds", type=int, nargs="*", default=[],
                     help="extra seeds, trained and evaluated after the main study is packed")
     ap.add_argument("--seeds-stress", action="store_true", help="run the stress stage for the extra seeds too")
@@ -360,7 +370,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="seconds this command may take: an extra seed or the benchmark starts only when "
                          "it is expected to end in time (estimated from the main run's training)")
     ap.add_argument("--no-preflight", action="store_true", help="skip the smoke run on the device")
-    return ap.parse_args(argv)
+    rules = ap.add_argument_group("transfer rules", "what OUT_DIR may hold (defaults: the remote GPU machine's)")
+    rules.add_argument("--max-files", type=int, default=MAX_FILES, metavar="N",
+                       help=f"at most N plain files (default {MAX_FILES})")
+    rules.add_argument("--max-file-mib", type=float, default=MAX_FILE_BYTES / 2**20, metavar="MIB",
+                       help=f"each at most MIB MiB (default {MAX_FILE_BYTES // 2**20})")
+    rules.add_argument("--max-total-mib", type=float, default=MAX_TOTAL_BYTES / 2**20, metavar="MIB",
+                       help=f"at most MIB MiB in all (default {MAX_TOTAL_BYTES // 2**20})")
+    args = ap.parse_args(argv)
+    for flag, value in (("--max-files", args.max_files), ("--max-file-mib", args.max_file_mib),
+                        ("--max-total-mib", args.max_total_mib)):
+        if not value > 0:      # also NaN
+            ap.error(f"{flag} must be positive, got {value}")
+    return args
+
+
+def transfer_rules(args: argparse.Namespace) -> dict[str, int]:
+    """check_out_dir's limits from the options."""
+    return dict(max_files=args.max_files, max_file_bytes=int(args.max_file_mib * 2**20),
+                max_total_bytes=int(args.max_total_mib * 2**20))
 
 
 def _say(message: str) -> None:
@@ -372,17 +400,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     import matplotlib
     matplotlib.use("Agg")
 
-    from . import pipeline
-    from .config import get_config
-    from .data import load_splits
-    from .io import ensure_writable_dir
-    from .lock import output_lock
-    from .stages.training import train_model, trained_images
-    from .errors import CnnstressError
-    from .runlog import StageTimer, utc_stamp
-    from .runtime import resolve_device
+    from cnnstress import pipeline
+    from cnnstress.config import get_config
+    from cnnstress.data import load_splits
+    from cnnstress.io import ensure_writable_dir
+    from cnnstress.lock import output_lock
+    from cnnstress.stages.training import train_model, trained_images
+    from cnnstress.errors import CnnstressError
+    from cnnstress.runlog import StageTimer, utc_stamp
+    from cnnstress.runtime import resolve_device
 
     out, work = Path(args.out_dir), Path(args.work_dir)
+    rules = transfer_rules(args)
     out.mkdir(parents=True, exist_ok=True)
     timer = StageTimer(log=_say)
     problems_seen: list[str] = []
@@ -403,13 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def pack(stage: str) -> None:
         write_log()
-        packed = pack_results(work, out, log=_say)
+        packed = pack_results(work, out, max_bytes=rules["max_file_bytes"], log=_say)
         timer.lap(f"pack {stage}", what=f"{RESULTS_ARCHIVE}: {packed.members} files, {packed.bytes:,} bytes"
                   + (f", left out {', '.join(packed.dropped)}" if packed.dropped else ""))
         check(stage)
 
     def check(stage: str) -> None:
-        found = check_out_dir(out)
+        found = check_out_dir(out, **rules)
         for p in found:
             _say(f"warning: OUT_DIR breaks the transfer rules after {stage}: {p}")
         problems_seen.extend(p for p in found if p not in problems_seen)
@@ -506,12 +535,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_log()
     _say(f"[{utc_stamp()}] study finished in {timer.to_dict()['seconds']:.0f} s; OUT_DIR {out}:")
     _say(listing(out))
-    final = check_out_dir(out)
+    final = check_out_dir(out, **rules)
     if final or problems_seen:
         for p in dict.fromkeys(problems_seen + final):
             _say(f"problem: {p}")
         return 1
-    _say(f"OUT_DIR keeps the transfer rules ({MAX_FILES} files, {MAX_FILE_BYTES // 2**20} MiB each at most)")
+    _say(f"OUT_DIR keeps the transfer rules ({rules['max_files']} files, "
+         f"{rules['max_file_bytes'] / 2**20:g} MiB each and {rules['max_total_bytes'] / 2**20:g} MiB in all at most)")
     return 0
 
 

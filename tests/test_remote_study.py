@@ -1,9 +1,10 @@
-"""The GPU study command's packing, transfer-rule check, seed summary and stage timer."""
+"""scripts/remote_study.py (the GPU study command): its packing, transfer-rule check, seed summary and stage timer."""
 from __future__ import annotations
 
 import json
 import math
 import re
+import sys
 import tarfile
 from pathlib import Path
 
@@ -12,8 +13,25 @@ import pytest
 import torch
 
 from cnnstress.runlog import StageTime, StageTimer
-from cnnstress.full_study import (ALWAYS_DROP, DROP_ORDER, MAX_FILES, SeedFigures, SeedRun, check_out_dir, main, pack_results,
-                             pinned_versions, summarize_seeds)
+
+
+def _load_script():
+    """scripts/remote_study.py as a module (a script beside the package, not in it)."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "scripts" / "remote_study.py"
+    spec = importlib.util.spec_from_file_location("remote_study", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module          # its dataclasses look their module up while it loads
+    spec.loader.exec_module(module)
+    return module
+
+
+remote_study = _load_script()
+ALWAYS_DROP, DROP_ORDER, MAX_FILES = remote_study.ALWAYS_DROP, remote_study.DROP_ORDER, remote_study.MAX_FILES
+SeedFigures, SeedRun, check_out_dir, main = (remote_study.SeedFigures, remote_study.SeedRun,
+                                             remote_study.check_out_dir, remote_study.main)
+pack_results, pinned_versions, summarize_seeds = (remote_study.pack_results, remote_study.pinned_versions,
+                                                  remote_study.summarize_seeds)
 
 
 def _fixture_outputs(work: Path, npz_bytes: int = 300_000) -> None:
@@ -194,7 +212,7 @@ def test_study_end_to_end_on_fixture_data(shared_cifar_dir, tmp_path, capsys):
 
 
 def test_budget_decides_what_still_fits(capsys):
-    from cnnstress.full_study import fits
+    fits = remote_study.fits
     timer = StageTimer(log=None)
     timer.started -= 100.0                      # 100 s spent
     assert fits(None, timer, 1e9, "anything")
@@ -225,7 +243,7 @@ def test_a_failing_preflight_exits_3_with_its_trace(shared_cifar_dir, tmp_path, 
 
 
 def test_bench_writes_the_benchmark_json(shared_cifar_dir, tmp_path, capsys):
-    from cnnstress.full_study import bench
+    bench = remote_study.bench
     dest = tmp_path / "bench.json"
     ok = bench(torch.device("cpu"), dest, shared_cifar_dir,
                extra=["--variants", "baseline,fused", "--steps", "1", "--warmup", "0", "--repeats", "1",
@@ -236,3 +254,25 @@ def test_bench_writes_the_benchmark_json(shared_cifar_dir, tmp_path, capsys):
     assert "bench: cnnstress_baseline_fused_img_per_s" in capsys.readouterr().out
     assert not bench(torch.device("cpu"), tmp_path / "no.json", tmp_path / "nodata")
     assert "warning: benchmark failed (exit 2)" in capsys.readouterr().out and not (tmp_path / "no.json").exists()
+
+
+def test_transfer_rules_are_options_with_the_remote_machines_defaults(capsys):
+    parse, rules = remote_study.parse_args, remote_study.transfer_rules
+    assert rules(parse(["out"])) == dict(max_files=8, max_file_bytes=16 * 2**20, max_total_bytes=64 * 2**20)
+    assert rules(parse(["out", "--max-files", "3", "--max-file-mib", "0.5", "--max-total-mib", "1"])) == \
+        dict(max_files=3, max_file_bytes=2**19, max_total_bytes=2**20)
+    for flag, value in (("--max-files", "0"), ("--max-file-mib", "-1"), ("--max-total-mib", "nan")):
+        with pytest.raises(SystemExit) as info:
+            parse(["out", flag, value])
+        assert info.value.code == 2
+        assert f"{flag} must be positive" in capsys.readouterr().err
+
+
+def test_the_script_runs_as_a_file_from_the_repository_root():
+    """`python scripts/remote_study.py --help` (what full_study.sh runs) finds the package."""
+    import subprocess
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "scripts/remote_study.py", "--help"], cwd=repo, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "HOME": str(repo)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--max-file-mib" in done.stdout and "transfer rules" in done.stdout
