@@ -38,7 +38,7 @@ def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Fi
     groups = [g for g in ("failures", "sample") if any(results[n].get(g, {}).get("n") for n in names)] or ["sample"]
     ncols = 2 * len(groups)
     if axes is None:
-        fig, flat = new_axes(len(names), ncols, (4.0 * ncols, 3.4 * len(names) + 0.4))
+        fig, flat = new_axes(len(names), ncols, (4.0 * ncols, 4.6 * len(names) + 0.4))
     else:
         flat = given_axes(axes, len(names) * ncols, "plot_faithfulness")
         fig = flat[0].figure
@@ -66,7 +66,9 @@ def plot_faithfulness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Fi
                 title = f"{better} AUC = more faithful"
                 if kind == "insertion":
                     title += "\n[verdict vs pixel noise | vs smooth random]"
-                ax.legend(fontsize=TICK_SIZE - 1, title=title, title_fontsize=TICK_SIZE - 1)
+                # Below the panel: the curves span the whole panel, so any spot inside hides some.
+                ax.legend(fontsize=TICK_SIZE - 1, title=title, title_fontsize=TICK_SIZE - 1, loc="upper center",
+                          bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0)
     return fig
 
 
