@@ -153,7 +153,10 @@ def _acquire(out: Path, path: Path, log: Callable[[str], None] | None) -> int:
         except OSError as exc:
             raise CnnstressError(f"cannot write the lock file {path} ({exc.strerror or exc}); free some space "
                                  "or use another --out-dir") from None
-        for folder in [out, *(out / name for name in MODEL_NAMES if (out / name).is_dir())]:
+        # A model folder linked in from elsewhere is another folder's (this lock does not cover it: a run
+        # there may be mid-write), so only real subfolders are cleaned.
+        for folder in [out, *(out / name for name in MODEL_NAMES
+                               if (out / name).is_dir() and not (out / name).is_symlink())]:
             removed = remove_stale_temp_files(folder)
             if removed and log:
                 log(f"removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} left by an "

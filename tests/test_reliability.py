@@ -260,6 +260,29 @@ def test_stale_temp_files_are_removed_by_the_next_run(trained, shared_cifar_dir,
     (trained / "elsewhere").rmdir()
 
 
+def test_stale_temp_cleanup_leaves_a_linked_model_folder_alone(tmp_path):
+    """A baseline/ linked in from another output folder is not covered by this
+    folder's lock (a run there may be writing): its temporary files stay."""
+    from cnnstress.lock import output_lock
+
+    other = tmp_path / "other_run" / "baseline"
+    other.mkdir(parents=True)
+    theirs = other / ".checkpoint.pt.a1b2c3d4.tmp"
+    theirs.write_bytes(b"being written by the other run")
+    out = tmp_path / "out"
+    (out / "improved").mkdir(parents=True)
+    (out / "baseline").symlink_to(other, target_is_directory=True)
+    ours = [out / ".metrics.json.a1b2c3d4.tmp", out / "improved" / ".checkpoint.pt.k2x_9ab0.tmp"]
+    for p in ours:
+        p.write_bytes(b"left by kill -9")
+    said = []
+    with output_lock(out, log=said.append):
+        pass
+    assert theirs.read_bytes() == b"being written by the other run"
+    assert not any(p.exists() for p in ours)
+    assert len([line for line in said if line.startswith("removed 1 temporary file")]) == 2
+
+
 SIGTERM_SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     real_save = torch.save
