@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,10 +76,16 @@ def ensure_cifar10(data_dir: str | Path, download: bool = True) -> Path:
         return folder
     if not download:
         raise DataError(f"CIFAR-10 not found: {folder / missing[0]} is missing; {where}")
+    made = [p for p in [Path(data_dir), *Path(data_dir).parents] if not os.path.lexists(p)]
     try:
         from torchvision.datasets.utils import download_and_extract_archive
         download_and_extract_archive(ARCHIVE_URL, download_root=str(data_dir), md5=ARCHIVE_MD5)
     except Exception as exc:  # any network or checksum failure ends the same way
+        for path in made:   # the folders the download made, left empty: a refused run leaves nothing
+            try:
+                path.rmdir()
+            except OSError:
+                break
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"CIFAR-10 not found in {folder} and the download failed ({reason}); {where}") from None
     still = [f for f in TRAIN_FILES + (TEST_FILE,) if not (folder / f).is_file()]

@@ -28,6 +28,23 @@ def ensure_writable_dir(path: str | Path) -> Path:
     return path
 
 
+def check_writable_dir(path: str | Path) -> Path:
+    """Refuse, in one line, an output folder that could not be made or written,
+    without making it: a refused run leaves nothing behind (the lock makes the
+    folder and proves a file can be written there, see ensure_writable_dir)."""
+    path = Path(path)
+    probe = path
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        reason = "File exists" if probe == path else f"{probe} is not a folder"
+        raise CnnstressError(f"cannot write to output folder {path} ({reason}); choose another --out-dir")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CnnstressError(f"cannot write to output folder {path} ({probe} is not writable); "
+                             "choose another --out-dir")
+    return path
+
+
 def check_folder_arg(value: str | Path | None, what: str, default: str, variable: str) -> str:
     """`value` (a --data-dir/--out-dir argument), else $`variable`, else
     `default`; an empty path (which would mean the current folder, or

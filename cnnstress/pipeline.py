@@ -40,8 +40,8 @@ def run_study(study: Study, *, only: str | None = None, force_only: bool = False
     if only is not None and only not in analyses:
         raise ValueError(f"only must be one of {', '.join(analyses)} or None, got {only!r}")
     study.timer.restart()
+    study.splits  # noqa: B018  (load, check and log the data first: bad data leaves the output folder alone)
     with output_lock(study.out, log=study.log), _saving_config(study):
-        study.splits  # noqa: B018  (load and log the data first)
         done = None
         for stage in study.stage_list:
             if stage.name != only and not stage.enabled(study):

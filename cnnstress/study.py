@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .budget import TimeBudget
 from .config import Config, default_profile, get_config
 from .errors import CheckpointError, CnnstressError
-from .io import DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, ensure_writable_dir
+from .io import DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, check_writable_dir
 from .lock import output_lock
 from .registry import BASELINE, MODEL_NAMES, MODELS, augment_preset, checkpoint_path  # noqa: F401  (study.MODELS)
 from .runlog import StageTimer
@@ -74,7 +74,7 @@ class Study:
         if self.weights is not None:
             from .weights import check_published
             check_published(self.weights, expect_profile=self.config.profile)
-        self.out = ensure_writable_dir(out)
+        self.out = check_writable_dir(out)   # made by the first write, under the lock
         self.allow_training = train
         self.force = force
         self.progress = progress

@@ -2,6 +2,7 @@
 and nothing already saved is touched."""
 import argparse
 import json
+import os
 
 import pytest
 
@@ -103,12 +104,15 @@ def test_cuda_without_cuda(capsys, shared_cifar_dir, tmp_path, monkeypatch):
 def test_missing_data_without_network(capsys, tmp_path, monkeypatch):
     import torchvision.datasets.utils as tvu
 
-    def offline(*a, **k):
+    def offline(*a, download_root, **k):
+        os.makedirs(download_root)   # as torchvision does before it fetches
         raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
     monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
-    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(tmp_path / "d"), "--out-dir", str(tmp_path / "o"))
+    code, _, err = _run(capsys, "train", *SMOKE, "--data-dir", str(tmp_path / "d" / "cifar"),
+                        "--out-dir", str(tmp_path / "o"))
     assert code == 2
-    _one_line_error(err, "download failed", str(tmp_path / "d" / BATCHES_DIR))
+    _one_line_error(err, "download failed", str(tmp_path / "d" / "cifar" / BATCHES_DIR))
+    assert sorted(tmp_path.iterdir()) == []   # neither the data folders the download made nor the output folder
 
 
 def test_truncated_batch(capsys, cifar_dir, tmp_path):

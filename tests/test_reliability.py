@@ -959,3 +959,29 @@ def test_checkpoint_states_that_cannot_be_used_are_one_line(trained, shared_cifa
     assert code == 2
     _one_line(err, str(path), needle, "--force")
     assert path.read_bytes() == before and "[baseline] epoch" not in out
+
+
+@pytest.mark.parametrize("command", ["train", "run", "stress"])
+def test_bad_data_leaves_the_output_folder_as_it_was(tmp_path, capsys, command):
+    """Data is read and checked before the output folder is made or locked: a
+    refused run leaves no empty folder, and an existing one untouched (mtimes too)."""
+    import pickle
+
+    from cnnstress.data import BATCHES_DIR, TEST_FILE
+    from conftest import write_cifar
+    data = write_cifar(tmp_path / "data")
+    with open(data / BATCHES_DIR / TEST_FILE, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, f)
+    fresh = tmp_path / "fresh" / "out"
+    code, _, err = _code(capsys, cli(command, data, fresh))
+    assert code == 2
+    _one_line(err, "test_batch: label 10 out of range")
+    assert not (tmp_path / "fresh").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine\n")
+    before = _snapshot(tmp_path), existing.stat().st_mtime_ns
+    code, _, err = _code(capsys, cli(command, data, existing))
+    assert code == 2
+    _one_line(err, "test_batch: label 10 out of range")
+    assert (_snapshot(tmp_path), existing.stat().st_mtime_ns) == before
