@@ -12,12 +12,14 @@ naming the first path that does not fit; a cache reader treats that as a miss.
 Keys the type does not name are ignored by `from_dict` (so a metrics.json
 section with extra keys reads as its Record).
 
-Two field markers keep the dict form exactly as the producers write it:
+Three field markers keep the dict form exactly as the producers write it:
   optional()     a key some dicts lack: default None, left out of to_dict when
                  None (a present null and an absent key differ in JSON; a
                  Record can override `omits` for a rule of its own).
   other_keys()   a dict[str, X] field holding every key the other fields do
                  not name, written flat in its place ({"n": 3, "gradcam": ...}).
+  transient()    in memory only (e.g. the predictions a later stage reads):
+                 never written, None when read back.
 to_dict writes the fields in declaration order, so a Record's fields are
 declared in the order its producer writes the keys.
 
@@ -55,6 +57,12 @@ def optional() -> Any:
     return field(default=None, metadata={"omit_none": True})
 
 
+def transient() -> Any:
+    """A field for what a result carries in memory only (tensors a later stage
+    reads): never in to_dict, None when read back from a dict."""
+    return field(default=None, compare=False, repr=False, metadata={"transient": True})
+
+
 def other_keys() -> Any:
     """A dict[str, X] field that holds the keys no other field names, written
     flat at its place in to_dict (at most one per Record)."""
@@ -81,7 +89,7 @@ class Record:
         out: dict[str, Any] = {}
         for f in fields:
             value = getattr(self, f.name)
-            if self.omits(f, value):
+            if f.metadata.get("transient") or self.omits(f, value):
                 continue
             if f.metadata.get("rest"):
                 clash = sorted(set(value) & {g.name for g in fields})
@@ -150,7 +158,7 @@ def _load(tp: Any, data: Any, where: str) -> Any:
             values[rest.name] = _load(_hints(tp)[rest.name], {k: v for k, v in data.items() if k not in named},
                                       where)
         for f in dataclasses.fields(tp):  # type: ignore[arg-type]
-            if f is rest:
+            if f is rest or f.metadata.get("transient"):
                 continue
             if f.name in data:
                 values[f.name] = _load(_hints(tp)[f.name], data[f.name], f"{where}.{f.name}")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .budget import TimeBudget
+from .budget import TimeBudget, TimeBudgetReached
 from .config import Config, default_profile, get_config
 from .errors import CheckpointError, CnnstressError
 from .io import DEFAULT_DATA_DIR, DEFAULT_OUT_DIR, ENV_DATA_DIR, ENV_OUT_DIR, check_folder_arg, check_writable_dir
@@ -161,23 +161,80 @@ class Study:
         from .stages.training import model_stamp
         return model_stamp(self.model(name))
 
-    def stage_result(self, stage_name: str, *, show: bool = False):
-        """A stage's result: computed in this session, else run (cached stages
-        read their caches)."""
-        if stage_name not in self.results:
-            self.results[stage_name] = self.get_stage(stage_name).run(self, show=show)
-        return self.results[stage_name]
+    def result(self, stage_name: str, *, show: bool = False):
+        """Stage `stage_name`'s result: this session's, else the stage run now,
+        an analysis stage only from its cache (None when nothing is cached or
+        the stage is switched off)."""
+        if stage_name in self.results:
+            return self.results[stage_name]
+        stage = self.get_stage(stage_name)
+        if stage_name in self.skipped or not stage.enabled(self):
+            return None
+        with output_lock(self.out, log=self.log):
+            result = stage.run(self, self.inputs(stage), show=show, cached_only=stage.analysis)
+        if result is None:
+            self.skipped.add(stage_name)
+        else:
+            self.results[stage_name] = result
+        return result
 
-    def run_stage(self, stage_name: str, *, force: bool = False, show: bool = False):
-        """Run one stage now (force: recompute even when cached), log its summary line."""
+    def inputs(self, stage) -> dict[str, Any]:
+        """What `stage` requires, {stage name: result}: the one place a stage's
+        inputs are found (a required analysis that never ran is left out)."""
+        found = {name: self.result(name) for name in stage.requirements(self)}
+        return {name: result for name, result in found.items() if result is not None}
+
+    def run_stage(self, stage_name: str, *, force: bool = False, show: bool = False, cached_only: bool = False):
+        """Run one stage now (force: recompute even when cached; cached_only: an
+        analysis only from its cache), log its summary line; its result, or
+        None (an analysis with nothing cached)."""
         stage = self.get_stage(stage_name)
         with output_lock(self.out, log=self.log):
-            result = stage.run(self, force=force or self.force, show=show)
+            result = stage.run(self, self.inputs(stage), force=force or self.force, show=show,
+                               cached_only=cached_only)
+        if result is None:
+            self.results.pop(stage_name, None)
+            self.skipped.add(stage_name)
+            return None
         self.results[stage_name] = result
+        self.skipped.discard(stage_name)
         line = stage.summary(self, result)
         if line:
             self.say(line)
         return result
+
+    def run(self, *, only: str | None = None, force_only: bool = False) -> "Study":
+        """Every stage in order (cnnstress.stages.STAGES), what `python -m
+        cnnstress run` does. only="stress" or "explanations" (the commands of
+        those names): run that stage, recomputed when force_only, and take the
+        other analysis stages from their caches only. Each stage is timed
+        (cnnstress.runlog); the report stage writes run_log.json."""
+        analyses = [s.name for s in self.stage_list if s.analysis]
+        if only is not None and only not in analyses:
+            raise ValueError(f"only must be one of {', '.join(analyses)} or None, got {only!r}")
+        self.timer.restart()
+        self.splits  # noqa: B018  (load, check and log the data first: bad data leaves the output folder alone)
+        with output_lock(self.out, log=self.log):
+            try:
+                done = None
+                for stage in self.stage_list:
+                    if stage.name != only and not stage.enabled(self):
+                        continue
+                    if self.budget is not None and done is not None and self.budget.spent:
+                        left = [s.name for s in self.stage_list[self.stage_list.index(stage):] if s.enabled(self)]
+                        raise TimeBudgetReached(f"time budget reached ({self.budget.ends_at()}) after the {done} "
+                                                f"stage; {', '.join(left)} not run yet (finished stages are cached)")
+                    if stage.analysis:
+                        self.say(f"== {stage.banner or stage.title} ==")
+                    if self.run_stage(stage.name, force=stage.name == only and force_only,
+                                      cached_only=stage.analysis and only is not None and stage.name != only) is not None:
+                        done = stage.name
+            finally:
+                # config.json once a model was trained or loaded with the config: a run refused
+                # before that (data, device, checkpoint) leaves the previous one, which matches metrics.json.
+                if self.trained:
+                    self.save_config()
+        return self
 
     # --- the notebook's steps ------------------------------------------------
     def describe(self) -> None:
@@ -233,7 +290,7 @@ class Study:
     def failure_examples(self, k: int = 3) -> None:
         """Print the failure groups' counts and `k` test images of each group."""
         from .stages import comparison
-        for line in comparison.stage.examples(self, self.stage_result("comparison"), k=k):
+        for line in comparison.stage.examples(self, self.result("comparison"), self.result("failures"), k=k):
             print(line)
 
     def show_report(self) -> None:
@@ -292,14 +349,7 @@ class Study:
         in a notebook. Stages not run in this session come from their caches."""
         from .stages import report
         with output_lock(self.out, log=self.log):
-            return report.stage.findings(self)
-
-    def run(self, *, only: str | None = None, force_only: bool = False):
-        """Every stage in order (cnnstress.stages.STAGES). only="stress" or
-        "explanations": run that stage (recomputed when force_only) and take
-        the other analysis stages from their caches only."""
-        from .pipeline import run_study
-        return run_study(self, only=only, force_only=force_only)
+            return report.stage.findings(self, self.inputs(report.stage))
 
     def save_config(self) -> Path:
         """The resolved config as out/config.json (`--config` repeats the run)."""

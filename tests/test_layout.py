@@ -293,24 +293,12 @@ LAYERS: dict[str, tuple[str, ...]] = {
 LAYER_ORDER = tuple(LAYERS)
 RULE = " -> ".join(LAYER_ORDER)
 
-# Upward imports that part 2 of issue 21 (the stage contract) removes, each
-# matched by (importer, imported, where). The list only shrinks: an entry that
-# no longer matches an upward import fails test_known_upward_imports_are_current.
-STAGE_TAKES_STUDY = ("a stage's methods take the whole Study (type hints only); the stage contract hands a stage "
-                     "the results it requires instead")
-KNOWN_UPWARD: dict[tuple[str, str, str], str] = {
-    ("stages.base", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.comparison", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.explanations", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.failures", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.label_review", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.report", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.stress", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    ("stages.training", "study", "under TYPE_CHECKING"): STAGE_TAKES_STUDY,
-    # Two run loops walk the stages (Study.run_stage, pipeline.run_study);
-    # the stage contract keeps one, and Study.run stops calling the pipeline.
-    ("study", "pipeline", "in run()"): "Study.run delegates to pipeline.run_study, the second run loop",
-}
+# Upward imports still allowed, each matched by (importer, imported, where) with
+# the reason. Empty since the stage contract (issue 21, part 2): a stage types
+# the study it is handed with stages.base.StudyContext, and Study.run is the
+# one run loop. An entry that no longer matches an upward import fails
+# test_known_upward_imports_are_current.
+KNOWN_UPWARD: dict[tuple[str, str, str], str] = {}
 
 
 def layer_of(module: str) -> str:

@@ -17,7 +17,7 @@ from cnnstress import stages
 from cnnstress.__main__ import main
 from cnnstress.reporting import Paragraph, Section
 from cnnstress.results import Record
-from cnnstress.stages.base import Stage
+from cnnstress.stages.base import CachedStage, Stage
 from conftest import cli
 
 
@@ -25,29 +25,35 @@ from conftest import cli
 class ToyResult(Record):
     wrong: dict[str, int]       # wrong test predictions per model
     total: int
+    fixed: int                  # the comparison's fixed failures, as handed in
 
 
-class ToyStage(Stage):
+class ToyStage(CachedStage):
+    """Reads two stages' results (failures and comparison) without importing
+    or running either: the Study hands them in."""
+
     name = "toy"
     title = "Toy stage: wrong predictions"
     config_groups = ("failures",)
+    requires = ("failures", "comparison")
+    unit_type = ToyResult
+    command = "run"
     computed = 0
+    handed: list = []
 
-    def run(self, study, *, force=False, show=False):
-        from cnnstress.stages.failures import stage as failures
-        path = study.out / "toy.json"
-        key = self.cache_key(study)
-        cached = None if force else self.read_cache(study, path, key, ToyResult)
-        if cached is not None:
-            return cached
+    def cache_units(self, study):
+        return {"toy": study.out / "toy.json"}
+
+    def compute_units(self, study, inputs, units):
         ToyStage.computed += 1
-        wrong = {}
-        for n in study.models:
-            p = failures.predictions(study, n)
-            wrong[n] = int((p.preds != p.labels).sum())
-        result = ToyResult(wrong=wrong, total=sum(wrong.values()))
-        self.write_cache(study, path, key, result)
-        return result
+        ToyStage.handed = sorted(inputs)
+        preds = inputs["failures"].predictions
+        wrong = {n: int((preds[n].preds != preds[n].labels).sum()) for n in study.models}
+        return {"toy": ToyResult(wrong=wrong, total=sum(wrong.values()),
+                                 fixed=inputs["comparison"].failures.counts.fixed)}
+
+    def assemble(self, study, inputs, parts):
+        return parts["toy"]
 
     def summary(self, study, result):
         return f"toy: {result.total} wrong predictions in all"
@@ -78,7 +84,9 @@ def test_a_registered_stage_is_run_cached_and_reported(toy_registered, analysed_
     assert main(cli("run", shared_cifar_dir, out)) == 0
     printed = capsys.readouterr().out
     assert ToyStage.computed == 1 and (out / "toy.json").is_file()
+    assert ToyStage.handed == ["comparison", "failures"]
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["toy"]["fixed"] == metrics["comparison"]["failures"]["counts"]["fixed"]
     predictions = {n: json.loads((analysed_run / "metrics.json").read_text())[n] for n in ("baseline", "improved")}
     for n in ("baseline", "improved"):     # an independent count: accuracy x images from the original run
         assert metrics[n]["toy_wrong"] == round(predictions[n]["n"] * (1 - predictions[n]["test_accuracy"]))
@@ -135,3 +143,59 @@ def test_stage_names_are_unique_and_the_report_is_last():
     assert names == ["training", "failures", "comparison", "stress", "explanations", "label_review", "report"]
     with pytest.raises(KeyError, match="no stage 'nope'"):
         stages.get_stage("nope")
+
+
+def test_a_stage_is_handed_what_it_requires_and_each_stage_runs_once(monkeypatch, tmp_path):
+    """C requires A and B, B requires A: asking for C runs A once, then B,
+    then C with both results; C never names another stage's module. A
+    required analysis with nothing cached is left out of the inputs (not
+    computed behind the user's back)."""
+    from cnnstress.study import Study
+
+    @dataclass
+    class Num(Record):
+        value: int
+
+    runs, handed = [], {}
+
+    class Part(Stage):
+        def compute(self, study, inputs):
+            runs.append(self.name)
+            handed[self.name] = dict(inputs)
+            return Num(value=len(self.name) + sum(r.value for r in inputs.values()))
+
+    class A(Part):
+        name = "a"
+
+    class B(Part):
+        name = "b"
+        requires = ("a",)
+
+    class Absent(CachedStage):
+        name = "absent"
+        analysis = True
+        unit_type = Num
+
+        def cache_units(self, study):
+            return {"absent": study.out / "absent.json"}
+
+        def unit_key(self, study, unit):
+            return {"stage": "absent", "models": {"m": "stamp"}}
+
+        def compute_units(self, study, inputs, units):
+            raise AssertionError("a required analysis was computed")
+
+    class C(Part):
+        name = "c"
+        requires = ("a", "b", "absent")
+
+    monkeypatch.setattr(stages, "STAGES", [A(), B(), Absent(), C()])
+    study = Study("smoke", data_dir=tmp_path / "data", out_dir=tmp_path / "out", log=None)
+    result = study.run_stage("c")
+    assert runs == ["a", "b", "c"]
+    assert set(handed["c"]) == {"a", "b"} and handed["c"]["a"] is study.results["a"]
+    assert handed["b"]["a"] is study.results["a"]
+    assert result.value == 1 + (1 + 1) + 1          # c + b (b + a) + a
+    assert "absent" in study.skipped
+    study.run_stage("c")                              # again: only c reruns, a and b are this session's
+    assert runs == ["a", "b", "c", "c"]

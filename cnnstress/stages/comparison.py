@@ -6,7 +6,7 @@ Cheap (predictions only), so it is recomputed on every run, never cached.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -17,11 +17,8 @@ from ..plots import plot_confusion_matrix, plot_model_comparison
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Paragraph, Section
 from ..results import Comparison
-from .base import Stage, save_figures
-from .failures import stage as failures
+from .base import Stage, StudyContext, save_figures
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 
 def better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str:
@@ -34,23 +31,26 @@ def better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str
 class ComparisonStage(Stage):
     name = "comparison"
     title = "What the enhanced augmentation changed"
+    requires = ("failures",)
     n_boot = 2000
 
-    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> Comparison:
-        preds = {n: failures.predictions(study, n) for n in (BASELINE, IMPROVED)}
-        tables = {n: failures.table(study, n) for n in (BASELINE, IMPROVED)}
+    def compute(self, study: StudyContext, inputs: Mapping[str, Any]) -> Comparison:
+        failures = inputs["failures"]
+        preds = {n: failures.predictions[n] for n in (BASELINE, IMPROVED)}
+        tables = {n: failures.tables[n] for n in (BASELINE, IMPROVED)}
         base_cfg, imp_cfg = study.model_config(BASELINE), study.model_config(IMPROVED)
-        result = Comparison.from_dict({
+        return Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
-        self.figures(study, result, show=show)
-        study.timer.lap("compare")
-        return result
 
-    def figures(self, study: "Study", result: Comparison, show: bool = False) -> list:
+    def lap(self, study: StudyContext, result: Comparison) -> None:
+        study.timer.lap("compare")
+
+    def figures(self, study: StudyContext, result: Comparison, *, inputs: Mapping[str, Any] | None = None,
+                show: bool = False) -> list:
         """confusion_matrix.png (a panel per model) and model_comparison.png
         (accuracy, per-class accuracy, failure bars split by the comparison's groups)."""
-        models = {n: failures.model_result(study, n) for n in study.models}
+        models = inputs["failures"].models
         fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
                                  constrained_layout=True)
         for ax, (name, m) in zip(axes[0], models.items()):
@@ -62,10 +62,11 @@ class ComparisonStage(Stage):
                    "confusion_matrix.png": fig}
         return save_figures(figures, study.out, show=show)
 
-    def examples(self, study: "Study", result: Comparison, k: int = 3) -> list[str]:
-        """The failure groups' counts, then up to `k` test images of each group."""
+    def examples(self, study: StudyContext, result: Comparison, failures: Any, k: int = 3) -> list[str]:
+        """The failure groups' counts, then up to `k` test images of each group
+        (`failures`: the failures stage's result, with the predictions)."""
         test = study.splits.test
-        base, imp = failures.predictions(study, BASELINE), failures.predictions(study, IMPROVED)
+        base, imp = failures.predictions[BASELINE], failures.predictions[IMPROVED]
         groups = result.failures
         lines = [", ".join(f"{k_}: {v}" for k_, v in groups.counts.to_dict().items())]
         for kind in ("fixed", "persisting", "new", "newly_confident"):
@@ -75,14 +76,14 @@ class ComparisonStage(Stage):
                              f"improved {CLASSES[int(imp.preds[pos])]} ({imp.confidence[pos]:.0%})")
         return lines
 
-    def summary(self, study: "Study", result: Comparison) -> str:
+    def summary(self, study: StudyContext, result: Comparison) -> str:
         d, fc = result.accuracy_diff, result.failures.counts
         return (f"comparison: test accuracy {100 * d.acc_a:.2f}% -> {100 * d.acc_b:.2f}% ({100 * d.diff:+.2f} points, "
                 f"{d.confidence:.0%} interval [{100 * d.low:+.2f}, {100 * d.high:+.2f}]), McNemar p = "
                 f"{result.mcnemar.p_value:.3g}; failures {fc.a} -> {fc.b}: {fc.fixed} fixed, "
                 f"{fc.still_high_confidence} persist, {fc.new} new, {fc.newly_confident} newly confident")
 
-    def finding(self, study: "Study", result: Comparison) -> str:
+    def finding(self, study: StudyContext, result: Comparison) -> str:
         d, mc, fc = result.accuracy_diff, result.mcnemar, result.failures.counts
         t = study.config.failure_threshold if result.threshold is None else result.threshold
         change = ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in (result.config_diff or {}).items()) or "nothing"
@@ -95,10 +96,10 @@ class ComparisonStage(Stage):
                 f"{fc.still_high_confidence} stayed above it; of the improved model's {fc.b}, {fc.new} are new (the "
                 f"baseline was right) and {fc.newly_confident} newly confident (the baseline was wrong, less sure).")
 
-    def metrics(self, study: "Study", result: Comparison) -> dict[str, Any]:
+    def metrics(self, study: StudyContext, result: Comparison) -> dict[str, Any]:
         return result.to_dict()
 
-    def sections(self, study: "Study", result: Comparison) -> list:
+    def sections(self, study: StudyContext, result: Comparison) -> list:
         diff, mc, fc, t = result.accuracy_diff, result.mcnemar, result.failures.counts, result.threshold
         sig = "significant" if mc.p_value < 0.05 else "not significant"
         blocks = [

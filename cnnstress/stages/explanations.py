@@ -10,13 +10,14 @@ label_suspects.png and cam_methods.png.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..augment import normalize, to_float
 from ..data import CLASSES
-from ..io import EXPLANATIONS_FILE, ensure_writable_dir
+from ..io import EXPLANATIONS_FILE
 from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
@@ -27,20 +28,20 @@ from ..xai.checks import (EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABE
                           drift_report, faithfulness_report, label_suspects, sanity_report)
 from ..xai.label_review import applicable_review, review_note
 from ..xai.randomisation import verdict_word
-from .base import Stage, save_figures
-from .failures import stage as failures
+from .base import CachedStage, StudyContext, save_figures
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 SANITY_FIGURE_IMAGES = 3    # images whose maps are drawn at every randomisation step
 SUSPECT_TILES = 12          # tiles per group in label_suspects.png
 CAM_METHODS = ("gradcam", "gradcam++")
 
 
-class ExplanationsStage(Stage):
+class ExplanationsStage(CachedStage):
     name = "explanations"
     title = "Can the explanations and the failures be trusted?"
+    requires = ("failures", "comparison")   # predictions and failure tables; the failure groups (drift)
+    unit_type = Explanations
+    command = "explain"
     config_groups = ("explanations",)
     enabled_by = "explain"
     analysis = True
@@ -48,62 +49,57 @@ class ExplanationsStage(Stage):
 
     version = EXPLAIN_VERSION
 
-    def settings(self, study: "Study") -> dict[str, Any]:
+    def settings(self, study: StudyContext) -> dict[str, Any]:
         """Its group's fields, and what else the numbers depend on: the failure
         threshold (the failure group) and the methods compared."""
         return {**super().settings(study), "failure_threshold": study.config.failure_threshold,
                 "methods": list(FAITHFULNESS_METHODS)}
 
-    def run(self, study: "Study", *, force: bool = False, show: bool = False,
-            cached_only: bool = False) -> Explanations | None:
+    def cache_units(self, study: StudyContext) -> dict[str, Path]:
+        return {"explanations": study.out / EXPLANATIONS_FILE}
 
+    def unit_schema(self, study: StudyContext) -> Any:
+        return explanations_schema(list(study.models), len(study.splits.test))
+
+    def compute_units(self, study: StudyContext, inputs: Mapping[str, Any],
+                      units: list[str]) -> dict[str, Explanations]:
         config = study.config
-        out = ensure_writable_dir(study.out)
         names = study.models
-        preds = {n: failures.predictions(study, n) for n in names}
-        tables = {n: failures.table(study, n) for n in names}
-        key = self.cache_key(study)
-        path = out / EXPLANATIONS_FILE
-        schema = explanations_schema(list(names), len(study.splits.test))
-        result = None if force else self.read_cache(study, path, key, Explanations, schema)
-        if result is not None:
-            study.say(f"explanations: reusing {path}")
-        elif cached_only:
-            study.say("explanations: no cached results match these models and settings; "
-                      "`python -m cnnstress explain` computes them")
-            return None
-        else:
-            device = resolve_device(config.device)
-            images = study.splits.test.images
-            t0 = time.perf_counter()
-            raw: dict[str, Any] = {"faithfulness": {}, "sanity": {}, "label_suspects": {}, "seconds": {}}
-            sanity_maps = None
-            for name in names:
-                t1 = time.perf_counter()
-                model = study.model(name).model
-                raw["faithfulness"][name] = faithfulness_report(model, images, preds[name], tables[name], config, device)
-                summary, maps = sanity_report(model, images, preds[name], config, device)
-                raw["sanity"][name] = summary
-                if sanity_maps is None:
-                    g = maps["gradcam"]
-                    sanity_maps = {"model": name, "steps": list(g.steps),
-                                   "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
-                raw["label_suspects"][name] = label_suspects(preds[name], tables[name])
-                raw["seconds"][name] = time.perf_counter() - t1
-            if {BASELINE, IMPROVED} <= set(names):
-                comparison = study.stage_result("comparison")
-                raw["label_agreement"] = agreed_suspects(raw["label_suspects"], preds)
-                raw["drift"] = drift_report({n: study.model(n).model for n in (BASELINE, IMPROVED)}, images,
-                                            preds, comparison.failures.to_dict(), config, device)
-            raw["sanity_maps"] = sanity_maps
-            raw["seconds"]["total"] = time.perf_counter() - t0
-            result = Explanations.from_dict(raw)
-            self.write_cache(study, path, key, result)
-        self.figures(study, result, show=show)
-        study.timer.lap("explain")
-        return result
+        preds, tables = inputs["failures"].predictions, inputs["failures"].tables
+        device = resolve_device(config.device)
+        images = study.splits.test.images
+        t0 = time.perf_counter()
+        raw: dict[str, Any] = {"faithfulness": {}, "sanity": {}, "label_suspects": {}, "seconds": {}}
+        sanity_maps = None
+        for name in names:
+            t1 = time.perf_counter()
+            model = study.model(name).model
+            raw["faithfulness"][name] = faithfulness_report(model, images, preds[name], tables[name], config, device)
+            summary, maps = sanity_report(model, images, preds[name], config, device)
+            raw["sanity"][name] = summary
+            if sanity_maps is None:
+                g = maps["gradcam"]
+                sanity_maps = {"model": name, "steps": list(g.steps),
+                               "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
+            raw["label_suspects"][name] = label_suspects(preds[name], tables[name])
+            raw["seconds"][name] = time.perf_counter() - t1
+        if {BASELINE, IMPROVED} <= set(names):
+            raw["label_agreement"] = agreed_suspects(raw["label_suspects"], preds)
+            raw["drift"] = drift_report({n: study.model(n).model for n in (BASELINE, IMPROVED)}, images,
+                                        preds, inputs["comparison"].failures.to_dict(), config, device)
+        raw["sanity_maps"] = sanity_maps
+        raw["seconds"]["total"] = time.perf_counter() - t0
+        return {"explanations": Explanations.from_dict(raw)}
 
-    def figures(self, study: "Study", result: Explanations, show: bool = False) -> list:
+    def assemble(self, study: StudyContext, inputs: Mapping[str, Any],
+                 parts: dict[str, Explanations]) -> Explanations:
+        return parts["explanations"]
+
+    def lap_units(self, study: StudyContext, computed: list[str]) -> None:
+        study.timer.lap("explain")
+
+    def figures(self, study: StudyContext, result: Explanations, *, inputs: Mapping[str, Any] | None = None,
+                show: bool = False) -> list:
         """faithfulness.png, sanity_check.png, label_suspects.png, cam_methods.png."""
 
         config = study.config
@@ -119,7 +115,7 @@ class ExplanationsStage(Stage):
         }
         name = BASELINE if BASELINE in result.label_suspects else next(iter(result.label_suspects))
         ls = result.label_suspects[name]
-        p = failures.predictions(study, name)
+        p = inputs["failures"].predictions[name]
         _, review = applicable_review(test.labels, test.indices)   # {} unless the test set is official
         entries = []
         confirmed = {i for i, e in review.items() if e.label_error}
@@ -144,7 +140,7 @@ class ExplanationsStage(Stage):
                       "to tell wrong labels from its own mistakes")
         figures["label_suspects.png"] = plot_label_suspects(
             entries, title=title, totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
-        rows = failures.table(study, name).rows
+        rows = inputs["failures"].tables[name].rows
         pos = rows[0].position if rows else 0
         model = study.model(name).model
         x = normalize(to_float(test.images[pos:pos + 1])).to(resolve_device(config.device))
@@ -158,7 +154,7 @@ class ExplanationsStage(Stage):
         return save_figures(figures, study.out, show=show)
 
     # --- what it reports ---------------------------------------------------
-    def summary(self, study: "Study", result: Explanations) -> str:
+    def summary(self, study: StudyContext, result: Explanations) -> str:
         lines = []
         for name, f in result.faithfulness.items():
             ls = result.label_suspects[name]
@@ -170,7 +166,7 @@ class ExplanationsStage(Stage):
                          f"{ls.suspect_failures} of {ls.failures} failures are suspected label errors")
         return "\n".join(lines)
 
-    def finding(self, study: "Study", result: Explanations) -> str:
+    def finding(self, study: StudyContext, result: Explanations) -> str:
         parts, sizes = [], set()
         for name, f in result.faithfulness.items():
             cam = (f.sample.methods or {}).get("gradcam")
@@ -188,7 +184,7 @@ class ExplanationsStage(Stage):
                 f"{per_model({n: f'{t.suspect_failures} of {t.failures}' for n, t in ls.items()})} "
                 f"high-confidence failures{caveat}.")
 
-    def model_metrics(self, study: "Study", result: Explanations, model: str) -> dict[str, Any]:
+    def model_metrics(self, study: StudyContext, result: Explanations, model: str) -> dict[str, Any]:
         faith = {group: {m: {"deletion_auc": v.deletion_auc, "insertion_auc": v.insertion_auc,
                              **({"verdict": v.verdict} if v.verdict is not None else {}),
                              **({"verdict_smooth": v.verdict_smooth} if v.verdict_smooth is not None else {})}
@@ -205,12 +201,12 @@ class ExplanationsStage(Stage):
             "label_suspects_reliable": ls.reliable,
         }
 
-    def metrics(self, study: "Study", result: Explanations) -> dict[str, Any]:
+    def metrics(self, study: StudyContext, result: Explanations) -> dict[str, Any]:
         d = result.to_dict()
         d.pop("sanity_maps", None)   # drawn in sanity_check.png; too big for metrics.json
         return d
 
-    def sections(self, study: "Study", result: Explanations) -> list:
+    def sections(self, study: StudyContext, result: Explanations) -> list:
 
         cfg = study.config
         subs = []

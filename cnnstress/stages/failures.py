@@ -10,7 +10,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,16 +23,14 @@ from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_fil
 from ..plots import plot_failure_case, plot_no_failures, save_figure
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
-from ..results import Record, TestSummary
+from ..results import Record, TestSummary, transient
 from ..runtime import resolve_device, resolve_precision
 from ..weights import describe_reference
 from ..xai import GradCAM, applicable_review, get_layer, label_suspects, review_note
 from ..xai.cam import describe_cam
-from .base import Stage
+from .base import Stage, StudyContext
 from .training import model_stamp
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 SUSPECT_NOTE = "suspected label error (confident learning)"
 SUSPECT_NOTE_WEAK = "label suspect (confident learning; unreliable for this model, see report)"
@@ -99,6 +97,9 @@ class FailuresResult(Record):
     threshold: float
     top_failures: int
     cases: list[FailureCase] = field(default_factory=list)
+    # What later stages read, in memory only: model -> evaluate.Predictions / evaluate.FailureTable.
+    predictions: dict[str, Predictions] = transient()
+    tables: dict[str, FailureTable] = transient()
 
 
 def evaluate_split(trained, split) -> Predictions:
@@ -167,7 +168,7 @@ class FailuresStage(Stage):
     title = "Test results"
 
     # --- one model ---------------------------------------------------------
-    def predictions(self, study: "Study", name: str, *, force: bool = False) -> Predictions:
+    def predictions(self, study: StudyContext, name: str, *, force: bool = False) -> Predictions:
         """Test-set predictions of model `name`, cached as predictions_<name>.npz
         (probs (N,10) float32, labels, preds, logits, dataset indices)."""
         if name in study.predictions and not force:
@@ -195,7 +196,7 @@ class FailuresStage(Stage):
         study.predictions[name] = preds
         return preds
 
-    def table(self, study: "Study", name: str) -> FailureTable:
+    def table(self, study: StudyContext, name: str) -> FailureTable:
         """Wrong predictions above config.failure_threshold, ranked, saved as failures_<name>.csv."""
         if name not in study.failure_tables:
             preds = self.predictions(study, name)
@@ -205,7 +206,7 @@ class FailuresStage(Stage):
             study.failure_tables[name] = table
         return study.failure_tables[name]
 
-    def evaluate_one(self, study: "Study", name: str, *, quiet: bool = False) -> ModelFailures:
+    def evaluate_one(self, study: StudyContext, name: str, *, quiet: bool = False) -> ModelFailures:
         preds = self.predictions(study, name)
         table = self.table(study, name)
         summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
@@ -224,14 +225,14 @@ class FailuresStage(Stage):
                                                        f"{device}, {str(precision or 'fp32').replace('torch.', '')}"))
         return result
 
-    def model_result(self, study: "Study", name: str, *, quiet: bool = True) -> ModelFailures:
+    def model_result(self, study: StudyContext, name: str, *, quiet: bool = True) -> ModelFailures:
         """Model `name`'s results: the ones a step of this session made with the
         current settings (a notebook cell), else evaluated now."""
         done = study.model_failures.get(name)
         return done if done is not None else self.evaluate_one(study, name, quiet=quiet)
 
     # --- Grad-CAM of the baseline's top failures ---------------------------
-    def explain_cases(self, study: "Study", *, show: bool = False, name: str = BASELINE) -> list[FailureCase]:
+    def explain_cases(self, study: StudyContext, *, show: bool = False, name: str = BASELINE) -> list[FailureCase]:
         """Grad-CAM for the predicted and the true class of the top failures;
         writes failure_case_<i>.png (or a 'no failures' figure)."""
 
@@ -295,7 +296,8 @@ class FailuresStage(Stage):
         return cases
 
     # --- the contract ------------------------------------------------------
-    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> FailuresResult:
+    def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
+            cached_only: bool = False) -> FailuresResult:
         models = {}
         for name in study.models:
             if force:
@@ -309,14 +311,16 @@ class FailuresStage(Stage):
                     c.improved_pred = int(improved.preds[c.position])
                     c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
-                              top_failures=study.config.top_failures, cases=cases)
+                              top_failures=study.config.top_failures, cases=cases,
+                              predictions={n: self.predictions(study, n) for n in study.models},
+                              tables={n: self.table(study, n) for n in study.models})
 
-    def summary(self, study: "Study", result: FailuresResult) -> str:
+    def summary(self, study: StudyContext, result: FailuresResult) -> str:
         return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
                          f"{m.summary.high_confidence_failures} high-confidence failures"
                          for n, m in result.models.items())
 
-    def finding(self, study: "Study", result: FailuresResult) -> str:
+    def finding(self, study: StudyContext, result: FailuresResult) -> str:
         ms = result.models
         n = next(iter(ms.values())).summary.n
         return (f"On the {n:,} test images, accuracy was "
@@ -324,10 +328,10 @@ class FailuresStage(Stage):
                 f"{per_model({name: str(m.summary.high_confidence_failures) for name, m in ms.items()})} images "
                 f"were predicted wrongly with more than {result.threshold:.0%} confidence.")
 
-    def model_metrics(self, study: "Study", result: FailuresResult, model: str) -> dict[str, Any]:
+    def model_metrics(self, study: StudyContext, result: FailuresResult, model: str) -> dict[str, Any]:
         return result.models[model].summary.to_dict()
 
-    def sections(self, study: "Study", result: FailuresResult) -> list:
+    def sections(self, study: StudyContext, result: FailuresResult) -> list:
         models = result.models
         n_test = next(iter(models.values())).summary.n
         where = " (a stratified subset of the official test set)" if study.config.test_subset else " (the official test set)"
@@ -354,7 +358,7 @@ class FailuresStage(Stage):
         return [test, confused, Section(f"The baseline's top high-confidence failures (>{t:.0%})",
                                         self.case_blocks(study, result), key=self.name)]
 
-    def case_blocks(self, study: "Study", result: FailuresResult) -> list:
+    def case_blocks(self, study: StudyContext, result: FailuresResult) -> list:
         if not result.cases:
             return [Paragraph(f"The baseline made no wrong prediction above {result.threshold:.0%} confidence, "
                               "so there are no failure cases to explain.")]

@@ -20,7 +20,7 @@ paragraph, official_order false in metrics.json) and nothing else is made.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -34,11 +34,8 @@ from ..xai.checks import agreed_suspects, label_suspects
 from ..xai.label_errors import label_quality_scores
 from ..xai.label_review import (N_CONFIRMED, N_REVIEWED, WORKERS, FlagScore, GroundTruthTriage, OrderCheck,
                                 PrecisionAtK, Ratio, applicable_review, flag_scores, source_line, triage)
-from .base import Stage, save_figures
-from .failures import stage as failures
+from .base import Stage, StudyContext, save_figures
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 CONFIRMED_FIGURE = "label_errors_confirmed.png"
 PRECISION_FIGURE = "label_precision_at_k.png"
@@ -155,21 +152,20 @@ def failure_kinds(failure_indices: list[int], flagged: set[int], review: dict) -
 class LabelReviewStage(Stage):
     name = "label_review"
     title = "Failure triage against human review"
+    requires = ("failures",)
 
-    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> LabelReview:
+    def compute(self, study: StudyContext, inputs: Mapping[str, Any]) -> LabelReview:
         test = study.splits.test
         order, review = applicable_review(test.labels, test.indices)
         if not order.official:
-            for stale in (CONFIRMED_FIGURE, PRECISION_FIGURE):   # from an earlier run on official data
-                remove_file(study.out / stale)
             return LabelReview(official_order=False, order=order)
         loaded = test.indices.numpy()
-        preds = {n: failures.predictions(study, n) for n in study.models}
-        suspects = {n: label_suspects(preds[n], failures.table(study, n)) for n in study.models}
+        preds, tables = inputs["failures"].predictions, inputs["failures"].tables
+        suspects = {n: label_suspects(preds[n], tables[n]) for n in study.models}
         models = {}
         for n in study.models:
             p, s = preds[n], suspects[n]
-            positions = np.asarray(failures.table(study, n).positions, dtype=np.int64)
+            positions = np.asarray(tables[n].positions, dtype=np.int64)
             fail_idx = [int(i) for i in loaded[positions]]
             scores = label_quality_scores(p.probs.numpy(), p.labels.numpy())[positions]
             flagged = loaded[np.asarray(s["suspect_positions"], dtype=np.int64)]
@@ -185,19 +181,27 @@ class LabelReviewStage(Stage):
                              source=source_line(), reviewed=int(sum(int(i) in review for i in loaded)),
                              confirmed=int(sum(int(i) in review and review[int(i)].label_error for i in loaded)),
                              models=models, agreement=agreement)
-        self.figures(study, result, review, show=show)
-        study.timer.lap("label review", len(loaded), "test images checked against the review")
         return result
 
-    def figures(self, study: "Study", result: LabelReview, review: dict, show: bool = False) -> list:
+    def lap(self, study: StudyContext, result: LabelReview) -> None:
+        if result.official_order:
+            study.timer.lap("label review", len(study.splits.test), "test images checked against the review")
+
+    def figures(self, study: StudyContext, result: LabelReview, *, inputs: Mapping[str, Any] | None = None,
+                show: bool = False) -> list:
         """label_errors_confirmed.png: the confirmed label errors that are
         high-confidence failures of either model, image by image;
         label_precision_at_k.png: precision at k of each model's failures."""
+        if not result.official_order:
+            for stale in (CONFIRMED_FIGURE, PRECISION_FIGURE):   # from an earlier run on official data
+                remove_file(study.out / stale)
+            return []
         test = study.splits.test
+        _, review = applicable_review(test.labels, test.indices)
         position = {int(i): p for p, i in enumerate(test.indices.tolist())}
         models = result.models or {}
         shown = sorted({i for m in models.values() for i in m.kinds.confirmed_label_error})
-        preds = {n: failures.predictions(study, n) for n in models}
+        preds = {n: inputs["failures"].predictions[n] for n in models}
         entries = []
         for i in shown:
             pos, e = position[i], review[i]
@@ -224,7 +228,7 @@ class LabelReviewStage(Stage):
         return save_figures(figures, study.out, show=show)
 
     # --- what it reports ---------------------------------------------------
-    def summary(self, study: "Study", result: LabelReview) -> str:
+    def summary(self, study: StudyContext, result: LabelReview) -> str:
         if not result.official_order:
             return f"label review: {result.order.reason}"
         lines = []
@@ -240,7 +244,7 @@ class LabelReviewStage(Stage):
                          f"{a.precision.hits}/{a.precision.total} reviewed, recall {a.recall.hits}/{a.recall.total}")
         return "\n".join(lines)
 
-    def finding(self, study: "Study", result: LabelReview) -> str:
+    def finding(self, study: StudyContext, result: LabelReview) -> str:
         if not result.official_order:
             return f"The human review of the test labels does not apply here: {result.order.reason}."
         confirmed = per_model({n: f"{len(m.kinds.confirmed_label_error)} of {m.triage.failures}"
@@ -249,7 +253,7 @@ class LabelReviewStage(Stage):
                 f"wrong label behind {confirmed} high-confidence failures (a lower bound: an unreviewed image counts as "
                 f"correctly labelled).")
 
-    def model_metrics(self, study: "Study", result: LabelReview, model: str) -> dict[str, Any]:
+    def model_metrics(self, study: StudyContext, result: LabelReview, model: str) -> dict[str, Any]:
         if not result.official_order or not result.models or model not in result.models:
             return {}
         m = result.models[model]
@@ -262,7 +266,7 @@ class LabelReviewStage(Stage):
                 "flag_precision": t.flags.precision.value,
                 "flag_recall": t.flags.recall.value}
 
-    def metrics(self, study: "Study", result: LabelReview) -> dict[str, Any]:
+    def metrics(self, study: StudyContext, result: LabelReview) -> dict[str, Any]:
         d = result.to_dict()
         for name, m in (result.models or {}).items():
             tri = d["models"][name]["triage"]
@@ -272,7 +276,7 @@ class LabelReviewStage(Stage):
                                          for k in report_ks(m.triage.failures)]
         return d
 
-    def sections(self, study: "Study", result: LabelReview) -> list:
+    def sections(self, study: StudyContext, result: LabelReview) -> list:
         if not result.official_order:
             return [Section(self.title, [Paragraph(f"Not done: {result.order.reason}.", kind="note")],
                             key=self.name)]

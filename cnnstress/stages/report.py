@@ -10,7 +10,7 @@ import datetime as _dt
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 from ..config import PROFILES
 from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
@@ -18,10 +18,8 @@ from ..registry import BASELINE, IMPROVED
 from ..reporting import Document, Paragraph, Section, render_text, write_html
 from ..results import Record
 from ..runtime import describe_hardware, resolve_device
-from .base import Stage
+from .base import Stage, StudyContext
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 
 @dataclass
@@ -43,11 +41,24 @@ class Findings(list):
 
 
 class ReportStage(Stage):
+    """Renders what the other stages found: metrics.json, analysis_report.txt,
+    report.html. It requires every stage before it; the Study hands in those
+    that ran or are cached (an analysis never computed is left out)."""
+
     name = "report"
     title = "Summary"
 
-    def build_metrics(self, study: "Study", seconds: float) -> dict[str, Any]:
-        done = [(s, study.results[s.name]) for s in study.stage_list if s.name in study.results and s is not self]
+    def requirements(self, study: StudyContext) -> tuple[str, ...]:
+        """Every stage before it (a stage added to STAGES is reported too)."""
+        names = [s.name for s in study.stage_list]
+        return tuple(names[:names.index(self.name)])
+
+    def done(self, study: StudyContext, results: Mapping[str, Any]) -> list:
+        """(stage, result) of the stages that ran, in stage order."""
+        return [(s, results[s.name]) for s in study.stage_list if s is not self and s.name in results]
+
+    def build_metrics(self, study: StudyContext, results: Mapping[str, Any], seconds: float) -> dict[str, Any]:
+        done = self.done(study, results)
         metrics: dict[str, Any] = {m: {} for m in study.models}
         for s, result in done:
             for m in study.models:
@@ -66,9 +77,9 @@ class ReportStage(Stage):
         })
         return metrics
 
-    def document(self, study: "Study", metrics: dict[str, Any]):
+    def document(self, study: StudyContext, results: Mapping[str, Any], metrics: dict[str, Any]):
 
-        training = study.results.get("training")
+        training = results.get("training")
         reused = [n for n, m in training.models.items() if m.reused_checkpoint] if training else []
         seconds = metrics["pipeline_seconds"]
         timing = f"whole pipeline {seconds:.0f} s"
@@ -76,33 +87,29 @@ class ReportStage(Stage):
             timing = (f"this run {seconds:.0f} s with the {' and '.join(reused)} model{'s' if len(reused) > 1 else ''} "
                       f"loaded from finished checkpoints (training times below are from when they were trained)")
         sections = []
-        for s in study.stage_list:
-            if s is not self and s.name in study.results:
-                sections += s.sections(study, study.results[s.name])
-        sections.append(Section(self.title, self.summary_blocks(study), key=self.name))
+        for s, result in self.done(study, results):
+            sections += s.sections(study, result)
+        sections.append(Section(self.title, self.summary_blocks(study, results), key=self.name))
         meta = [f"Created {metrics['created']}, profile '{metrics['profile']}', {timing}.",
                 f"Hardware: {metrics['hardware']}."]
         return Document("cnnstress analysis report", meta, sections)
 
-    def findings(self, study: "Study") -> Findings:
-        """What the study found, one entry per stage that ran (its `finding`),
-        then why a worse improved model may be underfitting: sentences built
-        from the typed results, no number written by hand. Stages this session
-        has not run are taken from their caches (see `complete`)."""
-        self.complete(study)
-        note = self.underfitting_note(study)
-        return Findings([text for _, text in self.stage_findings(study)] + ([note] if note else []))
+    def findings(self, study: StudyContext, results: Mapping[str, Any]) -> Findings:
+        """What the study found, one entry per stage in `results` (its
+        `finding`), then why a worse improved model may be underfitting:
+        sentences built from the typed results, no number written by hand."""
+        note = self.underfitting_note(results)
+        return Findings([text for _, text in self.stage_findings(study, results)] + ([note] if note else []))
 
-    def stage_findings(self, study: "Study") -> list[tuple[str, str]]:
+    def stage_findings(self, study: StudyContext, results: Mapping[str, Any]) -> list[tuple[str, str]]:
         """(stage name, its finding) for each stage that ran and has one, in stage order."""
-        found = [(s.name, s.finding(study, study.results[s.name])) for s in study.stage_list
-                 if s is not self and s.name in study.results]
+        found = [(s.name, s.finding(study, result)) for s, result in self.done(study, results)]
         return [(name, text) for name, text in found if text]
 
-    def underfitting_note(self, study: "Study") -> str | None:
+    def underfitting_note(self, results: Mapping[str, Any]) -> str | None:
         """Why the enhanced augmentation lost accuracy, when it did and the
         improved model also fits its training data less; else None."""
-        comparison, training = study.results.get("comparison"), study.results.get("training")
+        comparison, training = results.get("comparison"), results.get("training")
         if comparison is None or training is None or comparison.accuracy_diff.diff > 0:
             return None
         b, i = training.models[BASELINE], training.models[IMPROVED]
@@ -116,16 +123,16 @@ class ReportStage(Stage):
                 f"augmentation needs more epochs than this run had to pay off (the 'full' profile trains "
                 f"{PROFILES['full']['epochs']} epochs on every training image).")
 
-    def summary_blocks(self, study: "Study") -> list:
+    def summary_blocks(self, study: StudyContext, results: Mapping[str, Any]) -> list:
         """The report's closing section: the findings (Study.findings()), then where the numbers are."""
-        comparison = study.results.get("comparison")
+        comparison = results.get("comparison")
         if comparison is None:
             return [Paragraph("The comparison did not run; see the sections above.")]
         better = comparison.accuracy_diff.diff > 0
-        note = self.underfitting_note(study)
+        note = self.underfitting_note(results)
         verdict = "verdict-good" if better else "verdict-bad"
         blocks = [Paragraph(text, kind=verdict if name == "comparison" else "text")
-                  for name, text in self.stage_findings(study)]
+                  for name, text in self.stage_findings(study, results)]
         if note:
             blocks.append(Paragraph(note, kind="note"))
         blocks.append(Paragraph("Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold "
@@ -133,25 +140,11 @@ class ReportStage(Stage):
                                 "failure."))
         return blocks
 
-    def complete(self, study: "Study") -> None:
-        """Fill in the stages this session has not run (a notebook after a
-        kernel restart): from their caches, never computing an analysis."""
-        for s in study.stage_list:
-            if s is self or s.name in study.results or s.name in study.skipped or not s.enabled(study):
-                continue
-            result = s.run(study, cached_only=True) if s.analysis else s.run(study)
-            if result is None:
-                study.skipped.add(s.name)
-            else:
-                study.results[s.name] = result
-
-    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> ReportResult:
-
-        self.complete(study)
+    def compute(self, study: StudyContext, inputs: Mapping[str, Any]) -> ReportResult:
         seconds = time.perf_counter() - study.started
-        metrics = self.build_metrics(study, seconds)
+        metrics = self.build_metrics(study, inputs, seconds)
         save_json(study.out / METRICS_FILE, metrics)
-        doc = self.document(study, metrics)
+        doc = self.document(study, inputs, metrics)
         text = render_text(doc)
         path = study.out / REPORT_FILE
         atomic_write(path, lambda tmp: tmp.write_text(text))
@@ -161,7 +154,7 @@ class ReportStage(Stage):
                           config=study.config.to_dict())
         return ReportResult(metrics=str(study.out / METRICS_FILE), text=str(path), html=str(html), seconds=seconds)
 
-    def summary(self, study: "Study", result: ReportResult) -> str:
+    def summary(self, study: StudyContext, result: ReportResult) -> str:
         return f"report: {result.text}, {Path(result.html).name} ({result.seconds:.0f}s in all)"
 
 

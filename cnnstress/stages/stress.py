@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any, Mapping
 
 from ..data import sample_positions
-from ..io import ensure_writable_dir, stress_path
+from ..io import stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct
@@ -24,13 +25,9 @@ from ..robustness import (CORRUPTIONS, SEVERITIES, adversarial_accuracy, apply_t
 from ..robustness.suite import STRESS_VERSION, sample_grid_images, stress_settings, write_corruption_csv
 from ..runtime import progress_bar, progress_enabled, resolve_device, seed_stream
 from ..schema import stress_schema
-from .base import Stage, save_figures
+from .base import CachedStage, StudyContext, save_figures
 from .comparison import better
 from .failures import evaluate_split
-from .failures import stage as failures
-
-if TYPE_CHECKING:
-    from ..study import Study
 
 FILES = ["corruption_accuracy.csv", "stress_baseline.json", "stress_improved.json",
          "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"]
@@ -48,9 +45,12 @@ class StressStageResult(Record):
         return {c: (sum(b[c]) - sum(a[c])) / len(SEVERITIES) for c in CORRUPTIONS}
 
 
-class StressStage(Stage):
+class StressStage(CachedStage):
     name = "stress"
     title = "Stress tests beyond accuracy"
+    requires = ("failures",)
+    unit_type = StressResult
+    command = "stress"
     config_groups = ("stress",)
     enabled_by = "stress"
     analysis = True
@@ -58,80 +58,78 @@ class StressStage(Stage):
 
     version = STRESS_VERSION
 
-    def settings(self, study: "Study") -> dict[str, Any]:
+    def settings(self, study: StudyContext) -> dict[str, Any]:
         """Its group's fields, and the corruption types: a cache made with
         other types (before frost) is never reused."""
         return {**super().settings(study), "corruptions": list(CORRUPTIONS)}
 
-    def run(self, study: "Study", *, force: bool = False, show: bool = False,
-            cached_only: bool = False) -> StressStageResult | None:
+    def cache_units(self, study: StudyContext) -> dict[str, Path]:
+        return {n: stress_path(study.out, n) for n in study.models}   # stress_<model>.json
 
+    def unit_key(self, study: StudyContext, unit: str) -> dict[str, Any]:
+        return self.cache_key(study, (unit,))
+
+    def unit_schema(self, study: StudyContext) -> Any:
+        return stress_schema(len(study.config.adv_eps))
+
+    def compute_units(self, study: StudyContext, inputs: Mapping[str, Any], units: list[str]) -> dict[str, StressResult]:
         config = study.config
-        out = ensure_writable_dir(study.out)
-        preds = {n: failures.predictions(study, n) for n in study.models}
-        keys = {n: self.cache_key(study, (n,)) for n in study.models}
-        results: dict[str, StressResult] = {}
-        for name in study.models:
-            if not force:
-                cached = self.read_cache(study, stress_path(out, name), keys[name], StressResult,
-                                         stress_schema(len(config.adv_eps)))
-                if cached is not None:
-                    results[name] = cached
-                    study.say(f"stress: reusing {stress_path(out, name)}")
-        todo = [n for n in study.models if n not in results]
-        if todo and cached_only:
-            study.say("stress: no cached results match these models and settings; "
-                      "`python -m cnnstress stress` computes them")
-            return None
-        if todo:
-            device = resolve_device(config.device)
-            show_bar = progress_enabled(study.progress)
-            t0 = time.perf_counter()
-            raw: dict[str, dict] = {}
-            for name in todo:
-                val_logits = evaluate_split(study.model(name), study.splits.val).logits
-                raw[name] = {"calibration": calibration_report(val_logits, study.splits.val.labels, preds[name], config)}
-            temperatures = {n: raw[n]["calibration"]["temperature"] for n in todo}
-            bar = progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
-            try:
-                corr = corruption_report({n: study.model(n).model for n in todo}, study.splits.test, config,
-                                         device=device, temperatures=temperatures,
-                                         progress=(lambda _type: bar.update(1)) if bar else None)
-            finally:
-                if bar is not None:
-                    bar.close()
-            t_corr = time.perf_counter() - t0
-            test = study.splits.test
-            adv_pos = sample_positions(test.labels, config.adv_subset, seed_stream(config.seed, "attack_sample"))
-            for name in todo:
-                raw[name]["corruptions"] = corr[name]
-                t1 = time.perf_counter()
-                raw[name]["adversarial"] = adversarial_accuracy(
-                    study.model(name).model, test.images[adv_pos], test.labels[adv_pos],
-                    eps_list=[k / 255 for k in config.adv_eps], steps=config.pgd_steps, seed=config.seed,
-                    device=device, batch_size=config.eval_batch_size, progress=show_bar)
-                raw[name]["adversarial"]["eps_255"] = list(config.adv_eps)
-                raw[name]["seconds"] = {"calibration_and_corruptions": t_corr / len(todo),
-                                        "adversarial": time.perf_counter() - t1}
-                results[name] = StressResult.from_dict(raw[name])
-                self.write_cache(study, stress_path(out, name), keys[name], results[name])
+        preds = inputs["failures"].predictions
+        device = resolve_device(config.device)
+        show_bar = progress_enabled(study.progress)
+        t0 = time.perf_counter()
+        raw: dict[str, dict] = {}
+        for name in units:
+            val_logits = evaluate_split(study.model(name), study.splits.val).logits
+            raw[name] = {"calibration": calibration_report(val_logits, study.splits.val.labels, preds[name], config)}
+        temperatures = {n: raw[n]["calibration"]["temperature"] for n in units}
+        bar = progress_bar(len(CORRUPTIONS), "corruptions (5 severities each)", show_bar)
+        try:
+            corr = corruption_report({n: study.model(n).model for n in units}, study.splits.test, config,
+                                     device=device, temperatures=temperatures,
+                                     progress=(lambda _type: bar.update(1)) if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        t_corr = time.perf_counter() - t0
+        test = study.splits.test
+        adv_pos = sample_positions(test.labels, config.adv_subset, seed_stream(config.seed, "attack_sample"))
+        results = {}
+        for name in units:
+            raw[name]["corruptions"] = corr[name]
+            t1 = time.perf_counter()
+            raw[name]["adversarial"] = adversarial_accuracy(
+                study.model(name).model, test.images[adv_pos], test.labels[adv_pos],
+                eps_list=[k / 255 for k in config.adv_eps], steps=config.pgd_steps, seed=config.seed,
+                device=device, batch_size=config.eval_batch_size, progress=show_bar)
+            raw[name]["adversarial"]["eps_255"] = list(config.adv_eps)
+            raw[name]["seconds"] = {"calibration_and_corruptions": t_corr / len(units),
+                                    "adversarial": time.perf_counter() - t1}
+            results[name] = StressResult.from_dict(raw[name])
+        return results
+
+    def assemble(self, study: StudyContext, inputs: Mapping[str, Any],
+                 parts: dict[str, StressResult]) -> StressStageResult:
         # Failure counts before/after temperature scaling follow the current threshold (cheap).
-        results = {n: dataclasses.replace(r, calibration=with_failure_counts(r.calibration, preds[n],
-                                                                          config.failure_threshold))
-                   for n, r in results.items()}
-        result = StressStageResult(settings=stress_settings(config), files=list(FILES),
-                                   models={n: results[n] for n in study.models})
-        self.figures(study, result, show=show)
+        preds = inputs["failures"].predictions
+        config = study.config
+        models = {n: dataclasses.replace(r, calibration=with_failure_counts(r.calibration, preds[n],
+                                                                           config.failure_threshold))
+                  for n, r in parts.items()}
+        return StressStageResult(settings=stress_settings(config), files=list(FILES), models=models)
+
+    def lap_units(self, study: StudyContext, computed: list[str]) -> None:
+        config = study.config
         per_cell = min(config.corruption_subset or len(study.splits.test), len(study.splits.test))
-        if todo:
-            study.timer.lap("stress", len(todo) * len(CORRUPTIONS) * len(SEVERITIES) * per_cell,
-                            f"{len(todo)} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x "
+        if computed:
+            study.timer.lap("stress", len(computed) * len(CORRUPTIONS) * len(SEVERITIES) * per_cell,
+                            f"{len(computed)} models x {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities x "
                             f"{per_cell} images; attacks and calibration in the time too")
         else:
             study.timer.lap("stress", what="read from the caches")
-        return result
 
-    def figures(self, study: "Study", result: StressStageResult, show: bool = False) -> list:
+    def figures(self, study: StudyContext, result: StressStageResult, *, inputs: Mapping[str, Any] | None = None,
+                show: bool = False) -> list:
         """corruption_accuracy.csv and the four stress figures."""
 
         config = study.config
@@ -140,7 +138,7 @@ class StressStage(Stage):
                                       {n: r.corruptions.to_dict() for n, r in models.items()})]
         bins = {}
         for name, r in models.items():
-            preds = failures.predictions(study, name)
+            preds = inputs["failures"].predictions[name]
             t = r.calibration.temperature
             bins[name] = calibration_bins(preds.probs, preds.labels, config.calibration_bins)
             bins[f"{name}, T={t:.2f}"] = calibration_bins(apply_temperature(preds.logits, t), preds.labels,
@@ -154,14 +152,14 @@ class StressStage(Stage):
         }
         return paths + save_figures(figures, study.out, show=show)
 
-    def summary(self, study: "Study", result: StressStageResult) -> str:
+    def summary(self, study: StudyContext, result: StressStageResult) -> str:
         return "\n".join(
             f"stress {n}: ECE {100 * r.calibration.uncalibrated.ece:.2f}% -> {100 * r.calibration.calibrated.ece:.2f}% "
             f"(T={r.calibration.temperature:.3f}), mean corruption accuracy "
             f"{100 * r.corruptions.mean_corruption_accuracy:.2f}%, PGD {r.adversarial.eps_255[-1]}/255 accuracy "
             f"{100 * r.adversarial.pgd[-1]:.1f}%" for n, r in result.models.items())
 
-    def finding(self, study: "Study", result: StressStageResult) -> str:
+    def finding(self, study: StudyContext, result: StressStageResult) -> str:
         rs = list(result.models.values())
 
         def each(value, digits: int = 2) -> str:   # "1.60% / 2.74%", in the order of the models
@@ -177,7 +175,7 @@ class StressStage(Stage):
                 f"{first.adversarial.eps_255[-1]}/255 {each(lambda r: r.adversarial.pgd[-1], 1)} "
                 f"({first.adversarial.steps} steps, {first.adversarial.n} images).")
 
-    def model_metrics(self, study: "Study", result: StressStageResult, model: str) -> dict[str, Any]:
+    def model_metrics(self, study: StudyContext, result: StressStageResult, model: str) -> dict[str, Any]:
         r = result.models[model]
         cal, corr, adv = r.calibration, r.corruptions, r.adversarial
         eps = [f"{k}/255" for k in adv.eps_255]
@@ -199,11 +197,11 @@ class StressStage(Stage):
             "pgd_accuracy": dict(zip(eps, adv.pgd)),
         }
 
-    def metrics(self, study: "Study", result: StressStageResult) -> dict[str, Any]:
+    def metrics(self, study: StudyContext, result: StressStageResult) -> dict[str, Any]:
         return {"settings": result.settings, "files": result.files,
                 **{n: r.to_dict() for n, r in result.models.items()}}
 
-    def sections(self, study: "Study", result: StressStageResult) -> list:
+    def sections(self, study: StudyContext, result: StressStageResult) -> list:
 
         m = result.models
         cal = {n: r.calibration for n, r in m.items()}

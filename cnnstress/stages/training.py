@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
 
@@ -30,10 +30,8 @@ from ..results import Record, optional
 from ..runtime import resolve_device
 from ..train import FitResult, fit, load_model
 from ..weights import METADATA_FILE, load_published
-from .base import Stage
+from .base import Stage, StudyContext
 
-if TYPE_CHECKING:
-    from ..study import Study
 
 RETRAIN = "retrain both models with `python -m cnnstress run --force` and the same options"
 CURVES_FILE = "training_curves.png"
@@ -139,7 +137,7 @@ def train_model(config: Config, splits, out_dir: str | Path, *, force: bool = Fa
     return Trained(name=path.parent.name, result=result, checkpoint=path)
 
 
-def epochs_done(study: "Study") -> dict[str, tuple[int, int]]:
+def epochs_done(study: StudyContext) -> dict[str, tuple[int, int]]:
     """model name -> (epochs trained, epochs wanted), from this session's
     models, else each checkpoint's history.json (0 when there is none)."""
     done = {}
@@ -198,7 +196,7 @@ class TrainingStage(Stage):
     name = "training"
     title = "Training"
 
-    def train_one(self, study: "Study", name: str, *, force: bool = False) -> Trained:
+    def train_one(self, study: StudyContext, name: str, *, force: bool = False) -> Trained:
         """Train (or reuse, or load published / finished) model `name` into study.trained."""
         cfg = study.model_config(name)
         study.say(f"== {name} model (augment preset {cfg.augment!r}) ==")
@@ -234,7 +232,7 @@ class TrainingStage(Stage):
             self.curves(study, show=False)  # only complete curves: a failed run leaves no one-model figure
         return trained
 
-    def curves(self, study: "Study", show: bool = False):
+    def curves(self, study: StudyContext, show: bool = False):
         """training_curves.png of every model trained so far (written once
         both are); returns the Figure."""
 
@@ -245,32 +243,33 @@ class TrainingStage(Stage):
             plt.close(fig)
         return fig
 
-    def run(self, study: "Study", *, force: bool = False, show: bool = False) -> TrainingResult:
+    def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
+            cached_only: bool = False) -> TrainingResult:
         for name in study.models:
             if name not in study.trained or force:
                 self.train_one(study, name, force=force)
         return TrainingResult(models={n: describe(study.trained[n]) for n in study.models})
 
-    def summary(self, study: "Study", result: TrainingResult) -> str:
+    def summary(self, study: StudyContext, result: TrainingResult) -> str:
         return "; ".join(f"{n}: {m.epochs} epochs, final validation accuracy {100 * m.final_val_accuracy:.2f}%"
                          + (" (reused)" if m.reused_checkpoint else f" ({m.train_seconds:.0f} s)")
                          for n, m in result.models.items())
 
-    def finding(self, study: "Study", result: TrainingResult) -> str:
+    def finding(self, study: StudyContext, result: TrainingResult) -> str:
         ms = result.models
         epochs = {n: f"{m.epochs} epoch{'s' if m.epochs != 1 else ''}" for n, m in ms.items()}
         after = next(iter(epochs.values())) if len(set(epochs.values())) == 1 else per_model(epochs)
         return (f"After {after}, training accuracy was {per_model({n: pct(m.final_train_accuracy) for n, m in ms.items()})}"
                 f" and validation accuracy {per_model({n: pct(m.final_val_accuracy) for n, m in ms.items()})}.")
 
-    def model_metrics(self, study: "Study", result: TrainingResult, model: str) -> dict[str, Any]:
+    def model_metrics(self, study: StudyContext, result: TrainingResult, model: str) -> dict[str, Any]:
         m = result.models[model]
         return {"train_seconds": m.train_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
                 "best_val_accuracy": m.best_val_accuracy, "best_val_epoch": m.best_val_epoch, "augment": m.augment,
                 "checkpoint": m.checkpoint, "reused_checkpoint": m.reused_checkpoint,
                 **({"published_run": m.published_run} if m.published_run else {})}
 
-    def sections(self, study: "Study", result: TrainingResult) -> list:
+    def sections(self, study: StudyContext, result: TrainingResult) -> list:
         cfg = study.model_config(BASELINE)
         shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
                  "precision", "device", "failure_threshold"]
