@@ -288,6 +288,8 @@ class Comparison(Record):
     mcnemar: McNemar
     failures: FailureGroups
     threshold: float | None        # failure confidence threshold in [0, 1)
+    # model -> {class: test accuracy} of the predictions compared (the report's per-class gains)
+    per_class_accuracy: dict[str, dict[str, float | None]] = transient()
 
 
 # ---------------------------------------------------------------------------

@@ -60,7 +60,6 @@ class StudyContext(Protocol):
     timer: "StageTimer"
     budget: Any                       # cnnstress.budget.TimeBudget or None
     started: float                    # time.perf_counter() at the start
-    results: dict[str, Any]           # stage name -> its result, this session
     trained: dict[str, Any]           # the training stage's models (stages.training.Trained)
     predictions: dict[str, Any]       # the failures stage's memo: model -> evaluate.Predictions
     failure_tables: dict[str, Any]    # model -> evaluate.FailureTable

@@ -6,6 +6,8 @@ Cheap (predictions only), so it is recomputed on every run, never cached.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
@@ -39,9 +41,11 @@ class ComparisonStage(Stage):
         preds = {n: failures.predictions[n] for n in (BASELINE, IMPROVED)}
         tables = {n: failures.tables[n] for n in (BASELINE, IMPROVED)}
         base_cfg, imp_cfg = study.model_config(BASELINE), study.model_config(IMPROVED)
-        return Comparison.from_dict({
+        result = Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
+        return dataclasses.replace(result, per_class_accuracy={
+            n: failures.models[n].summary.per_class_accuracy for n in (BASELINE, IMPROVED)})
 
     def lap(self, study: StudyContext, result: Comparison) -> None:
         study.timer.lap("compare")
@@ -118,9 +122,8 @@ class ComparisonStage(Stage):
                       f"{fc.new} new (the baseline predicted the image correctly) and {fc.newly_confident} newly "
                       f"confident (the baseline got the image wrong too, with at most {t:.0%} confidence)."),
         ]
-        failures = study.results.get("failures")
-        if failures is not None:
-            base, imp = (failures.models[n].summary.per_class_accuracy for n in (BASELINE, IMPROVED))
+        if result.per_class_accuracy is not None:
+            base, imp = (result.per_class_accuracy[n] for n in (BASELINE, IMPROVED))
             gains = sorted(((imp[c] or 0) - (base[c] or 0), c) for c in CLASSES)
             blocks.append(Paragraph(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                                     f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points)."))

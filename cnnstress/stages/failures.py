@@ -100,6 +100,7 @@ class FailuresResult(Record):
     # What later stages read, in memory only: model -> evaluate.Predictions / evaluate.FailureTable.
     predictions: dict[str, Predictions] = transient()
     tables: dict[str, FailureTable] = transient()
+    suspects_reliable: bool | None = transient()   # confident learning trustworthy for the explained model
 
 
 def evaluate_split(trained, split) -> Predictions:
@@ -310,10 +311,12 @@ class FailuresStage(Stage):
                 if c.improved_pred is None:
                     c.improved_pred = int(improved.preds[c.position])
                     c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
+        predictions = {n: self.predictions(study, n) for n in study.models}
+        tables = {n: self.table(study, n) for n in study.models}
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
-                              top_failures=study.config.top_failures, cases=cases,
-                              predictions={n: self.predictions(study, n) for n in study.models},
-                              tables={n: self.table(study, n) for n in study.models})
+                              top_failures=study.config.top_failures, cases=cases, predictions=predictions,
+                              tables=tables, suspects_reliable=bool(label_suspects(
+                                  predictions[BASELINE], tables[BASELINE])["reliable"]) if cases else None)
 
     def summary(self, study: StudyContext, result: FailuresResult) -> str:
         return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
@@ -366,10 +369,7 @@ class FailuresStage(Stage):
         if len(result.cases) < result.top_failures:
             blocks.append(Paragraph(f"Only {len(result.cases)} high-confidence failure(s) exist, fewer than the "
                                     f"{result.top_failures} cases asked for; all are shown."))
-        explanations = study.results.get("explanations")
-        reliable = True
-        if explanations is not None and BASELINE in explanations.label_suspects:
-            reliable = explanations.label_suspects[BASELINE].reliable
+        reliable = result.suspects_reliable is not False
         for case in result.cases:
             top3 = ", ".join(f"{CLASSES[int(c)]} {100 * p:.1f}%" for c, p in case.top3)
             text = (f"Case {case.rank} ({case.figure}): test image {case.dataset_index}, "

@@ -19,7 +19,7 @@ from ..io import stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct
-from ..results import Record, StressResult, with_failure_counts
+from ..results import Record, StressResult, transient, with_failure_counts
 from ..robustness import (CORRUPTIONS, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
                           calibration_report, corruption_report)
 from ..robustness.suite import STRESS_VERSION, sample_grid_images, stress_settings, write_corruption_csv
@@ -38,6 +38,7 @@ class StressStageResult(Record):
     settings: dict[str, Any]          # robustness.suite.stress_settings: what the numbers depend on
     files: list[str]
     models: dict[str, StressResult]
+    test_accuracy: dict[str, float] = transient()   # model -> clean accuracy on the whole test split (report)
 
     def corruption_change(self) -> dict[str, float]:
         """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
@@ -116,7 +117,9 @@ class StressStage(CachedStage):
         models = {n: dataclasses.replace(r, calibration=with_failure_counts(r.calibration, preds[n],
                                                                            config.failure_threshold))
                   for n, r in parts.items()}
-        return StressStageResult(settings=stress_settings(config), files=list(FILES), models=models)
+        return StressStageResult(settings=stress_settings(config), files=list(FILES), models=models,
+                                 test_accuracy={n: m.summary.test_accuracy
+                                                for n, m in inputs["failures"].models.items()})
 
     def lap_units(self, study: StudyContext, computed: list[str]) -> None:
         config = study.config
@@ -281,12 +284,10 @@ class StressStage(CachedStage):
 
         if two:
             blocks = sub(("Did the augmentation help beyond clean accuracy?"))
-            failures = study.results.get("failures")
             b, i = m[BASELINE], m[IMPROVED]
             text = ""
-            if failures is not None:
-                d_clean = (failures.models[IMPROVED].summary.test_accuracy
-                           - failures.models[BASELINE].summary.test_accuracy)
+            if result.test_accuracy is not None:
+                d_clean = result.test_accuracy[IMPROVED] - result.test_accuracy[BASELINE]
                 text = f"Clean test accuracy {100 * d_clean:+.2f} points ({better(d_clean)}). "
             d_mca = i.corruptions.mean_corruption_accuracy - b.corruptions.mean_corruption_accuracy
             d_drop = i.corruptions.drop_from_clean - b.corruptions.drop_from_clean
