@@ -205,3 +205,35 @@ RUN_LOG = "run_log.json"
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "analysis_report.txt"
 HTML_REPORT_FILE = "report.html"
+
+
+MAX_CACHE_BYTES = 64 * 2**20   # our JSON caches are kilobytes to a few megabytes: larger is not read
+
+
+def read_json_cache(path: str | Path, key: dict, log: Callable[[str], None] | None = None) -> dict | None:
+    """The "results" of a JSON cache {"key": ..., "results": ...} when its key
+    equals `key`; None when it is missing, made otherwise, unreadable or not
+    such an object (the last two logged: the caller recomputes). A cache file
+    is untrusted: its results are checked by the caller's Record type."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        cached = json.loads(path.read_text()) if size <= MAX_CACHE_BYTES else None
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as exc:   # RecursionError: JSON nested too deep
+        problem = f"unreadable ({type(exc).__name__})"
+    else:
+        if size > MAX_CACHE_BYTES:
+            problem = f"{size >> 20} MB, far more than a cache of ours: not read"
+        elif not isinstance(cached, dict):
+            problem = f"the file is {'null' if cached is None else type(cached).__name__}, expected an object"
+        else:
+            problem = next((f"the file.{k} is missing" if k not in cached else
+                            f"the file.{k} is {type(cached[k]).__name__}, expected an object"
+                            for k in ("key", "results") if not isinstance(cached.get(k), dict)), None)
+        if problem is None:
+            return cached["results"] if cached["key"] == key else None
+    if log:
+        log(f"{path.name}: not a valid cache ({problem}); recomputing")
+    return None

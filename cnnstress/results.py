@@ -30,10 +30,11 @@ time. NaN (an undefined statistic) may appear where a float is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 from .errors import ResultFormatError
 
@@ -47,8 +48,27 @@ _HINTS: dict[type, dict[str, Any]] = {}
 
 def _hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
+        _HINTS[cls] = typing.get_type_hints(cls, include_extras=True)
     return _HINTS[cls]
+
+
+@dataclass(frozen=True)
+class Range:
+    """Annotated[float | int, Range(lo, hi)]: a number from_dict accepts only
+    in [lo, hi] (a NaN passes: an undefined statistic)."""
+    lo: float
+    hi: float
+
+    def problem(self, value: Any, where: str) -> str | None:
+        if value != value or self.lo <= value <= self.hi:
+            return None
+        return f"{where} is {value!r}, expected {self.lo}..{self.hi}"
+
+
+Fraction = Annotated[float, Range(0.0, 1.0)]      # accuracies, calibration errors, shares of images
+Signed = Annotated[float, Range(-1.0, 1.0)]       # differences of fractions, correlations
+Count = Annotated[int, Range(0, math.inf)]         # images, steps, bins; positions (bounded by the split)
+GreyLevel = Annotated[int, Range(0, 255)]
 
 
 def optional() -> Any:
@@ -122,6 +142,13 @@ def _kind(value: Any) -> str:
 def _load(tp: Any, data: Any, where: str) -> Any:
     if tp is Any:
         return data
+    if typing.get_origin(tp) is Annotated:
+        base, *marks = typing.get_args(tp)
+        value = _load(base, data, where)
+        problem = next((m.problem(value, where) for m in marks if isinstance(m, Range)), None)
+        if problem:
+            raise ResultFormatError(problem)
+        return value
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         alternatives = typing.get_args(tp)
@@ -303,13 +330,13 @@ class CalibrationBins(Record):
     ece, mce fractions in [0, 1]; count (bins,) images per bin; accuracy and
     confidence (bins,) per bin, None for an empty bin; nll in nats; failures:
     wrong predictions above the failure threshold (set by with_failure_counts)."""
-    ece: float
-    mce: float
-    count: list[int]
-    accuracy: list[float | None]
-    confidence: list[float | None]
+    ece: Fraction
+    mce: Fraction
+    count: list[Count]
+    accuracy: list[Fraction | None]
+    confidence: list[Fraction | None]
     nll: float
-    failures: int | None = optional()
+    failures: Count | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -317,10 +344,10 @@ class Calibration(Record):
     """Temperature scaling fitted on val_n validation images, measured on
     test_n test images, before (uncalibrated) and after (calibrated);
     temperature > 0 divides the logits; bins: number of ECE bins."""
-    bins: int
+    bins: Count
     temperature: float
-    val_n: int
-    test_n: int
+    val_n: Count
+    test_n: Count
     uncalibrated: CalibrationBins
     calibrated: CalibrationBins
     failure_threshold: float | None = optional()   # confidence in [0, 1) of the failure counts
@@ -334,20 +361,20 @@ class CorruptionGrid(Record):
     accuracy) likewise, mean_corruption_accuracy over all 15 types and
     mean_corruption_accuracy_without_frost over the 14 of earlier runs;
     *_by_severity: 5 values; accuracy_by_family: {family: mean accuracy}."""
-    n: int
+    n: Count
     positions_seed: int
-    clean_accuracy: float
-    clean_ece: float
-    accuracy: dict[str, list[float]]
-    ece: dict[str, list[float]]
-    ece_calibrated: dict[str, list[float]]
-    mean_corruption_accuracy: float
-    mean_corruption_accuracy_without_frost: float
-    drop_from_clean: float
-    accuracy_by_severity: list[float]
-    accuracy_by_family: dict[str, float]
-    ece_by_severity: list[float]
-    ece_calibrated_by_severity: list[float]
+    clean_accuracy: Fraction
+    clean_ece: Fraction
+    accuracy: dict[str, list[Fraction]]
+    ece: dict[str, list[Fraction]]
+    ece_calibrated: dict[str, list[Fraction]]
+    mean_corruption_accuracy: Fraction
+    mean_corruption_accuracy_without_frost: Fraction
+    drop_from_clean: Signed
+    accuracy_by_severity: list[Fraction]
+    accuracy_by_family: dict[str, Fraction]
+    ece_by_severity: list[Fraction]
+    ece_calibrated_by_severity: list[Fraction]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -357,15 +384,15 @@ class AttackCurves(Record):
     eps_255 the same budgets in grey levels (added by the stress stage);
     fgsm/pgd: accuracy per eps (None when n = 0), present for the attacks
     run; steps: PGD iterations."""
-    n: int
+    n: Count
     eps: list[float]
-    clean_accuracy: float | None
-    fgsm: list[float | None] | None = optional()
-    pgd: list[float | None] | None = optional()
-    steps: int
+    clean_accuracy: Fraction | None
+    fgsm: list[Fraction | None] | None = optional()
+    pgd: list[Fraction | None] | None = optional()
+    steps: Count
     step_size_rule: str
     seed: int
-    eps_255: list[int] | None = optional()
+    eps_255: list[GreyLevel] | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -447,10 +474,10 @@ class FaithfulnessGroup(Record):
     {"n": 0} only. cam_resolution: (h, w) of the raw CAM; methods: {method:
     stats} for "gradcam", "gradcam++", "random", "random_smooth"; fractions:
     share of pixels removed/inserted at each step, in [0, 1]."""
-    n: int
+    n: Count
     cam_resolution: list[int] | None = optional()
     methods: dict[str, MethodFaithfulness] | None = optional()
-    fractions: list[float] | None = optional()
+    fractions: list[Fraction] | None = optional()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -496,8 +523,8 @@ class SanitySummary(Record):
     """explain.sanity_report's summary for one model: n images at
     dataset_positions (positions in the test split) and, flat beside them,
     {method: SanityMethod} for "gradcam" and "gradcam++"."""
-    n: int
-    dataset_positions: list[int]
+    n: Count
+    dataset_positions: list[Count]
     methods: dict[str, SanityMethod] = other_keys()
 
 
@@ -507,15 +534,15 @@ class LabelTriage(Record):
     counts of n_test images; flagged_fraction in [0, 1]; reliable False when
     too many are flagged to tell wrong labels from model errors; positions in
     the test split (failure positions in rank order)."""
-    n_test: int
-    suspects: int
-    flagged_fraction: float
+    n_test: Count
+    suspects: Count
+    flagged_fraction: Fraction
     reliable: bool
-    suspect_positions: list[int]
-    failures: int
-    suspect_failures: int
-    suspect_failure_positions: list[int]
-    model_error_positions: list[int]
+    suspect_positions: list[Count]
+    failures: Count
+    suspect_failures: Count
+    suspect_failure_positions: list[Count]
+    model_error_positions: list[Count]
     method: str
 
 
@@ -524,9 +551,9 @@ class LabelAgreement(Record):
     """Suspects flagged under both models with the same predicted class
     (explain.agreed_suspects): positions, their count, and per model its
     suspect failures among them."""
-    positions: list[int]
-    count: int
-    failures: dict[str, list[int]]
+    positions: list[Count]
+    count: Count
+    failures: dict[str, list[Count]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -536,12 +563,12 @@ class DriftGroup(Record):
     counts those), mean share of map mass in the central quarter per model
     (in [0, 1]), its mean shift and how many images moved onto the centre.
     An empty group is {"n": 0} only."""
-    n: int
+    n: Count
     median_spearman: float | None = None
     undefined: int | None = None
-    centre_fraction: dict[str, float] | None = None
+    centre_fraction: dict[str, Fraction] | None = None
     centre_shift: float | None = None
-    moved_onto_centre: int | None = None
+    moved_onto_centre: Count | None = None
 
     def omits(self, f: dataclasses.Field, value: Any) -> bool:
         # All or nothing: median_spearman may be a present null in a non-empty group.

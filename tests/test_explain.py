@@ -236,11 +236,11 @@ def test_bad_explain_options_are_one_line_errors(shared_cifar_dir, tmp_path, cap
 
 
 def test_unreadable_caches_are_recomputed_not_trusted(tmp_path):
-    from cnnstress.schema import read_cache
+    from cnnstress.io import read_json_cache
     path = tmp_path / "stress_baseline.json"
     path.write_text("{ truncated")
-    assert read_cache(path, {"any": "key"}) is None
+    assert read_json_cache(path, {"any": "key"}) is None
     path.write_text('{"key": {"other": 1}, "results": {"x": 1}}')
-    assert read_cache(path, {"any": "key"}) is None
+    assert read_json_cache(path, {"any": "key"}) is None
     path.write_text('{"key": {"any": "key"}, "results": {"x": 1}}')
-    assert read_cache(path, {"any": "key"}) == {"x": 1}
+    assert read_json_cache(path, {"any": "key"}) == {"x": 1}

@@ -284,7 +284,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "engine": ("data", "augment", "model", "checkpoint", "train", "evaluate", "compare", "weights", "lock"),
     # what the stages compute and show: stress and explanation methods, typed
     # results and cache checks, figures, report rendering
-    "analysis": ("robustness", "xai", "results", "schema", "plots", "reporting"),
+    "analysis": ("robustness", "xai", "results", "plots", "reporting"),
     "stages": ("stages",),
     "study": ("study",),   # the object the notebook drives; the stages run on it
     # what drives a Study: the pipeline, the CLI, the packed GPU study, the package's front

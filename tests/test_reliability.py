@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +26,10 @@ from cnnstress.__main__ import build_parser, main
 from cnnstress.checkpoint import atomic_write, read_checkpoint, save_checkpoint
 from cnnstress.errors import CnnstressError
 from cnnstress.lock import LOCK_FILE
-from cnnstress.schema import Seq, explanations_schema, mismatch, stress_schema
+from cnnstress.results import Count, Explanations, Fraction, Record, StressResult
+from cnnstress.stages.base import load_cached
+from cnnstress.stages.explanations import explanations_problem
+from cnnstress.stages.stress import stress_problem
 from conftest import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,28 +105,58 @@ def test_broken_predictions_cache_is_recomputed(trained, shared_cifar_dir, tmp_p
         assert npz["probs"].shape == (len(splits.test), 10)
 
 
-def test_schema_check_hand_worked():
-    schema = {"a": float, "b": Seq(int, 2), "c": ({"n": 0}, {"n": int, "x": str})}
-    assert mismatch({"a": 1, "b": [1, 2], "c": {"n": 0}}, schema) is None
-    assert mismatch({"a": 1.5, "b": [1, 2], "c": {"n": 3, "x": "y"}}, schema) is None
-    assert mismatch([], schema) == "results is list, expected an object"
-    assert mismatch(None, schema) == "results is null, expected an object"
-    assert mismatch({"a": True, "b": [1, 2], "c": {"n": 0}}, schema) == "results.a is bool, expected float"
-    assert mismatch({"a": 1, "b": [1], "c": {"n": 0}}, schema) == "results.b has 1 items, expected 2"
-    assert mismatch({"a": 1, "b": [1, 2.5], "c": {"n": 0}}, schema) == "results.b[1] is float, expected int"
-    assert mismatch({"a": 1, "b": [1, 2], "c": {"n": 3}}, schema) == "results.c.x is missing"
-    assert mismatch({"b": [1, 2], "c": {"n": 0}}, schema) == "results.a is missing"
+def _read(path, key, log=None, n_eps: int = 2):
+    """A JSON cache as its stage reads it: key, the Record's types and ranges, then the stage's own check."""
+    if path.name.startswith("stress"):
+        return load_cached(path, key, StressResult, lambda r: stress_problem(r, n_eps), log)
+    n_test = len(key["test_indices"])
+    return load_cached(path, key, Explanations, lambda r: explanations_problem(r, ("baseline", "improved"), n_test),
+                       log)
 
 
-def test_real_caches_fit_their_schemas(analysed_run):
-    """The schemas describe what the stages really write (else every run would recompute)."""
+@dataclass
+class _Part(Record):
+    n: Count
+    x: str
+
+
+@dataclass
+class _Whole(Record):
+    a: Fraction
+    b: list[Count]
+    c: _Part | None = None
+
+
+def test_record_types_and_ranges_hand_worked():
+    from cnnstress.errors import ResultFormatError
+
+    def problem(data):
+        try:
+            _Whole.from_dict(data, "results")
+        except ResultFormatError as exc:
+            return str(exc)
+        return None
+
+    assert problem({"a": 1, "b": [1, 2]}) is None and problem({"a": 0.5, "b": [], "c": {"n": 3, "x": "y"}}) is None
+    assert problem({"a": float("nan"), "b": [0]}) is None             # an undefined statistic
+    assert problem([]) == "results is list, expected an object"
+    assert problem(None) == "results is null, expected an object"
+    assert problem({"a": True, "b": [1, 2]}) == "results.a is bool, expected a number"
+    assert problem({"a": 1.5, "b": [1, 2]}) == "results.a is 1.5, expected 0.0..1.0"
+    assert problem({"a": 1, "b": [1, -2]}) == "results.b[1] is -2, expected 0..inf"
+    assert problem({"a": 1, "b": [1, 2.5]}) == "results.b[1] is float, expected a whole number"
+    assert problem({"a": 1, "b": [1, 2], "c": {"n": 3}}) == "results.c.x is missing"
+    assert problem({"b": [1, 2]}) == "results.a is missing"
+
+
+def test_real_caches_read_back_whole(analysed_run):
+    """The records and the stages' checks accept what the stages really write (else every run would recompute)."""
     from cnnstress.config import get_config
     n_eps = len(get_config("smoke").adv_eps)
-    for name in ("baseline", "improved"):
-        results = json.loads((analysed_run / f"stress_{name}.json").read_text())["results"]
-        assert mismatch(results, stress_schema(n_eps)) is None
-    results = json.loads((analysed_run / "explanations.json").read_text())["results"]
-    assert mismatch(results, explanations_schema(["baseline", "improved"])) is None
+    for name in ("baseline_", "improved_", ""):
+        path = analysed_run / (f"stress_{name[:-1]}.json" if name else "explanations.json")
+        good = json.loads(path.read_text())
+        assert _read(path, good["key"], n_eps=n_eps).to_dict() == good["results"]
 
 
 def _drop(results: dict, dotted: str) -> None:
@@ -153,15 +187,13 @@ CACHES = [("stress_baseline.json", "calibration.temperature"),
 @pytest.mark.parametrize("content", CONTENTS)
 @pytest.mark.parametrize("cache, field", CACHES)
 def test_malformed_json_cache_is_a_miss(analysed_run, tmp_path, cache, field, content):
-    from cnnstress.schema import read_cache
     good = json.loads((analysed_run / cache).read_text())
-    schema = stress_schema(2) if cache.startswith("stress") else explanations_schema(["baseline", "improved"])
     path = tmp_path / cache
     path.write_text(json.dumps(good))
-    assert read_cache(path, good["key"], schema) == good["results"]
+    assert _read(path, good["key"]).to_dict() == good["results"]
     path.write_text(json.dumps(_damaged(good, content, field)))
     logged = []
-    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert _read(path, good["key"], logged.append) is None
     assert len(logged) == 1 and logged[0].startswith(f"{cache}: not a valid cache (")
     if content.endswith("missing field"):
         assert f"results.{field} is missing" in logged[0]
@@ -180,8 +212,7 @@ def test_malformed_json_cache_is_recomputed(analysed_copy, shared_cifar_dir, cap
     assert f"{cache}: not a valid cache (" in out and "; recomputing" in out
     redone = json.loads(path.read_text())
     assert redone["key"] == good["key"]
-    assert mismatch(redone["results"], stress_schema(2) if command == "stress"
-                    else explanations_schema(["baseline", "improved"])) is None
+    assert _read(path, good["key"]).to_dict() == redone["results"]
 
 
 # --- a full disk ---------------------------------------------------------------------
@@ -662,17 +693,14 @@ def _edit(results: dict, dotted: str, value) -> None:
     ("explanations.json", "label_agreement.failures.improved", [-1], "improved[0] is -1"),
 ])
 def test_a_json_cache_with_impossible_values_is_a_miss(analysed_run, tmp_path, cache, field, value, needle):
-    from cnnstress.schema import read_cache
     good = json.loads((analysed_run / cache).read_text())
-    n_test = len(good["key"]["test_indices"])
-    schema = stress_schema(2) if cache.startswith("stress") else explanations_schema(["baseline", "improved"], n_test)
     path = tmp_path / cache
     path.write_text(json.dumps(good))
-    assert read_cache(path, good["key"], schema) == good["results"]
+    assert _read(path, good["key"]).to_dict() == good["results"]
     _edit(good["results"], field, value)
     path.write_text(json.dumps(good))
     logged = []
-    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert _read(path, good["key"], logged.append) is None
     assert len(logged) == 1 and needle in logged[0] and logged[0].endswith("; recomputing"), logged
 
 
@@ -912,12 +940,12 @@ def test_config_values_no_command_line_could_give_are_refused():
 
 
 def test_json_nested_too_deep_is_a_cache_miss_and_not_a_lock_record(tmp_path):
+    from cnnstress.io import read_json_cache
     from cnnstress.lock import output_lock
-    from cnnstress.schema import read_cache
     path = tmp_path / "stress_baseline.json"
     path.write_text("[" * 100_000)
     logged = []
-    assert read_cache(path, {}, None, logged.append) is None
+    assert read_json_cache(path, {}, logged.append) is None
     assert logged == ["stress_baseline.json: not a valid cache (unreadable (RecursionError)); recomputing"]
     (tmp_path / LOCK_FILE).write_text("[" * 4000)
     with pytest.raises(CnnstressError, match="is not a cnnstress lock record"):
@@ -926,14 +954,12 @@ def test_json_nested_too_deep_is_a_cache_miss_and_not_a_lock_record(tmp_path):
 
 
 def test_ragged_sanity_maps_are_a_cache_miss(analysed_run, tmp_path):
-    from cnnstress.schema import read_cache
     good = json.loads((analysed_run / "explanations.json").read_text())
-    schema = explanations_schema(["baseline", "improved"], len(good["key"]["test_indices"]))
     good["results"]["sanity_maps"]["maps"][0] = good["results"]["sanity_maps"]["maps"][0][:1]
     path = tmp_path / "explanations.json"
     path.write_text(json.dumps(good))
     logged = []
-    assert read_cache(path, good["key"], schema, logged.append) is None
+    assert _read(path, good["key"], logged.append) is None
     assert "sanity_maps.maps is not a regular array of numbers" in logged[0]
 
 

@@ -33,10 +33,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..errors import ResultFormatError
-from ..io import ensure_writable_dir, save_json
+from ..io import ensure_writable_dir, read_json_cache, save_json
 from ..plots import save_figure
 from ..results import Record
-from ..schema import read_cache
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -148,24 +147,38 @@ class Stage:
                                "settings": self.settings(study)})
 
     def read_cache(self, study: StudyContext, path: "Path", key: dict[str, Any], result_type: type[Record],
-                   schema: Any = None) -> Record | None:
-        """The cached result at `path` when its key is `key` and it parses as
-        `result_type`; None otherwise (a malformed file is logged: recomputed)."""
-
+                   check: Callable[[Any], str | None] | None = None) -> Record | None:
+        """The cached result at `path` when its key is `key`, it reads as
+        `result_type` and `check(result)` finds no problem; None otherwise (a
+        malformed file is logged: recomputed)."""
         if not all(key["models"].values()):  # a model without a stable identity is never cached
             return None
-        cached = read_cache(path, key, schema, study.say)
-        if cached is None:
-            return None
-        try:
-            return result_type.from_dict(cached)
-        except ResultFormatError as exc:
-            study.say(f"{path.name}: not a valid cache ({exc}); recomputing")
-            return None
+        return load_cached(path, key, result_type, check, study.say)
 
     def write_cache(self, study: StudyContext, path: "Path", key: dict[str, Any], result: Record) -> None:
         if all(key["models"].values()):
             save_json(path, {"key": key, "results": result.to_dict()})
+
+
+def load_cached(path: "Path", key: dict[str, Any], result_type: type[Record],
+                check: Callable[[Any], str | None] | None = None,
+                log: Callable[[str], None] | None = None) -> Record | None:
+    """A JSON cache's result as `result_type` when its key is `key` and it
+    makes sense (the Record's types and ranges, then `check`); None otherwise,
+    a malformed file logged in one line (the stage recomputes)."""
+    results = read_json_cache(path, key, log)
+    if results is None:
+        return None
+    try:
+        result = result_type.from_dict(results, "results")
+        problem = check(result) if check is not None else None
+    except ResultFormatError as exc:
+        problem = str(exc)
+    if problem is None:
+        return result
+    if log:
+        log(f"{path.name}: not a valid cache ({problem}); recomputing")
+    return None
 
 
 def json_roundtrip(value: Any) -> Any:
@@ -203,7 +216,10 @@ class CachedStage(Stage):
     def unit_key(self, study: StudyContext, unit: str) -> dict[str, Any]:
         return self.cache_key(study)
 
-    def unit_schema(self, study: StudyContext) -> Any:
+    def unit_problem(self, study: StudyContext, result: Any) -> str | None:
+        """What a cached unit lacks that its readers need, beyond its Record's
+        types and ranges (every corruption type, positions inside the test
+        split, ...): one line, or None when it fits."""
         return None
 
     def compute_units(self, study: StudyContext, inputs: Mapping[str, Any], units: list[str]) -> dict[str, Record]:
@@ -224,9 +240,9 @@ class CachedStage(Stage):
         keys = {u: self.unit_key(study, u) for u in units}
         parts: dict[str, Record] = {}
         if not force:
-            schema = self.unit_schema(study)
             for unit, path in units.items():
-                cached = self.read_cache(study, path, keys[unit], self.unit_type, schema)
+                cached = self.read_cache(study, path, keys[unit], self.unit_type,
+                                         lambda result: self.unit_problem(study, result))
                 if cached is not None:
                     parts[unit] = cached
                     study.say(f"{self.name}: reusing {path}")

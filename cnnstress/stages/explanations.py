@@ -23,8 +23,7 @@ from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
-from ..schema import explanations_schema
-from ..xai.checks import (EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps,
+from ..xai.checks import (CAM_EXPLAINERS, EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps,
                           drift_report, faithfulness_report, label_suspects, sanity_report)
 from ..xai.label_review import applicable_review, review_note
 from ..xai.randomisation import verdict_word
@@ -34,6 +33,71 @@ from .base import CachedStage, StudyContext, save_figures
 SANITY_FIGURE_IMAGES = 3    # images whose maps are drawn at every randomisation step
 SUSPECT_TILES = 12          # tiles per group in label_suspects.png
 CAM_METHODS = ("gradcam", "gradcam++")
+
+
+def _outside(positions: list[int], n_test: int, where: str) -> str | None:
+    bad = next((i for i, p in enumerate(positions) if p >= n_test), None)
+    return None if bad is None else f"{where}[{bad}] is {positions[bad]}, expected 0..{n_test - 1}"
+
+
+def explanations_problem(result: Explanations, models: tuple[str, ...] | list[str], n_test: int) -> str | None:
+    """What a cached explanations result lacks that the readers need beyond
+    its types and ranges: every model, every method with its verdicts,
+    positions inside the test split of `n_test` images, the two-model parts
+    (drift, label agreement) and sanity maps forming a 4-d array. None when it fits."""
+    for part in ("faithfulness", "sanity", "label_suspects"):
+        missing = [m for m in models if m not in getattr(result, part)]
+        if missing:
+            return f"results.{part}.{missing[0]} is missing"
+    for m in models:
+        for group_name in ("failures", "sample"):
+            group, where = getattr(result.faithfulness[m], group_name), f"results.faithfulness.{m}.{group_name}"
+            if group.n == 0:
+                continue
+            if group.methods is None or group.fractions is None:
+                return f"{where}.{'methods' if group.methods is None else 'fractions'} is missing"
+            missing = [k for k in FAITHFULNESS_METHODS if k not in group.methods]
+            if missing:
+                return f"{where}.methods.{missing[0]} is missing"
+            for k in CAM_EXPLAINERS:
+                for verdict in ("verdict", "verdict_smooth"):
+                    if getattr(group.methods[k], verdict) is None:
+                        return f"{where}.methods.{k}.{verdict} is missing"
+        missing = [k for k in CAM_EXPLAINERS if k not in result.sanity[m].methods]
+        if missing:
+            return f"results.sanity.{m}.{missing[0]} is missing"
+        ls = result.label_suspects[m]
+        for name in ("suspect_positions", "suspect_failure_positions", "model_error_positions"):
+            problem = _outside(getattr(ls, name), n_test, f"results.label_suspects.{m}.{name}")
+            if problem:
+                return problem
+    if {BASELINE, IMPROVED} <= set(models):
+        if result.drift is None or result.label_agreement is None:
+            return f"results.{'drift' if result.drift is None else 'label_agreement'} is missing"
+        for name in ("fixed", "persisting", "new"):
+            group = result.drift.groups.get(name)
+            if group is None:
+                return f"results.drift.{name} is missing"
+            if group.n and (group.moved_onto_centre is None or group.centre_fraction is None
+                            or sorted(group.centre_fraction) != sorted((BASELINE, IMPROVED))):
+                return f"results.drift.{name} lacks the centre fractions of both models"
+        agreement = result.label_agreement
+        for where, positions in [("results.label_agreement.positions", agreement.positions),
+                                 *[(f"results.label_agreement.failures.{m}", agreement.failures.get(m))
+                                   for m in (BASELINE, IMPROVED)]]:
+            if positions is None:
+                return f"{where} is missing"
+            problem = _outside(positions, n_test, where)
+            if problem:
+                return problem
+    if result.sanity_maps is not None:
+        try:
+            shape = np.asarray(result.sanity_maps.maps, dtype=np.float64).shape   # ragged: ValueError
+        except (ValueError, TypeError):
+            return "results.sanity_maps.maps is not a regular array of numbers"
+        if len(shape) != 4:
+            return f"results.sanity_maps.maps has {len(shape)} dimensions, expected 4"
+    return None
 
 
 class ExplanationsStage(CachedStage):
@@ -58,8 +122,8 @@ class ExplanationsStage(CachedStage):
     def cache_units(self, study: StudyContext) -> dict[str, Path]:
         return {"explanations": study.out / EXPLANATIONS_FILE}
 
-    def unit_schema(self, study: StudyContext) -> Any:
-        return explanations_schema(list(study.models), len(study.splits.test))
+    def unit_problem(self, study: StudyContext, result: Explanations) -> str | None:
+        return explanations_problem(result, study.models, len(study.splits.test))
 
     def compute_units(self, study: StudyContext, inputs: Mapping[str, Any],
                       units: list[str]) -> dict[str, Explanations]:

@@ -20,11 +20,10 @@ from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, StressResult, transient, with_failure_counts
-from ..robustness import (CORRUPTIONS, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
+from ..robustness import (CORRUPTIONS, FAMILIES, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
                           calibration_report, corruption_report)
 from ..robustness.suite import STRESS_VERSION, sample_grid_images, stress_settings, write_corruption_csv
 from ..runtime import progress_bar, progress_enabled, resolve_device, seed_stream
-from ..schema import stress_schema
 from .base import CachedStage, StudyContext, save_figures
 from .comparison import better
 from .failures import evaluate_split
@@ -44,6 +43,33 @@ class StressStageResult(Record):
         """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
         a, b = self.models[BASELINE].corruptions.accuracy, self.models[IMPROVED].corruptions.accuracy
         return {c: (sum(b[c]) - sum(a[c])) / len(SEVERITIES) for c in CORRUPTIONS}
+
+
+def stress_problem(result: StressResult, n_eps: int) -> str | None:
+    """What a cached stress result lacks that the readers need beyond its
+    types and ranges: every corruption type at every severity, every family,
+    one value per attack budget (`n_eps` budgets). None when it fits."""
+    c = result.corruptions
+    for name in ("accuracy", "ece", "ece_calibrated"):
+        grid = getattr(c, name)
+        for t in CORRUPTIONS:
+            if t not in grid:
+                return f"results.corruptions.{name}.{t} is missing"
+            if len(grid[t]) != len(SEVERITIES):
+                return f"results.corruptions.{name}.{t} has {len(grid[t])} items, expected {len(SEVERITIES)}"
+    families = sorted(set(FAMILIES[t] for t in CORRUPTIONS))
+    if sorted(c.accuracy_by_family) != families:
+        return f"results.corruptions.accuracy_by_family has keys {sorted(c.accuracy_by_family)}, expected {families}"
+    for name in ("accuracy_by_severity", "ece_by_severity", "ece_calibrated_by_severity"):
+        if len(getattr(c, name)) != len(SEVERITIES):
+            return f"results.corruptions.{name} has {len(getattr(c, name))} items, expected {len(SEVERITIES)}"
+    for name in ("eps", "eps_255", "fgsm", "pgd"):
+        values = getattr(result.adversarial, name)
+        if values is None:
+            return f"results.adversarial.{name} is missing"
+        if len(values) != n_eps:
+            return f"results.adversarial.{name} has {len(values)} items, expected {n_eps}"
+    return None
 
 
 class StressStage(CachedStage):
@@ -70,8 +96,8 @@ class StressStage(CachedStage):
     def unit_key(self, study: StudyContext, unit: str) -> dict[str, Any]:
         return self.cache_key(study, (unit,))
 
-    def unit_schema(self, study: StudyContext) -> Any:
-        return stress_schema(len(study.config.adv_eps))
+    def unit_problem(self, study: StudyContext, result: StressResult) -> str | None:
+        return stress_problem(result, len(study.config.adv_eps))
 
     def compute_units(self, study: StudyContext, inputs: Mapping[str, Any], units: list[str]) -> dict[str, StressResult]:
         config = study.config
