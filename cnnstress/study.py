@@ -17,6 +17,7 @@ cell can be rerun after a kernel restart without retraining.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -84,16 +85,13 @@ class Study:
         self.timer = timer if timer is not None else StageTimer(log=None)  # the CLI's run logs its laps
         self.started = time.perf_counter()
         self.models: tuple[str, ...] = MODEL_NAMES
-        self.results: dict[str, Any] = {}     # stage name -> its typed result
+        # One memo: what each stage made, with the fingerprint of what it was made from
+        # (Study.fingerprint); a result whose fingerprint no longer matches is recomputed.
+        self.results: dict[str, Any] = {}     # stage name -> its typed result (current)
+        self._fingerprints: dict[str, str] = {}
         self.skipped: set[str] = set()        # analysis stages left out (nothing cached)
         self.trained: dict[str, Any] = {}     # model name -> stages.training.Trained
-        self.predictions: dict[str, Any] = {}  # model name -> evaluate.Predictions on the test split
-        self.failure_tables: dict[str, Any] = {}  # model name -> evaluate.FailureTable
-        # What the notebook's steps made of the failures stage, so that the
-        # report does not redo (and re-log) it: model name -> ModelFailures, and
-        # the Grad-CAM cases (None: not drawn with the current settings).
-        self.model_failures: dict[str, Any] = {}
-        self.cases: list | None = None
+        self._kept: dict[str, tuple[tuple, Any]] = {}   # a stage's per-model steps: slot -> (key, value)
         self._splits = None
 
     # --- what the stages share ---------------------------------------------
@@ -122,20 +120,38 @@ class Study:
         changes = {k: v for k, v in changes.items() if v is not None}
         new = self.config.replace(**changes)
         learned = {k for k in new.training_key() if new.training_key()[k] != self.config.training_key()[k]}
-        if learned and (self.trained or self.predictions):
+        if learned and self.trained:
             raise CnnstressError(f"{', '.join(sorted(learned))} changes what the models learn; start a new Study")
         if new != self.config:
             self.config = new
-            # Results computed with the old settings are no longer this study's.
-            for stage in self.stage_list:
-                if stage.name != "training":   # the models stay; everything made from them goes
-                    self.results.pop(stage.name, None)
+            # What the old settings made stays only where its fingerprint still matches.
+            for name in list(self.results):
+                if self._fingerprints.get(name) != self.fingerprint(self.get_stage(name)):
+                    self.results.pop(name)
             self.skipped.clear()
-            if "failure_threshold" in changes:
-                self.failure_tables.clear()
-            self.model_failures.clear()
-            self.cases = None
         return self
+
+    def fingerprint(self, stage) -> str:
+        """What `stage`'s result depends on in this session: its settings (the
+        version, seed and Config groups its cache key uses), the models it
+        was made from (a retrained model is another object) and the
+        fingerprints of the stages it requires."""
+        return json.dumps({"settings": stage.settings(self),
+                           "models": {n: id(t) for n, t in self.trained.items()},
+                           "requires": {r: self.fingerprint(self.get_stage(r)) for r in stage.requirements(self)}},
+                          sort_keys=True, default=repr)
+
+    def recall(self, slot: str, key: tuple) -> Any:
+        """What a stage kept under `slot` (e.g. "predictions:baseline") when it
+        was made with `key`; None otherwise. Key items compare by identity
+        when they are objects (a Trained model), by value otherwise."""
+        kept = self._kept.get(slot)
+        return kept[1] if kept is not None and _same_key(kept[0], key) else None
+
+    def keep(self, slot: str, key: tuple, value: Any) -> Any:
+        """Keep `value` under `slot`, made with `key` (see recall); returns it."""
+        self._kept[slot] = (key, value)
+        return value
 
     @property
     def splits(self):
@@ -162,12 +178,12 @@ class Study:
         return model_stamp(self.model(name))
 
     def result(self, stage_name: str, *, show: bool = False):
-        """Stage `stage_name`'s result: this session's, else the stage run now,
-        an analysis stage only from its cache (None when nothing is cached or
-        the stage is switched off)."""
-        if stage_name in self.results:
-            return self.results[stage_name]
+        """Stage `stage_name`'s result: this session's while its fingerprint
+        matches, else the stage run now, an analysis stage only from its cache
+        (None when nothing is cached or the stage is switched off)."""
         stage = self.get_stage(stage_name)
+        if stage_name in self.results and self._fingerprints.get(stage_name) == self.fingerprint(stage):
+            return self.results[stage_name]
         if stage_name in self.skipped or not stage.enabled(self):
             return None
         with output_lock(self.out, log=self.log):
@@ -175,8 +191,12 @@ class Study:
         if result is None:
             self.skipped.add(stage_name)
         else:
-            self.results[stage_name] = result
+            self._store(stage, result)
         return result
+
+    def _store(self, stage, result) -> None:
+        self.results[stage.name] = result
+        self._fingerprints[stage.name] = self.fingerprint(stage)
 
     def inputs(self, stage) -> dict[str, Any]:
         """What `stage` requires, {stage name: result}: the one place a stage's
@@ -196,7 +216,7 @@ class Study:
             self.results.pop(stage_name, None)
             self.skipped.add(stage_name)
             return None
-        self.results[stage_name] = result
+        self._store(stage, result)
         self.skipped.discard(stage_name)
         line = stage.summary(self, result)
         if line:
@@ -360,6 +380,12 @@ class Study:
     def __repr__(self) -> str:
         return (f"Study(profile={self.config.profile!r}, out={str(self.out)!r}, "
                 f"stages done={list(self.results)})")
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    plain = (str, int, float, bool, type(None))
+    return len(a) == len(b) and all(x == y if isinstance(x, plain) and isinstance(y, plain) else x is y
+                                    for x, y in zip(a, b))
 
 
 def require_checkpoints(study: Study) -> None:

@@ -278,7 +278,7 @@ def seed_run(study) -> SeedRun:
     stress = study.results.get("stress")
 
     def figures(name: str) -> SeedFigures:
-        preds = study.predictions[name]
+        preds = study.results["failures"].predictions[name]
         corr = None
         if stress is not None and name in stress.models:
             corr = float(stress.models[name].corruptions.mean_corruption_accuracy)

@@ -95,7 +95,7 @@ def test_broken_predictions_cache_is_recomputed(trained, shared_cifar_dir, tmp_p
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
     capsys.readouterr()
-    study.predictions.clear()                          # as after a kernel restart: read the cache again
+    study = Study(config=cfg, data_dir=shared_cifar_dir, out_dir=out, train=False)   # a kernel restart: read the cache again
     again = failures.predictions(study, "baseline")
     logged = capsys.readouterr().out
     assert logged.count("\n") == 1 and logged.startswith(f"predictions: {path}") and "; recomputing" in logged

@@ -199,3 +199,51 @@ def test_a_stage_is_handed_what_it_requires_and_each_stage_runs_once(monkeypatch
     assert "absent" in study.skipped
     study.run_stage("c")                              # again: only c reruns, a and b are this session's
     assert runs == ["a", "b", "c", "c"]
+
+
+def test_the_memo_keeps_what_a_settings_change_does_not_touch(monkeypatch, tmp_path):
+    """Study.set drops exactly the results whose fingerprint changed: the
+    stages of the changed Config group and those requiring them."""
+    from cnnstress.study import Study
+
+    @dataclass
+    class Num(Record):
+        value: int
+
+    runs = []
+
+    class Part(Stage):
+        def compute(self, study, inputs):
+            runs.append(self.name)
+            return Num(value=len(runs))
+
+    class Attacks(Part):
+        name, config_groups = "attacks", ("stress",)
+
+    class Maps(Part):
+        name, config_groups = "maps", ("explanations",)
+
+    class Both(Part):
+        name, requires = "both", ("attacks", "maps")
+
+    monkeypatch.setattr(stages, "STAGES", [Attacks(), Maps(), Both()])
+    study = Study("smoke", data_dir=tmp_path / "data", out_dir=tmp_path / "out", log=None)
+    study.run_stage("both")
+    assert runs == ["attacks", "maps", "both"]
+    study.set(pgd_steps=study.config.pgd_steps + 1)
+    assert set(study.results) == {"maps"}              # attacks changed, and both requires it
+    study.result("both")
+    assert runs == ["attacks", "maps", "both", "attacks", "both"]
+    study.set(pgd_steps=study.config.pgd_steps)        # no change: everything kept
+    assert set(study.results) == {"attacks", "maps", "both"}
+
+
+def test_kept_steps_match_their_key_by_identity_for_objects(tmp_path):
+    from cnnstress.study import Study
+    study = Study("smoke", data_dir=tmp_path / "data", out_dir=tmp_path / "out", log=None)
+    model, other = object(), object()
+    assert study.keep("predictions:m", (model, 0.8), "p") == "p"
+    assert study.recall("predictions:m", (model, 0.8)) == "p"
+    assert study.recall("predictions:m", (other, 0.8)) is None     # another (retrained) model
+    assert study.recall("predictions:m", (model, 0.9)) is None     # another threshold
+    assert study.recall("predictions:x", (model, 0.8)) is None

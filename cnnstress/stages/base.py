@@ -60,10 +60,6 @@ class StudyContext(Protocol):
     budget: Any                       # cnnstress.budget.TimeBudget or None
     started: float                    # time.perf_counter() at the start
     trained: dict[str, Any]           # the training stage's models (stages.training.Trained)
-    predictions: dict[str, Any]       # the failures stage's memo: model -> evaluate.Predictions
-    failure_tables: dict[str, Any]    # model -> evaluate.FailureTable
-    model_failures: dict[str, Any]    # model -> stages.failures.ModelFailures
-    cases: list | None                # the failures stage's Grad-CAM cases
     stage_list: list                  # the stages, in order
 
     @property
@@ -72,6 +68,8 @@ class StudyContext(Protocol):
     def model(self, name: str) -> Any: ...
     def model_stamp(self, name: str) -> str: ...
     def model_config(self, name: str) -> "Config": ...
+    def recall(self, slot: str, key: tuple) -> Any: ...          # a stage's per-model steps, kept with
+    def keep(self, slot: str, key: tuple, value: Any) -> Any: ...  # what they were made from
 
 
 class Stage:

@@ -167,14 +167,19 @@ def _sensible(arrays: dict[str, np.ndarray], labels: np.ndarray | None) -> dict[
 class FailuresStage(Stage):
     name = "failures"
     title = "Test results"
+    config_groups = ("failures",)   # the threshold and how many cases; the cases' CAM layer below
+
+    def settings(self, study: StudyContext) -> dict[str, Any]:
+        return {**super().settings(study), "cam_layer": study.config.cam_layer}
 
     # --- one model ---------------------------------------------------------
     def predictions(self, study: StudyContext, name: str, *, force: bool = False) -> Predictions:
         """Test-set predictions of model `name`, cached as predictions_<name>.npz
         (probs (N,10) float32, labels, preds, logits, dataset indices)."""
-        if name in study.predictions and not force:
-            return study.predictions[name]
         trained = study.model(name)
+        kept = study.recall(f"predictions:{name}", (trained,))
+        if kept is not None and not force:
+            return kept
         split = study.splits.test
         path = predictions_path(study.out, name)
         stamp = model_stamp(trained)
@@ -194,18 +199,19 @@ class FailuresStage(Stage):
                     np.savez_compressed(f, **arrays)
             atomic_write(path, write)
         study.timer.lap(f"evaluate {name}", len(split), "test images, or read from the cache")
-        study.predictions[name] = preds
-        return preds
+        return study.keep(f"predictions:{name}", (trained,), preds)
 
     def table(self, study: StudyContext, name: str) -> FailureTable:
         """Wrong predictions above config.failure_threshold, ranked, saved as failures_<name>.csv."""
-        if name not in study.failure_tables:
-            preds = self.predictions(study, name)
+        preds = self.predictions(study, name)
+        key = (preds, study.config.failure_threshold)
+        table = study.recall(f"failure_table:{name}", key)
+        if table is None:
             table = mine_failures(preds.probs, preds.labels, study.config.failure_threshold,
                                   dataset_indices=study.splits.test.indices)
             table.to_csv(study.out / f"failures_{name}.csv")
-            study.failure_tables[name] = table
-        return study.failure_tables[name]
+            study.keep(f"failure_table:{name}", key, table)
+        return table
 
     def evaluate_one(self, study: StudyContext, name: str, *, quiet: bool = False) -> ModelFailures:
         preds = self.predictions(study, name)
@@ -213,7 +219,7 @@ class FailuresStage(Stage):
         summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
         result = ModelFailures(name=name, summary=summary,
                                top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]])
-        study.model_failures[name] = result
+        study.keep(f"model_failures:{name}", (table,), result)
         if quiet:
             return result
         study.say(f"{name}: test accuracy {100 * preds.accuracy:.2f}%, "
@@ -229,7 +235,7 @@ class FailuresStage(Stage):
     def model_result(self, study: StudyContext, name: str, *, quiet: bool = True) -> ModelFailures:
         """Model `name`'s results: the ones a step of this session made with the
         current settings (a notebook cell), else evaluated now."""
-        done = study.model_failures.get(name)
+        done = study.recall(f"model_failures:{name}", (self.table(study, name),))
         return done if done is not None else self.evaluate_one(study, name, quiet=quiet)
 
     # --- Grad-CAM of the baseline's top failures ---------------------------
@@ -251,8 +257,7 @@ class FailuresStage(Stage):
             save_figure(fig, out / "failure_case_1.png")
             if not show:
                 plt.close(fig)
-            study.cases = []
-            return []
+            return study.keep("cases", self.cases_key(study, name), [])
         suspects = label_suspects(preds, table)
         flagged = set(suspects["suspect_failure_positions"])
         _, review = applicable_review(study.splits.test.labels, study.splits.test.indices)  # {} unless official
@@ -263,7 +268,9 @@ class FailuresStage(Stage):
         cam = GradCAM(trained.model, get_layer(trained.model, config.cam_layer))
         pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
         true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
-        improved = study.predictions.get(IMPROVED)
+        # The improved model's verdict on each case, when this session has its predictions already.
+        improved = (study.recall(f"predictions:{IMPROVED}", (study.trained[IMPROVED],))
+                    if IMPROVED in study.trained else None)
         cases = []
         for i, f in enumerate(rows):
             suspect = f.position in flagged
@@ -293,8 +300,11 @@ class FailuresStage(Stage):
                       f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else "")
                       + (f"; {c.review}" if c.review else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
-        study.cases = cases
-        return cases
+        return study.keep("cases", self.cases_key(study, name), cases)
+
+    def cases_key(self, study: StudyContext, name: str = BASELINE) -> tuple:
+        """What the Grad-CAM cases are made from: the model's failure table and the case settings."""
+        return (self.table(study, name), study.config.top_failures, study.config.cam_layer)
 
     # --- the contract ------------------------------------------------------
     def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
@@ -304,7 +314,9 @@ class FailuresStage(Stage):
             if force:
                 self.predictions(study, name, force=True)
             models[name] = self.evaluate_one(study, name) if force else self.model_result(study, name, quiet=False)
-        cases = study.cases if study.cases is not None and not force else self.explain_cases(study, show=show)
+        cases = None if force else study.recall("cases", self.cases_key(study))
+        if cases is None:
+            cases = self.explain_cases(study, show=show)
         if IMPROVED in study.models:   # cases drawn before the improved model existed (notebook stage 8)
             improved = self.predictions(study, IMPROVED)
             for c in cases:

@@ -223,10 +223,7 @@ class TrainingStage(Stage):
                                       "first (python -m cnnstress run) or pass the right --out-dir")
             trained = load_trained(cfg, study.out)
             images, what = None, "finished checkpoint loaded"
-        study.trained[name] = trained
-        # A retrained model invalidates what was derived from the old one in this session.
-        study.predictions.pop(name, None)
-        study.failure_tables.pop(name, None)
+        study.trained[name] = trained   # a new object: what was made from the old one no longer matches
         study.timer.lap(f"train {name}", images, what)
         if set(study.models) <= set(study.trained) and study.weights is None:
             self.curves(study, show=False)  # only complete curves: a failed run leaves no one-model figure
