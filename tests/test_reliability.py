@@ -94,8 +94,9 @@ def test_broken_predictions_cache_is_recomputed(trained, shared_cifar_dir, tmp_p
             arrays["probs"] = arrays["probs"][:, :3]
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
-    capsys.readouterr()
     study = Study(config=cfg, data_dir=shared_cifar_dir, out_dir=out, train=False)   # a kernel restart: read the cache again
+    study.splits, study.model("baseline")              # noqa: B018  (their log lines first)
+    capsys.readouterr()
     again = failures.predictions(study, "baseline")
     logged = capsys.readouterr().out
     assert logged.count("\n") == 1 and logged.startswith(f"predictions: {path}") and "; recomputing" in logged
