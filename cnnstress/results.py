@@ -318,6 +318,18 @@ class Comparison(Record):
     # model -> {class: test accuracy} of the predictions compared (the report's per-class gains)
     per_class_accuracy: dict[str, dict[str, float | None]] = transient()
 
+    def _repr_markdown_(self) -> str:
+        """In a notebook: the accuracy change with its interval and test, and the failure groups."""
+        d, mc, fc = self.accuracy_diff, self.mcnemar, self.failures.counts
+        t = f" above {self.threshold:.0%} confidence" if self.threshold is not None else ""
+        return (f"**comparison**: test accuracy {100 * d.acc_a:.2f}% -> {100 * d.acc_b:.2f}% "
+                f"({100 * d.diff:+.2f} points, {d.confidence:.0%} interval [{100 * d.low:+.2f}, "
+                f"{100 * d.high:+.2f}]; McNemar p = {mc.p_value:.3g})\n\n"
+                f"| failures{t} | baseline | improved | fixed | still failing | new | newly confident |\n"
+                "|---|---|---|---|---|---|---|\n"
+                f"| count | {fc.a} | {fc.b} | {fc.fixed} | {fc.still_high_confidence} | {fc.new} | "
+                f"{fc.newly_confident} |")
+
 
 # ---------------------------------------------------------------------------
 # Stress stage: stress.calibration_report / corruption_report,
@@ -605,3 +617,17 @@ class Explanations(Record):
     label_agreement: LabelAgreement | None = optional()
     drift: Drift | None = optional()
     sanity_maps: SanityMaps | None = optional()
+
+    def _repr_markdown_(self) -> str:
+        """In a notebook: per model, the faithfulness and sanity verdicts and the label suspects."""
+        rows = []
+        for name, f in self.faithfulness.items():
+            cam = (f.sample.methods or {}).get("gradcam")
+            faith = f"{cam.verdict} / {cam.verdict_smooth}" if cam is not None and cam.verdict else "no sample"
+            passed = self.sanity[name].methods["gradcam"].verdict.passed
+            sanity = {True: "passed", False: "failed", None: "undecided"}[passed]
+            ls = self.label_suspects[name]
+            rows.append(f"| {name} | {faith} | {sanity} | {ls.suspect_failures} of {ls.failures}"
+                        f"{'' if ls.reliable else ' (unreliable)'} |")
+        return ("**explanations** (Grad-CAM)\n\n| model | faithful vs pixel / smooth noise (sample) | "
+                "randomisation check | failures flagged as label errors |\n|---|---|---|---|\n" + "\n".join(rows))

@@ -186,6 +186,12 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert "label review: the loaded test set is not in the official order" in _text(_stage_cell(nb, 14))
     assert "7. Stress tests beyond accuracy" in report
     assert "mean corruption accuracy" in _text(_stage_cell(nb, 12))
+    # the steps' results display themselves (Markdown tables), numbers as in metrics.json
+    comparison = metrics["comparison"]["accuracy_diff"]
+    assert (f"**comparison**: test accuracy {100 * comparison['acc_a']:.2f}% -> {100 * comparison['acc_b']:.2f}%"
+            in _text(_stage_cell(nb, 10)))
+    assert f"| baseline | {100 * metrics['baseline']['ece']:.2f}% -> " in _text(_stage_cell(nb, 12))
+    assert "**explanations** (Grad-CAM)" in _text(_stage_cell(nb, 13))
     assert metrics["baseline"]["mean_corruption_accuracy"] == pytest.approx(
         json.loads((out / "stress_baseline.json").read_text())["results"]["corruptions"]["mean_corruption_accuracy"])
     assert f"{100 * metrics['baseline']['test_accuracy']:.2f}%" in _text(_stage_cell(nb, 7))

@@ -383,3 +383,23 @@ def test_explanations_one_and_two_models(explain_parts):
     # metrics.json's copy drops sanity_maps
     no_maps = {k: v for k, v in two.items() if k != "sanity_maps"}
     assert round_trip(results.Explanations, no_maps).sanity_maps is None
+
+
+def test_comparison_displays_itself_hand_worked():
+    from cnnstress.results import Comparison
+    c = Comparison.from_dict({
+        "accuracy_diff": {"acc_a": 0.8585, "acc_b": 0.9175, "diff": 0.059, "low": 0.052, "high": 0.066,
+                          "confidence": 0.95, "n_boot": 2000, "seed": 42, "n": 10000},
+        "mcnemar": {"b": 120, "c": 710, "n_discordant": 830, "n": 10000, "statistic": 418.0, "p_value": 1e-90,
+                    "method": "chi2_cc"},
+        "failures": {"counts": {"a": 891, "b": 404, "fixed": 700, "persisting": 191, "still_high_confidence": 150,
+                                "wrong_low_confidence": 41, "new": 154, "newly_confident": 100},
+                     "fixed": [], "persisting": [], "still_high_confidence": [], "wrong_low_confidence": [],
+                     "new": [], "newly_confident": []},
+        "threshold": 0.8})
+    assert c._repr_markdown_() == (
+        "**comparison**: test accuracy 85.85% -> 91.75% (+5.90 points, 95% interval [+5.20, +6.60]; "
+        "McNemar p = 1e-90)\n\n"
+        "| failures above 80% confidence | baseline | improved | fixed | still failing | new | newly confident |\n"
+        "|---|---|---|---|---|---|---|\n"
+        "| count | 891 | 404 | 700 | 150 | 154 | 100 |")

@@ -39,6 +39,20 @@ class StressStageResult(Record):
     models: dict[str, StressResult]
     test_accuracy: dict[str, float] = transient()   # model -> clean accuracy on the whole test split (report)
 
+    def _repr_markdown_(self) -> str:
+        """In a notebook: per model, calibration, corruption and attack accuracy."""
+        rows = []
+        for name, r in self.models.items():
+            cal, corr, adv = r.calibration, r.corruptions, r.adversarial
+            rows.append(f"| {name} | {100 * cal.uncalibrated.ece:.2f}% -> {100 * cal.calibrated.ece:.2f}% "
+                        f"(T = {cal.temperature:.2f}) | {100 * corr.clean_accuracy:.1f}% | "
+                        f"{100 * corr.mean_corruption_accuracy:.1f}% | "
+                        + (f"{100 * adv.pgd[-1]:.1f}% |" if adv.pgd and adv.pgd[-1] is not None else "n/a |"))
+        eps = next(iter(self.models.values())).adversarial.eps_255
+        return ("**stress tests**\n\n| model | ECE, then after temperature scaling | clean (same images) | "
+                f"mean over {len(CORRUPTIONS)} corruptions x {len(SEVERITIES)} severities | "
+                f"PGD at {eps[-1] if eps else '?'}/255 |\n|---|---|---|---|---|\n" + "\n".join(rows))
+
     def corruption_change(self) -> dict[str, float]:
         """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
         a, b = self.models[BASELINE].corruptions.accuracy, self.models[IMPROVED].corruptions.accuracy
