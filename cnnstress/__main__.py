@@ -193,7 +193,7 @@ def _config(args: argparse.Namespace, **forced) -> Config:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .stages.failures import evaluate_split
+    from .evaluate import evaluate_split
     from .stages.training import train_model
     from .study import Study
 

@@ -171,3 +171,10 @@ def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> d
         "threshold": failures[BASELINE].threshold,
     }
 
+
+
+def better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str:
+    """'better', 'worse' or 'unchanged' for a change `delta` of a score with that direction."""
+    if abs(delta) <= tol:
+        return "unchanged"
+    return "better" if (delta > 0) == higher_is_better else "worse"

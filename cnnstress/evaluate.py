@@ -18,7 +18,7 @@ from .arrays import as_int_vector, as_numpy
 from .augment import normalize, to_float
 from .data import CLASSES
 from .io import atomic_write
-from .runtime import autocast, batch_slices, eval_mode
+from .runtime import autocast, batch_slices, eval_mode, resolve_device, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -317,3 +317,13 @@ def summarize(predictions: Predictions, threshold: float = 0.8,
         "top_confused_pairs": [{**d, "rate": _json_float(d["rate"])}
                                for d in most_confused_pairs(cm, k=k, classes=names)],
     }
+
+
+def evaluate_split(trained: Any, split: Any) -> Predictions:
+    """Predictions of a trained model (anything with .model and .config, e.g.
+    stages.training.Trained) on one split (data.Split), with its config's
+    device, precision, batch size and memory layout."""
+    config = trained.config
+    device = resolve_device(config.device)
+    return predict(trained.model, split.images, split.labels, device=device, batch_size=config.eval_batch_size,
+                   amp_dtype=resolve_precision(config.precision, device), channels_last=config.channels_last)

@@ -23,6 +23,10 @@ Three field markers keep the dict form exactly as the producers write it:
 to_dict writes the fields in declaration order, so a Record's fields are
 declared in the order its producer writes the keys.
 
+Ranges: a field typed Fraction, Signed, Count or GreyLevel (a number
+Annotated with a Range) is refused by from_dict outside it, so a cache with
+an impossible value is a miss like a malformed one.
+
 Units: accuracies, ECE/MCE and other rates are fractions in [0, 1]; AUCs are
 in [0, 1]; positions are indices into the loaded test split; seconds are wall
 time. NaN (an undefined statistic) may appear where a float is allowed.

@@ -23,13 +23,6 @@ from .base import Stage, StudyContext, save_figures
 
 
 
-def better(delta: float, higher_is_better: bool = True, tol: float = 0.0) -> str:
-    """'better', 'worse' or 'unchanged' for a change `delta` of a score with that direction."""
-    if abs(delta) <= tol:
-        return "unchanged"
-    return "better" if (delta > 0) == higher_is_better else "worse"
-
-
 class ComparisonStage(Stage):
     name = "comparison"
     title = "What the enhanced augmentation changed"

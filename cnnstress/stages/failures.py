@@ -18,7 +18,7 @@ import torch
 
 from ..augment import normalize, to_float
 from ..data import CLASSES
-from ..evaluate import FailureTable, Predictions, mine_failures, predict, summarize
+from ..evaluate import FailureTable, Predictions, evaluate_split, mine_failures, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
 from ..plots import plot_failure_case, plot_no_failures, save_figure
 from ..registry import BASELINE, IMPROVED
@@ -29,7 +29,6 @@ from ..weights import describe_reference
 from ..xai import GradCAM, applicable_review, get_layer, label_suspects, review_note
 from ..xai.cam import describe_cam
 from .base import Stage, StudyContext
-from .training import model_stamp
 
 
 SUSPECT_NOTE = "suspected label error (confident learning)"
@@ -103,14 +102,6 @@ class FailuresResult(Record):
     suspects_reliable: bool | None = transient()   # confident learning trustworthy for the explained model
 
 
-def evaluate_split(trained, split) -> Predictions:
-    """Predictions of a trained model on one split."""
-    config = trained.config
-    device = resolve_device(config.device)
-    return predict(trained.model, split.images, split.labels, device=device, batch_size=config.eval_batch_size,
-                   amp_dtype=resolve_precision(config.precision, device), channels_last=config.channels_last)
-
-
 def read_predictions(path: Path, stamp: str, indices: np.ndarray, log,
                      labels: np.ndarray | None = None) -> Predictions | None:
     """The cached Predictions when `path` holds this checkpoint's predictions
@@ -182,7 +173,7 @@ class FailuresStage(Stage):
             return kept
         split = study.splits.test
         path = predictions_path(study.out, name)
-        stamp = model_stamp(trained)
+        stamp = study.model_stamp(name)
         indices = split.indices.numpy()
         preds = None
         if path.exists() and not force and stamp:

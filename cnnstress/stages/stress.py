@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..compare import better
 from ..data import sample_positions
+from ..evaluate import evaluate_split
 from ..io import stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
 from ..registry import BASELINE, IMPROVED
@@ -25,8 +27,6 @@ from ..robustness import (CORRUPTIONS, FAMILIES, SEVERITIES, adversarial_accurac
 from ..robustness.suite import STRESS_VERSION, sample_grid_images, stress_settings, write_corruption_csv
 from ..runtime import progress_bar, progress_enabled, resolve_device, seed_stream
 from .base import CachedStage, StudyContext, save_figures
-from .comparison import better
-from .failures import evaluate_split
 
 FILES = ["corruption_accuracy.csv", "stress_baseline.json", "stress_improved.json",
          "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"]
