@@ -80,6 +80,7 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     (steps, images, H, W) on [0,1] is given, those maps in a grid below.
     `summaries`: model -> method -> cnnstress.xai.checks.sanity_report's entry
     (steps, verdict with its median_per_step, median_ssim)."""
+    from ..xai.cam import CAM_METHODS
     from ..xai.randomisation import verdict_word
 
     names = list(summaries)
@@ -90,7 +91,7 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
     axes = np.ravel(top.subplots(1, len(names), squeeze=False))
     for ax, name in zip(axes, names):
         s = summaries[name]
-        for method in ("gradcam", "gradcam++"):
+        for method in CAM_METHODS:
             if method not in s:
                 continue
             m = s[method]
@@ -103,7 +104,7 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
             ax.plot(x, m["median_ssim"], ":", marker="s", color=color, label=f"{METHOD_LABELS[method]} SSIM")
             ax.set_xticks(x, labels=["original" if t == "original" else f"+{t}" for t in m["steps"]],
                           rotation=30, ha="right")
-        thr = next(iter(s[k]["verdict"]["threshold"] for k in ("gradcam", "gradcam++") if k in s))
+        thr = next(iter(s[k]["verdict"]["threshold"] for k in CAM_METHODS if k in s))
         ax.axhline(thr, color="#444444", linestyle="--", linewidth=1, label=f"pass threshold {thr}")
         ax.set_ylim(-0.2, 1.05)
         ax.grid(alpha=0.3)

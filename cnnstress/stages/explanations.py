@@ -32,7 +32,6 @@ from .base import CachedStage, StudyContext, save_figures
 
 SANITY_FIGURE_IMAGES = 3    # images whose maps are drawn at every randomisation step
 SUSPECT_TILES = 12          # tiles per group in label_suspects.png
-CAM_METHODS = ("gradcam", "gradcam++")
 
 
 def _outside(positions: list[int], n_test: int, where: str) -> str | None:
@@ -224,8 +223,8 @@ class ExplanationsStage(CachedStage):
             ls = result.label_suspects[name]
             methods = f.sample.methods or {}
             verdicts = ", ".join(f"{m} {methods[m].verdict} (pixel noise) / {methods[m].verdict_smooth} (smooth)"
-                                 for m in CAM_METHODS if m in methods) or "no sample"
-            sanity = ", ".join(f"{m} {verdict_word(result.sanity[name].methods[m].verdict.passed)}" for m in CAM_METHODS)
+                                 for m in CAM_EXPLAINERS if m in methods) or "no sample"
+            sanity = ", ".join(f"{m} {verdict_word(result.sanity[name].methods[m].verdict.passed)}" for m in CAM_EXPLAINERS)
             lines.append(f"explanations {name}: faithfulness (sample) {verdicts}; sanity check {sanity}; "
                          f"{ls.suspect_failures} of {ls.failures} failures are suspected label errors")
         return "\n".join(lines)
@@ -258,7 +257,7 @@ class ExplanationsStage(CachedStage):
         ls = result.label_suspects[model]
         return {
             "faithfulness": faith,
-            "sanity_check": {m: result.sanity[model].methods[m].verdict.passed for m in CAM_METHODS},
+            "sanity_check": {m: result.sanity[model].methods[m].verdict.passed for m in CAM_EXPLAINERS},
             "label_suspect_failures": ls.suspect_failures,
             "model_error_failures": ls.failures - ls.suspect_failures,
             "label_suspects_test": ls.suspects,
@@ -318,7 +317,7 @@ class ExplanationsStage(CachedStage):
             f"correlation with the original maps is below the threshold: maps that survive the destruction of the "
             f"weights do not explain the model.")]
         for name, s in result.sanity.items():
-            for method in CAM_METHODS:
+            for method in CAM_EXPLAINERS:
                 sm = s.methods[method]
                 v = sm.verdict
                 signed = sm.median_spearman_signed[v.step_index] if v.step_index is not None else None

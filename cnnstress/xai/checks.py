@@ -47,7 +47,7 @@ from .similarity import spearman
 EXPLAIN_VERSION = 6  # 2: sanity summaries carry the signed Spearman; 3: median |rho| only in the verdict;
 # 4: Student-t paired intervals, prune counts truncated as cleanlab does; 5: drift of newly confident failures;
 # 6: smooth random baseline, random tie-breaking
-CAM_EXPLAINERS = ("gradcam", "gradcam++")
+CAM_EXPLAINERS = tuple(CAM_METHODS)   # "gradcam", "gradcam++": the one CAM registry is xai.cam
 # The chance levels: "random" = pixel noise; "random_smooth" = noise at the CAM layer's
 # resolution upsampled like the CAM, so that beating it is not just being smooth.
 RANDOM_BASELINES = ("random", "random_smooth")
