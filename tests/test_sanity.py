@@ -217,7 +217,7 @@ def test_caller_model_bit_identical_and_global_rng_untouched():
     s = len(res.steps)
     assert res.spearman.shape == res.spearman_abs.shape == res.ssim.shape == (s, 3)
     assert res.maps.shape == (s, 3, 16, 16) and res.maps.dtype == np.float32
-    assert res.raw.shape == (s, 3, 4, 4) and res.zero.shape == (s, 3)
+    assert res.raw.shape == (s, 3, 16, 16) and res.zero.shape == (s, 3)   # upsampled, un-normalised
     assert res.maps.min() >= 0 and res.maps.max() <= 1
     assert res.not_reset == ["layer4.1.gain"]             # reported, not silently skipped
     # abs and signed agree for ReLU'd maps (up to the nan pattern)

@@ -11,12 +11,12 @@ from torch import nn
 
 from cnnstress.errors import CnnstressError
 from cnnstress.xai import checks
-from cnnstress.xai.cam import cam_explain_func
+from cnnstress.xai.cam import cam_explain_func, normalize_maps
 from cnnstress.xai.faithfulness import Deletion, FaithfulnessError, Insertion, PixelPerturbation, deletion_insertion
 from cnnstress.xai.metric import Metric
-from cnnstress.xai.randomisation import (ParameterRandomisation, SanityError, cascading_randomization,
+from cnnstress.xai.randomisation import (ParameterRandomisation, SanityError, cascading_randomization, display_ssim,
                                          randomised_copies, verdict)
-from cnnstress.xai.similarity import abs_spearman, spearman
+from cnnstress.xai.similarity import abs_spearman, spearman, ssim
 
 from test_sanity import tiny_model
 
@@ -136,6 +136,33 @@ def test_default_similarity_reproduces_the_cam_cascade_exactly():
     assert res.steps == ref.steps and res.step == ref.layer_step
     np.testing.assert_array_equal(res.scores, np.abs(ref.spearman_abs))
     assert res.median == ref_v["median"] and res.passed == ref_v["passed"]
+
+
+def test_cam_cascade_is_the_metric_with_named_similarities():
+    """cascading_randomization is ParameterRandomisation with the stage's
+    further similarities and kept maps: its scores are those functions on the
+    kept maps, its display maps their min-max normalisation."""
+    model = tiny_model().eval()
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([2, 0, 1])
+    res = ParameterRandomisation(layer="layer3", seed=1, order=["linear", "layer4", "layer3"], keep_maps=True,
+                                 similarities={"ssim": display_ssim, "one": lambda a, b: 1.0})(
+        model, x, t, explain_func=cam_explain_func("gradcam", "layer3", normalized=False))
+    assert res.maps.shape == (4, 3, 16, 16) and res.targets.tolist() == [2, 0, 1]
+    assert set(res.similarities) == {"ssim", "one"} and (res.similarities["one"] == 1.0).all()
+    expected = [[ssim(normalize_maps(torch.from_numpy(res.maps[0, i:i + 1]))[0].double().numpy(),
+                      normalize_maps(torch.from_numpy(res.maps[s, i:i + 1]))[0].double().numpy(), data_range=1.0)
+                 for i in range(3)] for s in range(4)]
+    np.testing.assert_array_equal(res.similarities["ssim"], expected)
+    cam = cascading_randomization(model, x, t, method="gradcam", layer="layer3", seed=1,
+                                  order=["linear", "layer4", "layer3"])
+    np.testing.assert_array_equal(cam.raw, res.maps)
+    np.testing.assert_array_equal(cam.ssim, res.similarities["ssim"])
+    np.testing.assert_array_equal(cam.maps[2], normalize_maps(torch.from_numpy(res.maps[2])).numpy())
+    # the display maps are what the CAM itself gives for the original model
+    np.testing.assert_array_equal(cam.maps[0], cam_explain_func("gradcam", "layer3")(model, x, t).numpy())
+    assert ParameterRandomisation(keep_maps=False, order=["linear"])(
+        model, x, t, explain_func=cam_explain_func("gradcam", "layer4")).maps is None
 
 
 def test_similarity_always_one_fails_and_zero_passes():

@@ -23,8 +23,9 @@ from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
-from ..xai.checks import (CAM_EXPLAINERS, EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects, cam_maps,
+from ..xai.checks import (CAM_EXPLAINERS, EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects,
                           drift_report, faithfulness_report, label_suspects, sanity_report)
+from ..xai.cam import cam_explain_func
 from ..xai.label_review import applicable_review, review_note
 from ..xai.randomisation import verdict_word
 from .base import CachedStage, StudyContext, save_figures
@@ -208,7 +209,7 @@ class ExplanationsStage(CachedStage):
         model = study.model(name).model
         x = normalize(to_float(test.images[pos:pos + 1])).to(resolve_device(config.device))
         target = p.preds[pos:pos + 1]
-        maps = {f"{label} {layer}": cam_maps(model, x, target, method, layer)[1][0].numpy()
+        maps = {f"{label} {layer}": cam_explain_func(method, layer)(model, x, target)[0].numpy()
                 for layer in ("layer3", "layer4") for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
         figures["cam_methods.png"] = plot_cam_methods(
             test.images[pos].permute(1, 2, 0).numpy(), maps,

@@ -11,7 +11,7 @@
 """
 from .cam import (CAM_METHODS, CamExplainer, CamResult, GradCAM, GradCAMError, GradCAMPlusPlus, cam_explain_func,
                   get_layer, overlay)
-from .checks import cam_maps, drift_report, faithfulness_report, label_suspects, sanity_report
+from .checks import drift_report, faithfulness_report, label_suspects, sanity_report
 from .faithfulness import (Deletion, FaithfulnessError, FaithfulnessResult, Insertion, PixelPerturbation,
                            deletion_insertion, random_maps)
 from .label_errors import find_label_issues, label_quality_scores
@@ -28,7 +28,7 @@ __all__ = [
     "CAM_METHODS", "CamExplainer", "CamResult", "Deletion", "ExplainFunc", "FaithfulnessError", "FaithfulnessResult",
     "GradCAM", "GradCAMError", "GradCAMPlusPlus", "Insertion", "Metric", "ParameterRandomisation",
     "PixelPerturbation", "RandomisationResult", "SanityError", "SanityResult", "SimilarityFunc", "abs_spearman",
-    "cam_explain_func", "cam_maps", "cascading_randomization", "deletion_insertion", "drift_report",
+    "cam_explain_func", "cascading_randomization", "deletion_insertion", "drift_report",
     "faithfulness_report", "find_label_issues", "get_layer", "label_suspects", "overlay", "random_maps",
     "sanity_report", "spearman", "ssim", "verdict", "verdict_word",
     # ground truth (label_review)

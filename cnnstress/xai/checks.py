@@ -37,9 +37,10 @@ from ..config import Config
 from ..evaluate import FailureTable, Predictions
 from ..registry import BASELINE, IMPROVED, MODEL_NAMES
 from ..data import sample_positions
-from ..runtime import batch_slices, seed_stream
-from .cam import CAM_METHODS, describe_cam, get_layer, upsample
-from .faithfulness import Deletion, Insertion, deletion_insertion, random_maps
+from ..runtime import seed_stream
+from .cam import CAM_METHODS, cam_explain_func, describe_cam, get_layer
+from .faithfulness import Deletion, Insertion, random_explain_func, trapezoid_auc
+from .metric import ExplainFunc
 from .label_errors import find_label_issues
 from .randomisation import cascading_randomization, verdict
 from .similarity import spearman
@@ -60,19 +61,6 @@ SANITY_THRESHOLD = 0.5  # median |Spearman| below this once the layer is randomi
 
 def _inputs(images_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return normalize(to_float(images_u8.to(device)))
-
-
-def cam_maps(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, method: str, layer: str,
-             batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """(raw upsampled maps (N,H,W) >= 0, display maps (N,H,W) on [0,1]) of
-    `method` at `layer` for normalised images x (N,3,H,W), on the CPU."""
-    explainer = CAM_METHODS[method](model, get_layer(model, layer))
-    raw, maps = [], []
-    for batch in batch_slices(x.shape[0], batch_size):
-        r = explainer.attribute(x[batch], targets[batch])
-        raw.append(upsample(r.raw, tuple(x.shape[2:])).cpu())
-        maps.append(r.maps.cpu())
-    return torch.cat(raw), torch.cat(maps)
 
 
 def _t_two_sided_mass(t: float, df: int) -> float:
@@ -161,40 +149,54 @@ def cam_resolution(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[int, 
     return int(raw.shape[1]), int(raw.shape[2])
 
 
+def faithfulness_methods(config: Config, resolution: tuple[int, int]) -> dict[str, ExplainFunc]:
+    """The methods the faithfulness check scores, as explain functions: each
+    CAM method's raw map at config.cam_layer upsampled to the image (only the
+    order matters), pixel noise ("random") and smooth noise at the CAM's
+    `resolution` upsampled like the CAM ("random_smooth")."""
+    methods: dict[str, ExplainFunc] = {m: cam_explain_func(m, config.cam_layer, normalized=False)
+                                       for m in CAM_EXPLAINERS}
+    methods["random"] = random_explain_func(seed_stream(config.seed, "random_maps"))
+    methods["random_smooth"] = random_explain_func(seed_stream(config.seed, "smooth_random_maps"),
+                                                   resolution=resolution)
+    return methods
+
+
 def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch.Tensor, config: Config,
                        device: torch.device) -> dict[str, Any]:
-    """Deletion/insertion of every method on one group of images (targets: the
-    classes explained). Returns per method the mean AUCs, mean curves and
-    per-image AUCs; per CAM method also the paired comparison and verdict
-    against each random baseline: pixel noise ("vs_random", "verdict") and
-    smooth noise at the CAM's resolution ("vs_random_smooth",
-    "verdict_smooth"). Ties in every map are broken at random (seeded)."""
+    """Deletion/insertion (the Deletion and Insertion metrics) of every
+    faithfulness method on one group of images (targets: the classes
+    explained). Returns per method the mean AUCs, mean curves and per-image
+    AUCs; per CAM method also the paired comparison and verdict against each
+    random baseline: pixel noise ("vs_random", "verdict") and smooth noise at
+    the CAM's resolution ("vs_random_smooth", "verdict_smooth"). Ties in every
+    map are broken at random (seeded)."""
     n = int(targets.shape[0])
     if n == 0:
         return {"n": 0}
     x = _inputs(images_u8, device)
-    h, w = x.shape[2:]
-    maps = {m: cam_maps(model, x, targets, m, config.cam_layer)[0] for m in CAM_EXPLAINERS}
     res = cam_resolution(model, x, config.cam_layer)
-    maps["random"] = random_maps(n, h, w, seed=seed_stream(config.seed, "random_maps"))
-    maps["random_smooth"] = random_maps(n, h, w, seed=seed_stream(config.seed, "smooth_random_maps"),
-                                     resolution=res)
+    settings = dict(steps=config.faithfulness_steps, baseline=config.faithfulness_baseline,
+                    batch_size=config.eval_batch_size, seed=seed_stream(config.seed, "tie_breaking"))
+    metrics = (Deletion(**settings), Insertion(**settings))
     out: dict[str, Any] = {"n": n, "cam_resolution": list(res), "methods": {}}
-    for method, m in maps.items():
-        r = deletion_insertion(model, x, m.to(device), targets.to(device), steps=config.faithfulness_steps,
-                               baseline=config.faithfulness_baseline, batch_size=config.eval_batch_size,
-                               seed=seed_stream(config.seed, "tie_breaking"))
-        out["fractions"] = r.fractions.tolist()
-        out["methods"][method] = {
-            "deletion_auc": float(r.deletion_auc.mean()), "insertion_auc": float(r.insertion_auc.mean()),
-            "deletion_curve": r.deletion.mean(0).tolist(), "insertion_curve": r.insertion.mean(0).tolist(),
-            "deletion_aucs": r.deletion_auc.tolist(), "insertion_aucs": r.insertion_auc.tolist()}
+    for method, explain in faithfulness_methods(config, res).items():
+        maps = explain(model, x, targets).to(device)      # once, for both metrics
+        scored: dict[str, Any] = {}
+        for metric in metrics:
+            curves, fractions = metric.curves(model, x, targets.to(device), maps=maps)
+            aucs = trapezoid_auc(curves, fractions)
+            scored.update({metric.name: float(aucs.mean()), f"{metric.mode}_curve": curves.mean(0).tolist(),
+                           f"{metric.name}s": aucs.tolist()})
+            out["fractions"] = fractions.tolist()
+        keys = ("deletion_auc", "insertion_auc", "deletion_curve", "insertion_curve", "deletion_aucs",
+                "insertion_aucs")
+        out["methods"][method] = {k: scored[k] for k in keys}      # in the cache's key order
     for method in CAM_EXPLAINERS:
         me = out["methods"][method]
         for baseline, suffix in zip(RANDOM_BASELINES, ("", "_smooth")):
             rnd = out["methods"][baseline]
-            vs = {"deletion": _paired(np.array(me["deletion_aucs"]), np.array(rnd["deletion_aucs"])),
-                  "insertion": _paired(np.array(me["insertion_aucs"]), np.array(rnd["insertion_aucs"]))}
+            vs = {m.mode: _paired(np.array(me[f"{m.name}s"]), np.array(rnd[f"{m.name}s"])) for m in metrics}
             me[f"vs_random{suffix}"] = vs
             me[f"verdict{suffix}"] = _judge(vs["deletion"], vs["insertion"])
     return out
@@ -293,8 +295,8 @@ def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, pre
             out[group] = {"n": 0}
             continue
         x = _inputs(test_images[pos], device)
-        raw = {name: cam_maps(m, x, preds[name].preds[pos], "gradcam", config.cam_layer)[0].numpy()
-               for name, m in models.items()}
+        gradcam = cam_explain_func("gradcam", config.cam_layer, normalized=False)
+        raw = {name: gradcam(m, x, preds[name].preds[pos]).numpy() for name, m in models.items()}
         rho = np.array([spearman(a, b) for a, b in zip(raw[BASELINE], raw[IMPROVED])])
         centre = {name: np.array([describe_cam(m)["centre_fraction"] for m in raw[name]]) for name in raw}
         finite = np.isfinite(rho)

@@ -54,7 +54,7 @@ from .metric import ExplainFunc, Metric
 
 __all__ = ["BASELINES", "Deletion", "FaithfulnessError", "FaithfulnessResult", "Insertion", "MODES",
            "PixelPerturbation", "baseline_images", "deletion_insertion", "gaussian_blur", "importance_order",
-           "perturbation_curves", "random_maps", "trapezoid_auc"]
+           "perturbation_curves", "random_explain_func", "random_maps", "trapezoid_auc"]
 
 BASELINES = ("blur", "mean")
 
@@ -117,6 +117,16 @@ def random_maps(n: int, h: int, w: int, seed: int = 0, *,
     if resolution is None:
         return torch.rand(n, h, w, generator=gen)
     return upsample(torch.rand(n, *resolution, generator=gen), (h, w))
+
+
+def random_explain_func(seed: int = 0, *, resolution: tuple[int, int] | None = None) -> ExplainFunc:
+    """The chance level as an explain_func (cnnstress.xai.metric):
+    f(model, x, targets) -> random_maps(N, H, W, seed, resolution=resolution)
+    for inputs x (N,3,H,W); the model and the targets are ignored, and the
+    same x shape gives the same maps."""
+    def explain(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return random_maps(int(x.shape[0]), int(x.shape[2]), int(x.shape[3]), seed=seed, resolution=resolution)
+    return explain
 
 
 def _gaussian_kernel(sigma: float, device, dtype) -> torch.Tensor:
