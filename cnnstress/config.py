@@ -192,6 +192,16 @@ class Config:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.metadata.get("train", True)}
 
+    def _repr_markdown_(self) -> str:
+        """Every field as a table row, grouped as the CLI's flags are: value,
+        whether it changes the learned weights, and its meaning (a notebook shows it)."""
+        fields = sorted(dataclasses.fields(self), key=lambda f: GROUPS.index(f.metadata["group"]))
+        rows = [f"| `{f.name}` | `{getattr(self, f.name)!r}` | {f.metadata['group']} | "
+                f"{'yes' if f.metadata.get('train', True) else 'no'} | {f.metadata['help'].replace('|', '/')} |"
+                for f in fields]
+        return ("| field | value | group | changes the learned weights | meaning |\n|---|---|---|---|---|\n"
+                + "\n".join(rows))
+
     def diff(self, other: "Config") -> dict[str, tuple[Any, Any]]:
         """Fields whose values differ: {name: (self's, other's)}."""
         a, b = self.to_dict(), other.to_dict()

@@ -12,6 +12,7 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,27 @@ class CifarSplits:
     train: Split
     val: Split
     test: Split
+
+    def counts(self) -> "SplitCounts":
+        """Images per split and per class."""
+        return SplitCounts({name: torch.bincount(getattr(self, name).labels, minlength=NUM_CLASSES).tolist()
+                            for name in ("train", "val", "test")})
+
+
+@dataclass
+class SplitCounts:
+    """Images per class of each split ({split: [count per class]}); a notebook
+    shows it as a table. `figure`: a grid of sample images, when one was drawn."""
+    per_class: dict[str, list[int]]
+    figure: Any = None
+
+    def __str__(self) -> str:
+        return "\n".join(f"{name:>5}: {sum(c):>6,} images, per class {c}" for name, c in self.per_class.items())
+
+    def _repr_markdown_(self) -> str:
+        head = "| split | images | " + " | ".join(CLASSES) + " |\n|---|" + "---|" * (NUM_CLASSES + 1) + "\n"
+        return head + "\n".join(f"| {name} | {sum(c):,} | " + " | ".join(f"{v:,}" for v in c) + " |"
+                                 for name, c in self.per_class.items())
 
 
 def _batches_dir(data_dir: str | Path) -> Path:

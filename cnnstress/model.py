@@ -6,9 +6,13 @@ parameters with 10 classes.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .runtime import eval_mode
 
 ARCH = "cifar_resnet18"
 
@@ -73,3 +77,27 @@ def resnet18(num_classes: int = 10) -> ResNet:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A network's size and the shapes of one forward pass (a notebook shows it as a table)."""
+    parameters: int
+    input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return (f"parameters: {self.parameters:,}\n"
+                f"forward: input {self.input_shape} -> logits {self.output_shape}")
+
+    def _repr_markdown_(self) -> str:
+        return ("| parameters | input | logits |\n|---|---|---|\n"
+                f"| {self.parameters:,} | {self.input_shape} | {self.output_shape} |")
+
+
+def summarise(model: nn.Module, input_shape: tuple[int, ...] = (2, 3, 32, 32)) -> ModelSummary:
+    """`model`'s parameter count and its logits' shape for zero inputs of
+    `input_shape` (one forward pass under no_grad, in eval mode for the call)."""
+    with torch.no_grad(), eval_mode(model):
+        out = model(torch.zeros(*input_shape))
+    return ModelSummary(count_parameters(model), tuple(input_shape), tuple(out.shape))

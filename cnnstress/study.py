@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -256,67 +257,36 @@ class Study:
                     self.save_config()
         return self
 
-    # --- the notebook's steps ------------------------------------------------
-    def describe(self) -> None:
-        """Print the profile, device, data and output folders (the setup cell)."""
-        from .version import __version__
+    # --- the notebook's steps: each returns a result that displays itself --------
+    def describe(self) -> "Setup":
+        """The version, profile, device, data and output folders (the setup cell)."""
         from .runtime import describe_hardware, resolve_device
+        from .version import __version__
         c = self.config
         device = resolve_device(c.device)
-        print(f"cnnstress {__version__}: profile {c.profile!r}, {c.epochs} epoch(s), seed {c.seed}"
-              + (f", published weights {self.weights}" if self.weights else ""))
-        print(f"device: {device} - {describe_hardware(device)}")
-        print(f"data: {self.data_dir}   outputs: {self.out}")
+        return Setup(version=__version__, profile=c.profile, epochs=c.epochs, seed=c.seed,
+                     weights=None if self.weights is None else str(self.weights), device=str(device),
+                     hardware=describe_hardware(device), data_dir=str(self.data_dir), out_dir=str(self.out))
 
-    def describe_model(self) -> None:
-        """Print the architecture's size and one forward pass's shapes."""
-        import torch
-
-        from .model import count_parameters, resnet18
-        model = resnet18(num_classes=10)
-        with torch.no_grad():
-            logits = model(torch.zeros(2, 3, 32, 32))
-        print(f"parameters: {count_parameters(model):,}")
-        print(f"forward: input (2, 3, 32, 32) -> logits {tuple(logits.shape)}")
+    def describe_model(self):
+        """The architecture's size and one forward pass's shapes (model.ModelSummary)."""
+        from .model import resnet18, summarise
+        return summarise(resnet18(num_classes=10))
 
     def show_data(self, n: int = 16):
-        """Per-class counts of each split, and a grid of training images; returns the Figure."""
-        import torch
-
+        """Images per split and class (data.SplitCounts), with a grid of `n`
+        training images as its `figure`."""
         from .data import CLASSES
         from .plots import plot_samples
-        for name in ("train", "val", "test"):
-            split = getattr(self.splits, name)
-            print(f"{name:>5}: {len(split):>6,} images, per class {torch.bincount(split.labels, minlength=10).tolist()}")
-        return plot_samples(self.splits.train.images, self.splits.train.labels, CLASSES, n=n)
+        counts = self.splits.counts()
+        counts.figure = plot_samples(self.splits.train.images, self.splits.train.labels, CLASSES, n=n)
+        return counts
 
-    def config_table(self):
-        """The config as a Markdown table, saying which fields change the learned weights."""
-        from IPython.display import Markdown
-        learned = self.config.training_key()
-        return Markdown("| field | value | changes the learned weights |\n|---|---|---|\n" + "\n".join(
-            f"| `{k}` | `{v!r}` | {'yes' if k in learned else 'no'} |" for k, v in self.config.to_dict().items()))
-
-    def confusion_matrix(self, name: str = BASELINE):
-        """Model `name`'s confusion matrix on the test set; returns the Figure."""
-        import numpy as np
-
-        from .evaluate import confusion_matrix
-        from .plots import plot_confusion_matrix
-        from .stages import failures
-        p = failures.stage.predictions(self, name)
-        return plot_confusion_matrix(np.asarray(confusion_matrix(p.labels, p.preds)), title=f"{name}: confusion matrix")
-
-    def failure_examples(self, k: int = 3) -> None:
-        """Print the failure groups' counts and `k` test images of each group."""
+    def failure_examples(self, k: int = 3):
+        """The failure groups' counts and `k` test images of each group
+        (stages.comparison.FailureExamples, a table in a notebook)."""
         from .stages import comparison
-        for line in comparison.stage.examples(self, self.result("comparison"), self.result("failures"), k=k):
-            print(line)
-
-    def show_report(self) -> None:
-        """Print analysis_report.txt as written by the last report()."""
-        from .io import REPORT_FILE
-        print((self.out / REPORT_FILE).read_text())
+        return comparison.stage.examples(self, self.result("comparison"), self.result("failures"), k=k)
 
     def train(self, name: str):
         """Train model `name` (or reuse its finished checkpoint); returns its Trained."""
@@ -380,6 +350,34 @@ class Study:
     def __repr__(self) -> str:
         return (f"Study(profile={self.config.profile!r}, out={str(self.out)!r}, "
                 f"stages done={list(self.results)})")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a Study runs with (Study.describe()); a notebook shows it as a table."""
+    version: str
+    profile: str
+    epochs: int
+    seed: int
+    weights: str | None     # the published-weights folder, or None (trained here)
+    device: str
+    hardware: str
+    data_dir: str
+    out_dir: str
+
+    def __str__(self) -> str:
+        return "\n".join([
+            f"cnnstress {self.version}: profile {self.profile!r}, {self.epochs} epoch(s), seed {self.seed}"
+            + (f", published weights {self.weights}" if self.weights else ""),
+            f"device: {self.device} - {self.hardware}",
+            f"data: {self.data_dir}   outputs: {self.out_dir}"])
+
+    def _repr_markdown_(self) -> str:
+        models = f"published weights `{self.weights}`" if self.weights else "trained here"
+        rows = [("cnnstress", self.version), ("profile", f"`{self.profile}`: {self.epochs} epoch(s), seed {self.seed}"),
+                ("models", models), ("device", f"`{self.device}`: {self.hardware}"),
+                ("data", f"`{self.data_dir}`"), ("outputs", f"`{self.out_dir}`")]
+        return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

@@ -100,7 +100,7 @@ def test_committed_notebook_has_no_outputs_and_sixteen_sections():
     for name in OUTPUTS + ALSO_WRITTEN:
         assert f"`{_named(name)}`" in intro, name
     # section 4 is titled after what its cell shows; explanations and the label review are separate sections
-    assert "configuration" in _heading(nb, 4) and _stage_cell(nb, 4).source.strip() == "study.config_table()"
+    assert "configuration" in _heading(nb, 4) and _stage_cell(nb, 4).source.strip() == "study.config"
     assert "study.explain(" in _stage_cell(nb, 13).source and "label_review" not in _stage_cell(nb, 13).source
     assert _stage_cell(nb, 14).source.strip() == "study.label_review()"
     # it closes with what was found, in sentences the package builds from the results
@@ -172,6 +172,8 @@ def test_notebook_runs_and_writes_every_output(first_run):
         assert any("image/png" in o.get("data", {}) for o in _stage_cell(nb, stage).outputs), f"stage {stage}"
     assert "smoke" in _text(_stage_cell(nb, 1)) and "cpu" in _text(_stage_cell(nb, 1))
     assert "11,173,962" in _text(_stage_cell(nb, 2))
+    assert "| `seed` | `42` | training | yes |" in _text(_stage_cell(nb, 4))   # the Config shows itself
+    assert "| test |" in _text(_stage_cell(nb, 3))                              # images per split and class
     assert "train loss" in _text(_stage_cell(nb, 5))          # the baseline was trained here
     assert "configuration change: {'augment': ('baseline', 'enhanced')}" in _text(_stage_cell(nb, 9))
     metrics = json.loads((out / "metrics.json").read_text())

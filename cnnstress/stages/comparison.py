@@ -7,7 +7,7 @@ Cheap (predictions only), so it is recomputed on every run, never cached.
 from __future__ import annotations
 
 import dataclasses
-
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import matplotlib.pyplot as plt
@@ -21,6 +21,42 @@ from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage, StudyContext, save_figures
 
+
+
+GROUPS = ("fixed", "persisting", "new", "newly_confident")   # FailureGroups' image lists, in this order
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One test image of a failure group: its label and both models' predictions."""
+    group: str
+    dataset_index: int
+    true: str
+    baseline: str
+    baseline_confidence: float
+    improved: str
+    improved_confidence: float
+
+
+@dataclass(frozen=True)
+class FailureExamples:
+    """The failure groups' sizes and a few test images of each (Study.failure_examples());
+    lines as text, a table in a notebook."""
+    counts: dict[str, int]
+    rows: list[ExampleRow]
+
+    def __str__(self) -> str:
+        return "\n".join([", ".join(f"{k}: {v}" for k, v in self.counts.items())] + [
+            f"{r.group:>15}: test image {r.dataset_index:>5}, true {r.true:<10} baseline {r.baseline} "
+            f"({r.baseline_confidence:.0%}), improved {r.improved} ({r.improved_confidence:.0%})" for r in self.rows])
+
+    def _repr_markdown_(self) -> str:
+        head = ", ".join(f"**{k}** {v}" for k, v in self.counts.items()) + "\n\n"
+        if not self.rows:
+            return head
+        return head + "| group | test image | true | baseline | improved |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {r.group} | {r.dataset_index} | {r.true} | {r.baseline} ({r.baseline_confidence:.0%}) | "
+            f"{r.improved} ({r.improved_confidence:.0%}) |" for r in self.rows)
 
 
 class ComparisonStage(Stage):
@@ -59,19 +95,17 @@ class ComparisonStage(Stage):
                    "confusion_matrix.png": fig}
         return save_figures(figures, study.out, show=show)
 
-    def examples(self, study: StudyContext, result: Comparison, failures: Any, k: int = 3) -> list[str]:
-        """The failure groups' counts, then up to `k` test images of each group
+    def examples(self, study: StudyContext, result: Comparison, failures: Any, k: int = 3) -> "FailureExamples":
+        """The failure groups' counts and up to `k` test images of each group
         (`failures`: the failures stage's result, with the predictions)."""
         test = study.splits.test
         base, imp = failures.predictions[BASELINE], failures.predictions[IMPROVED]
         groups = result.failures
-        lines = [", ".join(f"{k_}: {v}" for k_, v in groups.counts.to_dict().items())]
-        for kind in ("fixed", "persisting", "new", "newly_confident"):
-            for pos in getattr(groups, kind)[:k]:
-                lines.append(f"{kind:>15}: test image {int(test.indices[pos]):>5}, true {CLASSES[int(base.labels[pos])]:<10} "
-                             f"baseline {CLASSES[int(base.preds[pos])]} ({base.confidence[pos]:.0%}), "
-                             f"improved {CLASSES[int(imp.preds[pos])]} ({imp.confidence[pos]:.0%})")
-        return lines
+        rows = [ExampleRow(group=kind, dataset_index=int(test.indices[pos]), true=CLASSES[int(base.labels[pos])],
+                           baseline=CLASSES[int(base.preds[pos])], baseline_confidence=float(base.confidence[pos]),
+                           improved=CLASSES[int(imp.preds[pos])], improved_confidence=float(imp.confidence[pos]))
+                for kind in GROUPS for pos in getattr(groups, kind)[:k]]
+        return FailureExamples(counts=groups.counts.to_dict(), rows=rows)
 
     def summary(self, study: StudyContext, result: Comparison) -> str:
         d, fc = result.accuracy_diff, result.failures.counts

@@ -20,7 +20,7 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, evaluate_split, mine_failures, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
-from ..plots import plot_failure_case, plot_no_failures, save_figure
+from ..plots import plot_confusion_matrix, plot_failure_case, plot_no_failures, save_figure
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary, transient
@@ -88,6 +88,11 @@ class ModelFailures(Record):
         rows = [f"| {i} | {d} | {CLASSES[t]} | {CLASSES[p]} | {100 * c:.1f}% |"
                 for i, (d, t, p, c) in enumerate(self.top, 1)]
         return head + "| rank | test image | true | predicted | confidence |\n|---|---|---|---|---|\n" + "\n".join(rows)
+
+    def plot_confusion_matrix(self, ax=None):
+        """This model's test confusion matrix (rows true, columns predicted); returns the Figure."""
+        return plot_confusion_matrix(np.asarray(self.summary.confusion_matrix), title=f"{self.name}: confusion matrix",
+                                     ax=ax)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from ..config import PROFILES
 from ..io import HTML_REPORT_FILE, METRICS_FILE, REPORT_FILE, RUN_LOG, atomic_write, save_json
 from ..registry import BASELINE, IMPROVED
 from ..reporting import Document, Paragraph, Section, render_text, write_html
-from ..results import Record
+from ..results import Record, transient
 from ..runtime import describe_hardware, resolve_device
 from .base import Stage, StudyContext
 
@@ -28,6 +28,14 @@ class ReportResult(Record):
     text: str
     html: str
     seconds: float        # the study's wall time when the report was written
+    content: str = transient()   # analysis_report.txt as written
+
+    def __str__(self) -> str:
+        return self.content or f"report: {self.text}"
+
+    def _repr_markdown_(self) -> str:
+        files = f"Written: `{self.metrics}`, `{self.text}`, `{self.html}`"
+        return f"{files}\n\n```text\n{self.content}\n```" if self.content else files
 
 
 class Findings(list):
@@ -152,7 +160,8 @@ class ReportStage(Stage):
         study.timer.lap("report", what=f"{METRICS_FILE}, {REPORT_FILE}, {HTML_REPORT_FILE}")
         study.timer.write(study.out / RUN_LOG, resolve_device(study.config.device), profile=study.config.profile,
                           config=study.config.to_dict())
-        return ReportResult(metrics=str(study.out / METRICS_FILE), text=str(path), html=str(html), seconds=seconds)
+        return ReportResult(metrics=str(study.out / METRICS_FILE), text=str(path), html=str(html), seconds=seconds,
+                            content=text)
 
     def summary(self, study: StudyContext, result: ReportResult) -> str:
         return f"report: {result.text}, {Path(result.html).name} ({result.seconds:.0f}s in all)"
