@@ -65,12 +65,12 @@ def test_setup_as_text_and_table():
 
 
 def test_failure_examples_text_and_table():
-    ex = FailureExamples(counts={"fixed": 3, "new": 1}, rows=[
+    ex = FailureExamples(counts={"a": 3, "newly_confident": 1}, rows=[
         ExampleRow("fixed", 17, "cat", "dog", 0.91, "cat", 0.6)])
     assert str(ex).splitlines() == [
-        "fixed: 3, new: 1", "          fixed: test image    17, true cat        baseline dog (91%), improved cat (60%)"]
+        "baseline failures: 3, newly confident: 1", "          fixed: test image    17, true cat        baseline dog (91%), improved cat (60%)"]
     assert "| fixed | 17 | cat | dog (91%) | cat (60%) |" in ex._repr_markdown_()
-    assert FailureExamples(counts={"fixed": 0}, rows=[])._repr_markdown_().strip() == "**fixed** 0"
+    assert FailureExamples(counts={"fixed": 0}, rows=[])._repr_markdown_().strip() == "fixed **0**"
 
 
 def test_model_failures_plot_their_confusion_matrix():

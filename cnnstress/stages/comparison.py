@@ -24,6 +24,9 @@ from .base import Stage, StudyContext, save_figures
 
 
 GROUPS = ("fixed", "persisting", "new", "newly_confident")   # FailureGroups' image lists, in this order
+# FailureCounts' fields as a reader says them
+COUNT_WORDS = {"a": "baseline failures", "b": "improved failures", "still_high_confidence": "still above the threshold",
+               "wrong_low_confidence": "still wrong, less confident", "newly_confident": "newly confident"}
 
 
 @dataclass(frozen=True)
@@ -45,13 +48,16 @@ class FailureExamples:
     counts: dict[str, int]
     rows: list[ExampleRow]
 
+    def words(self) -> list[tuple[str, int]]:
+        return [(COUNT_WORDS.get(k, k), v) for k, v in self.counts.items()]
+
     def __str__(self) -> str:
-        return "\n".join([", ".join(f"{k}: {v}" for k, v in self.counts.items())] + [
+        return "\n".join([", ".join(f"{k}: {v}" for k, v in self.words())] + [
             f"{r.group:>15}: test image {r.dataset_index:>5}, true {r.true:<10} baseline {r.baseline} "
             f"({r.baseline_confidence:.0%}), improved {r.improved} ({r.improved_confidence:.0%})" for r in self.rows])
 
     def _repr_markdown_(self) -> str:
-        head = ", ".join(f"**{k}** {v}" for k, v in self.counts.items()) + "\n\n"
+        head = ", ".join(f"{k} **{v}**" for k, v in self.words()) + "\n\n"
         if not self.rows:
             return head
         return head + "| group | test image | true | baseline | improved |\n|---|---|---|---|---|\n" + "\n".join(
