@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+import pytest
 import torch
 
 from cnnstress.config import Config, get_config
@@ -110,6 +111,10 @@ def test_the_study_steps_return_these_results(analysed_run, shared_cifar_dir, tm
         assert counts.figure is not None and len(counts.figure.axes) >= 4
     finally:
         plt.close(counts.figure)
+    fails = study.failures("baseline")          # the README's Python example reads the table from here
+    assert len(fails.table) == fails.summary.high_confidence_failures
+    assert fails.predictions.accuracy == pytest.approx(fails.summary.test_accuracy)
+    assert [f.dataset_index for f in fails.table.rows[:len(fails.top)]] == [row[0] for row in fails.top]
     examples = study.failure_examples(k=1)
     comparison = study.result("comparison").failures
     assert examples.counts == comparison.counts.to_dict()

@@ -78,6 +78,8 @@ class ModelFailures(Record):
     name: str
     summary: TestSummary
     top: list[list[Any]] = field(default_factory=list)  # [dataset_index, true, pred, confidence] of the top rows
+    predictions: Predictions = transient()   # in memory only: the test predictions
+    table: FailureTable = transient()        # and the ranked failures (failures_<name>.csv)
 
     def _repr_markdown_(self) -> str:
         s = self.summary
@@ -214,7 +216,8 @@ class FailuresStage(Stage):
         table = self.table(study, name)
         summary = TestSummary.from_dict(summarize(preds, study.config.failure_threshold))
         result = ModelFailures(name=name, summary=summary,
-                               top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]])
+                               top=[[f.dataset_index, f.true, f.pred, f.confidence] for f in table.rows[:TABLE_ROWS]],
+                               predictions=preds, table=table)
         study.keep(f"model_failures:{name}", (table,), result)
         if quiet:
             return result
