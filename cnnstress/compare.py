@@ -17,7 +17,6 @@ import numpy as np
 
 from .arrays import as_int_vector, as_numpy
 from .evaluate import FailureTable
-from .registry import BASELINE, IMPROVED
 
 # Below this many discordant pairs McNemar uses the exact binomial test.
 EXACT_BELOW = 25
@@ -154,12 +153,16 @@ def compare_failures(failures_a: FailureTable, failures_b: FailureTable, preds_b
 
 
 def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> dict[str, Any]:
-    """The paired comparison of the BASELINE and IMPROVED models on the same test
-    images (evaluate.Predictions and FailureTable per model): accuracy
+    """The paired comparison of two models on the same test images
+    (evaluate.Predictions and FailureTable per model name, the reference
+    first, e.g. BASELINE then IMPROVED): accuracy
     difference with a bootstrap interval (seeded by config.seed), McNemar's
     test, and which failures were fixed, persist, are new or newly confident.
     The dict form of results.Comparison (without config_diff)."""
-    a, b = preds[BASELINE], preds[IMPROVED]
+    if len(preds) != 2 or list(preds) != list(failures):
+        raise ValueError("compare_models needs the predictions and failure tables of the same two models")
+    first, second = preds
+    a, b = preds[first], preds[second]
     if not np.array_equal(np.asarray(a.labels), np.asarray(b.labels)):
         raise ValueError("the two models were evaluated on different test images")
     correct_a = np.asarray(a.preds == a.labels)
@@ -167,8 +170,8 @@ def compare_models(preds: dict, failures: dict, config, n_boot: int = 2000) -> d
     return {
         "accuracy_diff": bootstrap_accuracy_diff(correct_a, correct_b, n_boot=n_boot, seed=config.seed),
         "mcnemar": mcnemar(correct_a, correct_b),
-        "failures": compare_failures(failures[BASELINE], failures[IMPROVED], b.preds, b.labels, preds_a=a.preds),
-        "threshold": failures[BASELINE].threshold,
+        "failures": compare_failures(failures[first], failures[second], b.preds, b.labels, preds_a=a.preds),
+        "threshold": failures[first].threshold,
     }
 
 

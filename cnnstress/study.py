@@ -86,6 +86,7 @@ class Study:
         self.timer = timer if timer is not None else StageTimer(log=None)  # the CLI's run logs its laps
         self.started = time.perf_counter()
         self.models: tuple[str, ...] = MODEL_NAMES
+        self.supplied: dict[str, Any] = {}    # model name -> supplied.SuppliedModel (Study.from_models)
         # One memo: what each stage made, with the fingerprint of what it was made from
         # (Study.fingerprint); a result whose fingerprint no longer matches is recomputed.
         self.results: dict[str, Any] = {}     # stage name -> its typed result (current)
@@ -94,6 +95,68 @@ class Study:
         self.trained: dict[str, Any] = {}     # model name -> stages.training.Trained
         self._kept: dict[str, tuple[tuple, Any]] = {}   # a stage's per-model steps: slot -> (key, value)
         self._splits = None
+
+    @classmethod
+    def from_models(cls, models: Any, *, cam_layer: Any = None, preprocess: Any = None,
+                    profile: str | None = None, data_dir: str | Path | None = None,
+                    out_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
+                    sources: dict[str, dict] | None = None, **overrides: Any) -> "Study":
+        """A study of classifiers you supply instead of the two it trains:
+        every analysis stage runs on them (failures and Grad-CAM, stress,
+        explanations, label review, report; with two models also the
+        comparison, the first as the reference). Nothing is trained.
+
+        models:     {name: nn.Module} (one or two), or one nn.Module (named "model").
+                    Each takes float images (N,3,32,32) normalised with the
+                    CIFAR mean/std, as ours do, and returns logits (N, 10).
+        cam_layer:  the Grad-CAM layer: a dotted name or the module, per model
+                    as {name: layer}; None finds the deepest spatial layer
+                    (supplied.find_cam_layer) and says which.
+        preprocess: the model's own input preparation instead of ours: (mean,
+                    std) on [0, 1] images, or a callable on [0, 1] images; per
+                    model as {name: ...}. With a callable nothing is cached.
+        profile:    the analysis sizes of that profile (CPU-sized samples, the
+                    whole test set: weights.analysis_config); default quick.
+        sources:    {name: {"source": ..., "weights": path, "sha256": ...}},
+                    what the command line read (shown in the report).
+        """
+        from torch import nn
+
+        from .runtime import resolve_device
+        from .stages.training import Trained
+        from .supplied import SuppliedModelError, supply
+        from .train import FitResult
+        from .weights import analysis_config
+
+        if isinstance(models, nn.Module):
+            models = {"model": models}
+        if not isinstance(models, dict) or not 1 <= len(models) <= 2:
+            raise SuppliedModelError("from_models takes one or two models: {name: nn.Module}")
+        config = analysis_config(default_profile(profile, fallback="quick"), **overrides)
+        study = cls(config=config, data_dir=data_dir, out_dir=out_dir, train=False, log=log)
+        device = resolve_device(config.device)
+
+        def per_model(value: Any, name: str) -> Any:
+            return value.get(name) if isinstance(value, dict) else value
+
+        for name, model in models.items():
+            src = (sources or {}).get(name, {})
+            sup = supply(name, model, cam_layer=per_model(cam_layer, name), preprocess=per_model(preprocess, name),
+                         source=src.get("source", "python object"), weights=src.get("weights"),
+                         sha256=src.get("sha256"), device=device)
+            study.say(f"{name}: {sup.source}, {sup.parameters:,} parameters, Grad-CAM at {sup.cam_layer!r}"
+                      + (" (the deepest spatial layer; name another with cam_layer=)" if sup.cam_found else "")
+                      + (f", preprocessing {sup.preprocessing}" if preprocess is not None else ""))
+            study.supplied[name] = sup
+            result = FitResult(model=sup.module, history=[], config=config, reused=True)
+            study.trained[name] = Trained(name=name, result=result, checkpoint=Path(sup.weights or name),
+                                          stamp=sup.stamp, supplied=True)
+        study.models = tuple(models)
+        return study
+
+    def cam_layer(self, name: str) -> str:
+        """Model `name`'s Grad-CAM layer: a supplied model's own, else config.cam_layer."""
+        return self.supplied[name].cam_layer if name in self.supplied else self.config.cam_layer
 
     # --- what the stages share ---------------------------------------------
     @property
@@ -111,7 +174,10 @@ class Study:
             self.log(message)
 
     def model_config(self, name: str) -> Config:
-        """The config a model is trained with: the study's, with its augmentation preset."""
+        """The config a model is trained with: the study's, with its augmentation
+        preset (a supplied model: the study's, nothing is trained)."""
+        if name in self.supplied:
+            return self.config
         return self.config.replace(augment=augment_preset(name))
 
     def set(self, **changes: Any) -> "Study":
@@ -159,7 +225,7 @@ class Study:
         """The data, loaded on first use (cnnstress.data.CifarSplits)."""
         if self._splits is None:
             from .data import load_splits
-            self._splits = load_splits(self.data_dir, self.model_config(BASELINE))
+            self._splits = load_splits(self.data_dir, self.model_config(self.models[0]))
             s = self._splits
             self.say(f"data: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images")
             self.timer.lap("data", len(s.train) + len(s.val) + len(s.test), "images loaded")

@@ -281,7 +281,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "base": ("errors", "version", "registry", "config", "io", "runtime", "arrays", "budget", "runlog", "resources"),
     # one model or two: data, augmentation, network, training and its
     # checkpoints, evaluation, paired comparison, published weights, the output lock
-    "engine": ("data", "augment", "model", "checkpoint", "train", "evaluate", "compare", "weights", "lock"),
+    "engine": ("data", "augment", "model", "checkpoint", "train", "evaluate", "compare", "weights", "lock",
+               "supplied"),
     # what the stages compute and show: stress and explanation methods, typed
     # results and cache checks, figures, report rendering
     "analysis": ("robustness", "xai", "results", "plots", "reporting"),

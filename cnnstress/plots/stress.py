@@ -7,7 +7,6 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
-from ..registry import BASELINE, IMPROVED
 from .style import (DIFFERENCE_COLORMAP, LABEL_SIZE, OKABE_ITO, ROBUSTNESS_COLORMAP, TICK_SIZE, TITLE_SIZE, given_axes,
                     model_colors, new_axes, pct, style_axes)
 
@@ -82,7 +81,7 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     mean corruption accuracy and the clean accuracy on the same images.
     `results`: model name -> the 'corruptions' dict of cnnstress.robustness.suite."""
     names = list(results)
-    with_diff = BASELINE in results and IMPROVED in results
+    with_diff = len(names) == 2   # the second minus the first (improved - baseline)
     panels = len(names) + int(with_diff)
     if axes is None:
         fig, axes = new_axes(1, panels, (4.6 * panels + 0.6, 6.8))
@@ -112,11 +111,12 @@ def plot_robustness(results: Mapping[str, Mapping[str, Any]], axes=None) -> Figu
     cbar.ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     if with_diff:
         ax = axes[-1]
-        diff = tables[IMPROVED] - tables[BASELINE]
+        first, second = names
+        diff = tables[second] - tables[first]
         span = max(float(np.abs(diff).max()), 0.01)
-        d = results[IMPROVED]["mean_corruption_accuracy"] - results[BASELINE]["mean_corruption_accuracy"]
+        d = results[second]["mean_corruption_accuracy"] - results[first]["mean_corruption_accuracy"]
         im = _heatmap(ax, diff, rows, severities, cmap=DIFFERENCE_COLORMAP, vmin=-span, vmax=span,
-                      title=f"improved - baseline: mean {100 * d:+.1f} points", fmt="{:+.0f}")
+                      title=f"{second} - {first}: mean {100 * d:+.1f} points", fmt="{:+.0f}")
         ax.axhline(len(types) - 0.5, color="black", linewidth=1)
         ax.set_yticklabels([])
         cbar = fig.colorbar(im, ax=ax, fraction=0.08, pad=0.02)

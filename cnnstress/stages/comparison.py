@@ -16,7 +16,6 @@ import numpy as np
 from ..compare import compare_models
 from ..data import CLASSES
 from ..plots import plot_confusion_matrix, plot_model_comparison
-from ..registry import BASELINE, IMPROVED
 from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage, StudyContext, save_figures
@@ -25,20 +24,20 @@ from .base import Stage, StudyContext, save_figures
 
 GROUPS = ("fixed", "persisting", "new", "newly_confident")   # FailureGroups' image lists, in this order
 # FailureCounts' fields as a reader says them
-COUNT_WORDS = {"a": "baseline failures", "b": "improved failures", "still_high_confidence": "still above the threshold",
+COUNT_WORDS = {"still_high_confidence": "still above the threshold",
                "wrong_low_confidence": "still wrong, less confident", "newly_confident": "newly confident"}
 
 
 @dataclass(frozen=True)
 class ExampleRow:
-    """One test image of a failure group: its label and both models' predictions."""
+    """One test image of a failure group: its label and both models' predictions (a: the reference)."""
     group: str
     dataset_index: int
     true: str
-    baseline: str
-    baseline_confidence: float
-    improved: str
-    improved_confidence: float
+    a_pred: str
+    a_confidence: float
+    b_pred: str
+    b_confidence: float
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,25 @@ class FailureExamples:
     lines as text, a table in a notebook."""
     counts: dict[str, int]
     rows: list[ExampleRow]
+    models: tuple[str, str] = ("baseline", "improved")   # a, b
 
     def words(self) -> list[tuple[str, int]]:
-        return [(COUNT_WORDS.get(k, k), v) for k, v in self.counts.items()]
+        named = {"a": f"{self.models[0]} failures", "b": f"{self.models[1]} failures", **COUNT_WORDS}
+        return [(named.get(k, k), v) for k, v in self.counts.items()]
 
     def __str__(self) -> str:
         return "\n".join([", ".join(f"{k}: {v}" for k, v in self.words())] + [
-            f"{r.group:>15}: test image {r.dataset_index:>5}, true {r.true:<10} baseline {r.baseline} "
-            f"({r.baseline_confidence:.0%}), improved {r.improved} ({r.improved_confidence:.0%})" for r in self.rows])
+            f"{r.group:>15}: test image {r.dataset_index:>5}, true {r.true:<10} {self.models[0]} {r.a_pred} "
+            f"({r.a_confidence:.0%}), {self.models[1]} {r.b_pred} ({r.b_confidence:.0%})" for r in self.rows])
 
     def _repr_markdown_(self) -> str:
         head = ", ".join(f"{k} **{v}**" for k, v in self.words()) + "\n\n"
         if not self.rows:
             return head
-        return head + "| group | test image | true | baseline | improved |\n|---|---|---|---|---|\n" + "\n".join(
-            f"| {r.group} | {r.dataset_index} | {r.true} | {r.baseline} ({r.baseline_confidence:.0%}) | "
-            f"{r.improved} ({r.improved_confidence:.0%}) |" for r in self.rows)
+        a, b = self.models
+        return head + f"| group | test image | true | {a} | {b} |\n|---|---|---|---|---|\n" + "\n".join(
+            f"| {r.group} | {r.dataset_index} | {r.true} | {r.a_pred} ({r.a_confidence:.0%}) | "
+            f"{r.b_pred} ({r.b_confidence:.0%}) |" for r in self.rows)
 
 
 class ComparisonStage(Stage):
@@ -71,16 +73,21 @@ class ComparisonStage(Stage):
     requires = ("failures",)
     n_boot = 2000
 
+    def enabled(self, study: StudyContext) -> bool:
+        """Only between two models (the reference first)."""
+        return len(study.models) == 2
+
     def compute(self, study: StudyContext, inputs: Mapping[str, Any]) -> Comparison:
         failures = inputs["failures"]
-        preds = {n: failures.predictions[n] for n in (BASELINE, IMPROVED)}
-        tables = {n: failures.tables[n] for n in (BASELINE, IMPROVED)}
-        base_cfg, imp_cfg = study.model_config(BASELINE), study.model_config(IMPROVED)
+        pair = study.models
+        preds = {n: failures.predictions[n] for n in pair}
+        tables = {n: failures.tables[n] for n in pair}
+        base_cfg, imp_cfg = (study.model_config(n) for n in pair)
         result = Comparison.from_dict({
             "config_diff": {k: list(v) for k, v in base_cfg.diff(imp_cfg).items()},
             **compare_models(preds, tables, study.config, n_boot=self.n_boot)})
         return dataclasses.replace(result, per_class_accuracy={
-            n: failures.models[n].summary.per_class_accuracy for n in (BASELINE, IMPROVED)})
+            n: failures.models[n].summary.per_class_accuracy for n in pair})
 
     def lap(self, study: StudyContext, result: Comparison) -> None:
         study.timer.lap("compare")
@@ -105,13 +112,13 @@ class ComparisonStage(Stage):
         """The failure groups' counts and up to `k` test images of each group
         (`failures`: the failures stage's result, with the predictions)."""
         test = study.splits.test
-        base, imp = failures.predictions[BASELINE], failures.predictions[IMPROVED]
+        base, imp = (failures.predictions[n] for n in study.models)
         groups = result.failures
         rows = [ExampleRow(group=kind, dataset_index=int(test.indices[pos]), true=CLASSES[int(base.labels[pos])],
-                           baseline=CLASSES[int(base.preds[pos])], baseline_confidence=float(base.confidence[pos]),
-                           improved=CLASSES[int(imp.preds[pos])], improved_confidence=float(imp.confidence[pos]))
+                           a_pred=CLASSES[int(base.preds[pos])], a_confidence=float(base.confidence[pos]),
+                           b_pred=CLASSES[int(imp.preds[pos])], b_confidence=float(imp.confidence[pos]))
                 for kind in GROUPS for pos in getattr(groups, kind)[:k]]
-        return FailureExamples(counts=groups.counts.to_dict(), rows=rows)
+        return FailureExamples(counts=groups.counts.to_dict(), rows=rows, models=tuple(study.models))
 
     def summary(self, study: StudyContext, result: Comparison) -> str:
         d, fc = result.accuracy_diff, result.failures.counts
@@ -122,41 +129,44 @@ class ComparisonStage(Stage):
 
     def finding(self, study: StudyContext, result: Comparison) -> str:
         d, mc, fc = result.accuracy_diff, result.mcnemar, result.failures.counts
+        a, b = study.models
         t = study.config.failure_threshold if result.threshold is None else result.threshold
         change = ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in (result.config_diff or {}).items()) or "nothing"
         moved = (f"{'raised' if d.diff > 0 else 'lowered'} test accuracy by {abs(100 * d.diff):.2f} points"
                  if d.diff else "left test accuracy unchanged")
         sig = "significant" if mc.p_value < 0.05 else "not significant"
-        return (f"Changing only {change} {moved} ({d.confidence:.0%} paired-bootstrap interval "
+        lead = f"Changing only {change}" if not study.supplied else f"Compared with {a}, {b}"
+        return (f"{lead} {moved} ({d.confidence:.0%} paired-bootstrap interval "
                 f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]; McNemar p = {mc.p_value:.3g}, {sig} at 5%). "
-                f"Of the baseline's {fc.a} failures above {t:.0%} confidence, {fc.fixed} were fixed and "
-                f"{fc.still_high_confidence} stayed above it; of the improved model's {fc.b}, {fc.new} are new (the "
-                f"baseline was right) and {fc.newly_confident} newly confident (the baseline was wrong, less sure).")
+                f"Of the {a}'s {fc.a} failures above {t:.0%} confidence, {fc.fixed} were fixed and "
+                f"{fc.still_high_confidence} stayed above it; of the {b} model's {fc.b}, {fc.new} are new (the "
+                f"{a} was right) and {fc.newly_confident} newly confident (the {a} was wrong, less sure).")
 
     def metrics(self, study: StudyContext, result: Comparison) -> dict[str, Any]:
         return result.to_dict()
 
     def sections(self, study: StudyContext, result: Comparison) -> list:
         diff, mc, fc, t = result.accuracy_diff, result.mcnemar, result.failures.counts, result.threshold
+        a, b = study.models
         sig = "significant" if mc.p_value < 0.05 else "not significant"
         blocks = [
             Paragraph(f"Test accuracy {100 * diff.acc_a:.2f}% -> {100 * diff.acc_b:.2f}%: {100 * diff.diff:+.2f} "
                       f"points, {100 * diff.confidence:.0f}% paired-bootstrap interval [{100 * diff.low:+.2f}, "
                       f"{100 * diff.high:+.2f}] ({diff.n_boot} resamples)."),
-            Paragraph(f"McNemar's test on the paired predictions ({mc.method}): {mc.b} images only the baseline "
-                      f"gets right, {mc.c} only the improved model gets right; statistic {mc.statistic:.2f}, "
+            Paragraph(f"McNemar's test on the paired predictions ({mc.method}): {mc.b} images only the {a} "
+                      f"gets right, {mc.c} only the {b} model gets right; statistic {mc.statistic:.2f}, "
                       f"p = {mc.p_value:.3g} ({sig} at 5%).",
                       kind="verdict-good" if mc.p_value < 0.05 and diff.diff > 0 else
                       "verdict-bad" if mc.p_value < 0.05 else "note"),
-            Paragraph(f"High-confidence failures {fc.a} -> {fc.b}. Of the baseline's {fc.a}: {fc.fixed} "
+            Paragraph(f"High-confidence failures {fc.a} -> {fc.b}. Of the {a}'s {fc.a}: {fc.fixed} "
                       f"fixed (now correct), {fc.persisting} still wrong ({fc.still_high_confidence} still "
                       f"above {t:.0%} confidence, {fc.wrong_low_confidence} wrong with less confidence). "
-                      f"Of the improved model's {fc.b}: {fc.still_high_confidence} persist from the baseline's, "
-                      f"{fc.new} new (the baseline predicted the image correctly) and {fc.newly_confident} newly "
-                      f"confident (the baseline got the image wrong too, with at most {t:.0%} confidence)."),
+                      f"Of the {b} model's {fc.b}: {fc.still_high_confidence} persist from the {a}'s, "
+                      f"{fc.new} new (the {a} predicted the image correctly) and {fc.newly_confident} newly "
+                      f"confident (the {a} got the image wrong too, with at most {t:.0%} confidence)."),
         ]
         if result.per_class_accuracy is not None:
-            base, imp = (result.per_class_accuracy[n] for n in (BASELINE, IMPROVED))
+            base, imp = (result.per_class_accuracy[n] for n in study.models)
             gains = sorted(((imp[c] or 0) - (base[c] or 0), c) for c in CLASSES)
             blocks.append(Paragraph(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                                     f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points)."))

@@ -19,10 +19,10 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE
 from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
-from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
+from ..supplied import feature_maps, finer_layer
 from ..xai.checks import (CAM_EXPLAINERS, EXPLAIN_VERSION, FAITHFULNESS_METHODS, KNOWN_TEST_LABEL_ERRORS, agreed_suspects,
                           drift_report, faithfulness_report, label_suspects, sanity_report)
 from ..xai.cam import cam_explain_func
@@ -71,7 +71,7 @@ def explanations_problem(result: Explanations, models: tuple[str, ...] | list[st
             problem = _outside(getattr(ls, name), n_test, f"results.label_suspects.{m}.{name}")
             if problem:
                 return problem
-    if {BASELINE, IMPROVED} <= set(models):
+    if len(models) == 2:
         if result.drift is None or result.label_agreement is None:
             return f"results.{'drift' if result.drift is None else 'label_agreement'} is missing"
         for name in ("fixed", "persisting", "new"):
@@ -79,12 +79,12 @@ def explanations_problem(result: Explanations, models: tuple[str, ...] | list[st
             if group is None:
                 return f"results.drift.{name} is missing"
             if group.n and (group.moved_onto_centre is None or group.centre_fraction is None
-                            or sorted(group.centre_fraction) != sorted((BASELINE, IMPROVED))):
+                            or sorted(group.centre_fraction) != sorted(models)):
                 return f"results.drift.{name} lacks the centre fractions of both models"
         agreement = result.label_agreement
         for where, positions in [("results.label_agreement.positions", agreement.positions),
                                  *[(f"results.label_agreement.failures.{m}", agreement.failures.get(m))
-                                   for m in (BASELINE, IMPROVED)]]:
+                                   for m in models]]:
             if positions is None:
                 return f"{where} is missing"
             problem = _outside(positions, n_test, where)
@@ -138,8 +138,10 @@ class ExplanationsStage(CachedStage):
         for name in names:
             t1 = time.perf_counter()
             model = study.model(name).model
-            raw["faithfulness"][name] = faithfulness_report(model, images, preds[name], tables[name], config, device)
-            summary, maps = sanity_report(model, images, preds[name], config, device)
+            layer = study.cam_layer(name)
+            raw["faithfulness"][name] = faithfulness_report(model, images, preds[name], tables[name], config, device,
+                                                            layer)
+            summary, maps = sanity_report(model, images, preds[name], config, device, layer)
             raw["sanity"][name] = summary
             if sanity_maps is None:
                 g = maps["gradcam"]
@@ -147,10 +149,11 @@ class ExplanationsStage(CachedStage):
                                "maps": np.round(g.maps[:, :SANITY_FIGURE_IMAGES], 3).tolist()}
             raw["label_suspects"][name] = label_suspects(preds[name], tables[name])
             raw["seconds"][name] = time.perf_counter() - t1
-        if {BASELINE, IMPROVED} <= set(names):
-            raw["label_agreement"] = agreed_suspects(raw["label_suspects"], preds)
-            raw["drift"] = drift_report({n: study.model(n).model for n in (BASELINE, IMPROVED)}, images,
-                                        preds, inputs["comparison"].failures.to_dict(), config, device)
+        if len(names) == 2:
+            raw["label_agreement"] = agreed_suspects(raw["label_suspects"], {n: preds[n] for n in names})
+            raw["drift"] = drift_report({n: study.model(n).model for n in names}, images, preds,
+                                        inputs["comparison"].failures.to_dict(), config, device,
+                                        {n: study.cam_layer(n) for n in names})
         raw["sanity_maps"] = sanity_maps
         raw["seconds"]["total"] = time.perf_counter() - t0
         return {"explanations": Explanations.from_dict(raw)}
@@ -161,6 +164,22 @@ class ExplanationsStage(CachedStage):
 
     def lap_units(self, study: StudyContext, computed: list[str]) -> None:
         study.timer.lap("explain")
+
+    def layer_words(self, study: StudyContext) -> str:
+        """The CAM layer the checks read: one name, or per model when they differ."""
+        layers = {n: study.cam_layer(n) for n in study.models}
+        return next(iter(layers.values())) if len(set(layers.values())) == 1 else \
+            ", ".join(f"{l} ({n})" for n, l in layers.items())
+
+    def compared_layers(self, study: StudyContext, name: str) -> list[str]:
+        """The layers cam_methods.png sets side by side: layer3 and layer4 of our
+        ResNet-18; for a supplied model its CAM layer and the last layer one
+        resolution finer (supplied.finer_layer), when there is one."""
+        if name not in study.supplied:
+            return ["layer3", "layer4"]
+        layer = study.cam_layer(name)
+        finer = finer_layer(study.model(name).model, layer)
+        return [finer, layer] if finer else [layer]
 
     def figures(self, study: StudyContext, result: Explanations, *, inputs: Mapping[str, Any] | None = None,
                 show: bool = False) -> list:
@@ -174,10 +193,11 @@ class ExplanationsStage(CachedStage):
             "sanity_check.png": plot_sanity_check(
                 {n: s.to_dict() for n, s in result.sanity.items()},
                 np.asarray(sm.maps, dtype=np.float32) if sm else None, sm.steps if sm else None,
-                map_title=f"{sm.model if sm else ''}: Grad-CAM ({config.cam_layer}) of {SANITY_FIGURE_IMAGES} test "
+                map_title=f"{sm.model if sm else ''}: Grad-CAM ({study.cam_layer(sm.model) if sm else config.cam_layer}) "
+                          f"of {SANITY_FIGURE_IMAGES} test "
                           "images as the layers are re-initialised"),
         }
-        name = BASELINE if BASELINE in result.label_suspects else next(iter(result.label_suspects))
+        name = study.models[0] if study.models[0] in result.label_suspects else next(iter(result.label_suspects))
         ls = result.label_suspects[name]
         p = inputs["failures"].predictions[name]
         _, review = applicable_review(test.labels, test.indices)   # {} unless the test set is official
@@ -209,12 +229,16 @@ class ExplanationsStage(CachedStage):
         model = study.model(name).model
         x = normalize(to_float(test.images[pos:pos + 1])).to(resolve_device(config.device))
         target = p.preds[pos:pos + 1]
+        layers = self.compared_layers(study, name)
+        sizes = dict(feature_maps(model))
         maps = {f"{label} {layer}": cam_explain_func(method, layer)(model, x, target)[0].numpy()
-                for layer in ("layer3", "layer4") for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
+                for layer in layers for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
+        resolution = ", ".join(f"{layer}: {sizes[layer][0]}x{sizes[layer][1]}" + (" map" if i == 0 else "")
+                               for i, layer in enumerate(layers))
         figures["cam_methods.png"] = plot_cam_methods(
             test.images[pos].permute(1, 2, 0).numpy(), maps,
             title=f"{name}, test image {int(test.indices[pos])}: predicted {CLASSES[int(target[0])]}, "
-                  f"label {CLASSES[int(p.labels[pos])]} (layer3: 8x8 map, layer4: 4x4)")
+                  f"label {CLASSES[int(p.labels[pos])]} ({resolution})")
         return save_figures(figures, study.out, show=show)
 
     # --- what it reports ---------------------------------------------------
@@ -307,14 +331,15 @@ class ExplanationsStage(CachedStage):
                       "advantage may be smoothness alone.", kind="verdict-bad" if weak else "verdict-good"),
             Figure("faithfulness.png", "deletion and insertion curves per method and group"),
         ]
-        subs.append(Section(f"Faithfulness: deletion / insertion (Petsiuk et al. 2018), maps at {cfg.cam_layer}",
+        at = self.layer_words(study)
+        subs.append(Section(f"Faithfulness: deletion / insertion (Petsiuk et al. 2018), maps at {at}",
                             faith, key=self.name))
 
         n = next(iter(result.sanity.values())).n
         sanity = [Paragraph(
             f"On a copy of each model (the trained weights are untouched), the layers are re-initialised from the "
             f"head down, cumulatively, and the maps of {n} test images recomputed for the same classes. A method "
-            f"passes when, once {cfg.cam_layer} and everything above it are random, the median |Spearman| rank "
+            f"passes when, once {at} and everything above it are random, the median |Spearman| rank "
             f"correlation with the original maps is below the threshold: maps that survive the destruction of the "
             f"weights do not explain the model.")]
         for name, s in result.sanity.items():
@@ -332,6 +357,7 @@ class ExplanationsStage(CachedStage):
                             key=self.name))
 
         if result.drift is not None:
+            first, second = study.models
             drift_rows = []
             for group in ("fixed", "persisting", "new", "newly_confident"):
                 g = result.drift.groups[group]
@@ -340,13 +366,13 @@ class ExplanationsStage(CachedStage):
                     drift_rows.append([label, "0"])
                     continue
                 rho = "n/a" if g.median_spearman is None else f"{g.median_spearman:.3f}"
-                drift_rows.append([label, str(g.n), rho, pct(g.centre_fraction[BASELINE], 1),
-                                   pct(g.centre_fraction[IMPROVED], 1), f"{g.moved_onto_centre} of {g.n}"])
-            subs.append(Section("Explanation drift: baseline vs improved Grad-CAM on the same images", [
+                drift_rows.append([label, str(g.n), rho, pct(g.centre_fraction[first], 1),
+                                   pct(g.centre_fraction[second], 1), f"{g.moved_onto_centre} of {g.n}"])
+            subs.append(Section(f"Explanation drift: {first} vs {second} Grad-CAM on the same images", [
                 Paragraph("Each model explains its own prediction. Rank correlation of the two maps (1 = same order "
                           "of importance) and the mean share of map mass in the central quarter of the image, where "
                           "CIFAR objects usually sit."),
-                Table(["failures", "images", "median rho", f"centre: {BASELINE}", IMPROVED, "moved onto centre"],
+                Table(["failures", "images", "median rho", f"centre: {first}", second, "moved onto centre"],
                       drift_rows)], key=self.name))
 
         triage = [Paragraph(
@@ -366,12 +392,16 @@ class ExplanationsStage(CachedStage):
                 f"test images, {100 * ls.flagged_fraction:.1f}%)."))
         agree = result.label_agreement
         if agree is not None:
+            first, second = study.models
+            why = ("The two models are not independent (same initial weights, same batch order: only the "
+                   "augmentation differs), so they share many mistakes and this agreement is weaker evidence of a "
+                   "wrong label than two independently trained models would give." if not study.supplied else
+                   "Two models that share training data or initial weights share mistakes too; their agreement is "
+                   "strong evidence of a wrong label only when they were trained independently.")
             triage.append(Paragraph(
-                f"Both models flag {agree.count} test images and predict the same other class for them. The two "
-                f"models are not independent (same initial weights, same batch order: only the augmentation "
-                f"differs), so they share many mistakes and this agreement is weaker evidence of a wrong label than "
-                f"two independently trained models would give. Among the baseline's failures "
-                f"{len(agree.failures[BASELINE])}, among the improved model's {len(agree.failures[IMPROVED])}.",
+                f"Both models flag {agree.count} test images and predict the same other class for them. {why} "
+                f"Among the {first}'s failures "
+                f"{len(agree.failures[first])}, among the {second} model's {len(agree.failures[second])}.",
                 kind="note"))
         weak_models = [name for name, ls in result.label_suspects.items() if not ls.reliable]
         if weak_models:
@@ -381,8 +411,9 @@ class ExplanationsStage(CachedStage):
                 f"learning is flagging the model's own confident mistakes. Its thresholds come from the model's "
                 f"probabilities, so it needs an accurate model (train longer, e.g. the 'full' profile) before its "
                 f"suspects mean anything.", kind="verdict-bad"))
-        triage.append(Figure("label_suspects.png", "baseline's failures, suspects and model errors"))
-        triage.append(Figure("cam_methods.png", "Grad-CAM vs Grad-CAM++, layer3 vs layer4"))
+        triage.append(Figure("label_suspects.png", f"{study.models[0]}'s failures, suspects and model errors"))
+        triage.append(Figure("cam_methods.png", "Grad-CAM vs Grad-CAM++, "
+                             + " vs ".join(self.compared_layers(study, study.models[0]))))
         subs.append(Section("Failure triage: suspected label errors (confident learning)", triage, key=self.name))
         return [Section(self.title, subs, key=self.name)]
 

@@ -21,7 +21,6 @@ from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, evaluate_split, mine_failures, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
 from ..plots import plot_confusion_matrix, plot_failure_case, plot_no_failures, save_figure
-from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary, transient
 from ..runtime import resolve_device, resolve_precision
@@ -168,7 +167,7 @@ class FailuresStage(Stage):
     config_groups = ("failures",)   # the threshold and how many cases; the cases' CAM layer below
 
     def settings(self, study: StudyContext) -> dict[str, Any]:
-        return {**super().settings(study), "cam_layer": study.config.cam_layer}
+        return {**super().settings(study), "cam_layer": study.cam_layer(study.models[0])}
 
     # --- one model ---------------------------------------------------------
     def predictions(self, study: StudyContext, name: str, *, force: bool = False) -> Predictions:
@@ -238,11 +237,11 @@ class FailuresStage(Stage):
         return done if done is not None else self.evaluate_one(study, name, quiet=quiet)
 
     # --- Grad-CAM of the baseline's top failures ---------------------------
-    def explain_cases(self, study: StudyContext, *, show: bool = False, name: str = BASELINE) -> list[FailureCase]:
+    def explain_cases(self, study: StudyContext, *, show: bool = False, name: str | None = None) -> list[FailureCase]:
         """Grad-CAM for the predicted and the true class of the top failures;
-        writes failure_case_<i>.png (or a 'no failures' figure)."""
-
-
+        writes failure_case_<i>.png (or a 'no failures' figure). name: the
+        model explained, default the first (the reference)."""
+        name = name or study.models[0]
         trained = study.model(name)
         table = self.table(study, name)
         preds = self.predictions(study, name)
@@ -264,12 +263,13 @@ class FailuresStage(Stage):
         positions = torch.tensor([f.position for f in rows])
         images = study.splits.test.images[positions]
         x = normalize(to_float(images)).to(device)
-        cam = GradCAM(trained.model, get_layer(trained.model, config.cam_layer))
+        cam = GradCAM(trained.model, get_layer(trained.model, study.cam_layer(name)))
         pred_maps = cam(x, [f.pred for f in rows]).cpu().numpy()
         true_maps = cam(x, [f.true for f in rows]).cpu().numpy()
         # The improved model's verdict on each case, when this session has its predictions already.
-        improved = (study.recall(f"predictions:{IMPROVED}", (study.trained[IMPROVED],))
-                    if IMPROVED in study.trained else None)
+        other = study.models[1] if len(study.models) == 2 else None
+        improved = (study.recall(f"predictions:{other}", (study.trained[other],))
+                    if other in study.trained else None)
         cases = []
         for i, f in enumerate(rows):
             suspect = f.position in flagged
@@ -301,9 +301,10 @@ class FailuresStage(Stage):
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
         return study.keep("cases", self.cases_key(study, name), cases)
 
-    def cases_key(self, study: StudyContext, name: str = BASELINE) -> tuple:
+    def cases_key(self, study: StudyContext, name: str | None = None) -> tuple:
         """What the Grad-CAM cases are made from: the model's failure table and the case settings."""
-        return (self.table(study, name), study.config.top_failures, study.config.cam_layer)
+        name = name or study.models[0]
+        return (self.table(study, name), study.config.top_failures, study.cam_layer(name))
 
     # --- the contract ------------------------------------------------------
     def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
@@ -316,8 +317,8 @@ class FailuresStage(Stage):
         cases = None if force else study.recall("cases", self.cases_key(study))
         if cases is None:
             cases = self.explain_cases(study, show=show)
-        if IMPROVED in study.models:   # cases drawn before the improved model existed (notebook stage 8)
-            improved = self.predictions(study, IMPROVED)
+        if len(study.models) == 2:   # cases drawn before the other model existed (notebook stage 8)
+            improved = self.predictions(study, study.models[1])
             for c in cases:
                 if c.improved_pred is None:
                     c.improved_pred = int(improved.preds[c.position])
@@ -327,7 +328,7 @@ class FailuresStage(Stage):
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
                               top_failures=study.config.top_failures, cases=cases, predictions=predictions,
                               tables=tables, suspects_reliable=bool(label_suspects(
-                                  predictions[BASELINE], tables[BASELINE])["reliable"]) if cases else None)
+                                  predictions[study.models[0]], tables[study.models[0]])["reliable"]) if cases else None)
 
     def summary(self, study: StudyContext, result: FailuresResult) -> str:
         return "; ".join(f"{n}: test accuracy {100 * m.summary.test_accuracy:.2f}%, "
@@ -360,21 +361,21 @@ class FailuresStage(Stage):
                             *([_change(models[names[0]].summary.per_class_accuracy[c],
                                        models[names[1]].summary.per_class_accuracy[c])] if len(names) == 2 else [])]
                            for c in CLASSES])
-        test = Section(f"Test results ({n_test} test images{where})",
-                       [overview, per_class, Figure("model_comparison.png", "accuracy, failures, per-class accuracy"),
-                        Figure("confusion_matrix.png", "both confusion matrices")], key=self.name)
+        figures = [Figure("model_comparison.png", "accuracy, failures, per-class accuracy"),
+                   Figure("confusion_matrix.png", "both confusion matrices")] if len(names) == 2 else []
+        test = Section(f"Test results ({n_test} test images{where})", [overview, per_class, *figures], key=self.name)
         pairs = []
         for n, m in models.items():
             text = "; ".join(f"{p.a}/{p.b} {p.total} ({p.a}->{p.b} {p.a_as_b}, {p.b}->{p.a} {p.b_as_a})"
                              for p in m.summary.top_confused_pairs) or "none"
             pairs.append(Paragraph(f"{n}: {text}."))
         confused = Section("Most confused class pairs (both directions)", pairs, key=self.name)
-        return [test, confused, Section(f"The baseline's top high-confidence failures (>{t:.0%})",
+        return [test, confused, Section(f"The {names[0]}'s top high-confidence failures (>{t:.0%})",
                                         self.case_blocks(study, result), key=self.name)]
 
     def case_blocks(self, study: StudyContext, result: FailuresResult) -> list:
         if not result.cases:
-            return [Paragraph(f"The baseline made no wrong prediction above {result.threshold:.0%} confidence, "
+            return [Paragraph(f"The {study.models[0]} made no wrong prediction above {result.threshold:.0%} confidence, "
                               "so there are no failure cases to explain.")]
         blocks = []
         if len(result.cases) < result.top_failures:
@@ -389,7 +390,7 @@ class FailuresStage(Stage):
                     f"{case.where_pred.words()}; for the true class it {case.where_true.words()}.")
             if case.improved_pred is not None:
                 verdict = "fixed" if case.improved_pred == case.true else "still wrong"
-                text += (f" The improved model predicts {CLASSES[case.improved_pred]} "
+                text += (f" The {study.models[-1]} model predicts {CLASSES[case.improved_pred]} "
                          f"({100 * case.improved_confidence:.1f}%): {verdict}.")
             if case.label_suspect:
                 text += " Confident learning flags this label as a suspected label error"

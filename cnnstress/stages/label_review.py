@@ -27,7 +27,6 @@ import numpy as np
 from ..data import CLASSES
 from ..io import remove_file
 from ..plots import plot_confirmed_label_errors, plot_precision_at_k
-from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, per_model
 from ..results import Record, optional
 from ..xai.checks import agreed_suspects, label_suspects
@@ -174,8 +173,8 @@ class LabelReviewStage(Stage):
                 kinds=failure_kinds(fail_idx, {int(i) for i in flagged}, review),
                 flags_reliable=bool(s["reliable"]), flagged_fraction=float(s["flagged_fraction"]))
         agreement = None
-        if {BASELINE, IMPROVED} <= set(study.models):
-            agreed = agreed_suspects(suspects, preds)["positions"]
+        if len(study.models) == 2:
+            agreed = agreed_suspects(suspects, {n: preds[n] for n in study.models})["positions"]
             agreement = flag_scores(loaded[np.asarray(agreed, dtype=np.int64)], review, loaded)
         result = LabelReview(official_order=True, order=order, threshold=study.config.failure_threshold,
                              source=source_line(), reviewed=int(sum(int(i) in review for i in loaded)),

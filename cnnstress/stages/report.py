@@ -76,7 +76,7 @@ class ReportStage(Stage):
             if section is not None:
                 metrics[s.name] = section
         metrics.update({
-            "config": study.model_config(BASELINE).to_dict(),
+            "config": study.model_config(study.models[0]).to_dict(),
             "profile": study.config.profile,
             "hardware": describe_hardware(resolve_device(study.config.device)),
             "pipeline_seconds": seconds,
@@ -118,7 +118,8 @@ class ReportStage(Stage):
         """Why the enhanced augmentation lost accuracy, when it did and the
         improved model also fits its training data less; else None."""
         comparison, training = results.get("comparison"), results.get("training")
-        if comparison is None or training is None or comparison.accuracy_diff.diff > 0:
+        if comparison is None or training is None or comparison.accuracy_diff.diff > 0 \
+                or not {BASELINE, IMPROVED} <= set(training.models):   # trained here, not supplied
             return None
         b, i = training.models[BASELINE], training.models[IMPROVED]
         if i.final_train_accuracy >= b.final_train_accuracy:
@@ -134,18 +135,19 @@ class ReportStage(Stage):
     def summary_blocks(self, study: StudyContext, results: Mapping[str, Any]) -> list:
         """The report's closing section: the findings (Study.findings()), then where the numbers are."""
         comparison = results.get("comparison")
-        if comparison is None:
+        if comparison is None and len(study.models) == 2:
             return [Paragraph("The comparison did not run; see the sections above.")]
-        better = comparison.accuracy_diff.diff > 0
+        better = comparison is not None and comparison.accuracy_diff.diff > 0
         note = self.underfitting_note(results)
         verdict = "verdict-good" if better else "verdict-bad"
         blocks = [Paragraph(text, kind=verdict if name == "comparison" else "text")
                   for name, text in self.stage_findings(study, results)]
         if note:
             blocks.append(Paragraph(note, kind="note"))
-        blocks.append(Paragraph("Files: metrics.json, predictions_baseline.npz and predictions_improved.npz hold "
-                                "every number above; failures_baseline.csv and failures_improved.csv list each "
-                                "failure."))
+        npz, csv = (" and ".join(f"{kind}_{n}.{ext}" for n in study.models)
+                    for kind, ext in (("predictions", "npz"), ("failures", "csv")))
+        blocks.append(Paragraph(f"Files: metrics.json, {npz} hold every number above; {csv} "
+                                f"list{'s' if len(study.models) == 1 else ''} each failure."))
         return blocks
 
     def compute(self, study: StudyContext, inputs: Mapping[str, Any]) -> ReportResult:

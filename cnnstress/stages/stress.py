@@ -19,7 +19,6 @@ from ..data import sample_positions
 from ..evaluate import evaluate_split
 from ..io import stress_path
 from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
-from ..registry import BASELINE, IMPROVED
 from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, StressResult, transient, with_failure_counts
 from ..robustness import (CORRUPTIONS, FAMILIES, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
@@ -28,8 +27,12 @@ from ..robustness.suite import STRESS_VERSION, sample_grid_images, stress_settin
 from ..runtime import progress_bar, progress_enabled, resolve_device, seed_stream
 from .base import CachedStage, StudyContext, save_figures
 
-FILES = ["corruption_accuracy.csv", "stress_baseline.json", "stress_improved.json",
-         "robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"]
+FIGURES = ["robustness.png", "corruption_examples.png", "reliability_diagram.png", "adversarial.png"]
+
+
+def stress_files(models: tuple[str, ...]) -> list[str]:
+    """What the stage writes for these models (StressStageResult.files)."""
+    return ["corruption_accuracy.csv", *[f"stress_{n}.json" for n in models], *FIGURES]
 
 
 @dataclass
@@ -54,8 +57,10 @@ class StressStageResult(Record):
                 f"PGD at {eps[-1] if eps else '?'}/255 |\n|---|---|---|---|---|\n" + "\n".join(rows))
 
     def corruption_change(self) -> dict[str, float]:
-        """Improved minus baseline accuracy per corruption type, summed over severities / 5 (points, [−1, 1])."""
-        a, b = self.models[BASELINE].corruptions.accuracy, self.models[IMPROVED].corruptions.accuracy
+        """The second model's minus the first's (improved minus baseline) accuracy per
+        corruption type, summed over severities / 5 (points, [−1, 1])."""
+        first, second = self.models
+        a, b = self.models[first].corruptions.accuracy, self.models[second].corruptions.accuracy
         return {c: (sum(b[c]) - sum(a[c])) / len(SEVERITIES) for c in CORRUPTIONS}
 
 
@@ -157,7 +162,7 @@ class StressStage(CachedStage):
         models = {n: dataclasses.replace(r, calibration=with_failure_counts(r.calibration, preds[n],
                                                                            config.failure_threshold))
                   for n, r in parts.items()}
-        return StressStageResult(settings=stress_settings(config), files=list(FILES), models=models,
+        return StressStageResult(settings=stress_settings(config), files=stress_files(study.models), models=models,
                                  test_accuracy={n: m.summary.test_accuracy
                                                 for n, m in inputs["failures"].models.items()})
 
@@ -288,12 +293,13 @@ class StressStage(CachedStage):
                               pct(c.mean_corruption_accuracy_without_frost), f"{100 * c.drop_from_clean:.1f}p",
                               *[pct(c.accuracy_by_family[f], 1) for f in fams]]
                              for n, c in cor.items()]))
-        two = {BASELINE, IMPROVED} <= set(m)
+        two = len(m) == 2
         if two:
+            first, second = m
             change = result.corruption_change()
-            blocks.append(Table(["corruption", BASELINE, IMPROVED, "change"],
-                                [[c, pct(sum(cor[BASELINE].accuracy[c]) / len(SEVERITIES), 1),
-                                  pct(sum(cor[IMPROVED].accuracy[c]) / len(SEVERITIES), 1),
+            blocks.append(Table(["corruption", first, second, "change"],
+                                [[c, pct(sum(cor[first].accuracy[c]) / len(SEVERITIES), 1),
+                                  pct(sum(cor[second].accuracy[c]) / len(SEVERITIES), 1),
                                   f"{100 * change[c]:+.1f}"] for c in CORRUPTIONS],
                                 caption="mean over severities"))
         blocks.append(Paragraph("ECE under corruption, all types pooled per severity (uncalibrated / with the clean T):"))
@@ -323,11 +329,12 @@ class StressStage(CachedStage):
         blocks.append(Figure("adversarial.png", "accuracy under FGSM and PGD by budget"))
 
         if two:
-            blocks = sub(("Did the augmentation help beyond clean accuracy?"))
-            b, i = m[BASELINE], m[IMPROVED]
+            blocks = sub("Did the augmentation help beyond clean accuracy?" if not study.supplied else
+                         f"Is {second} more robust than {first} beyond clean accuracy?")
+            b, i = m[first], m[second]
             text = ""
             if result.test_accuracy is not None:
-                d_clean = result.test_accuracy[IMPROVED] - result.test_accuracy[BASELINE]
+                d_clean = result.test_accuracy[second] - result.test_accuracy[first]
                 text = f"Clean test accuracy {100 * d_clean:+.2f} points ({better(d_clean)}). "
             d_mca = i.corruptions.mean_corruption_accuracy - b.corruptions.mean_corruption_accuracy
             d_drop = i.corruptions.drop_from_clean - b.corruptions.drop_from_clean
@@ -345,8 +352,9 @@ class StressStage(CachedStage):
             blocks.append(Paragraph(text))
             change = result.corruption_change()
             best, worst = max(change, key=change.get), min(change, key=change.get)
+            helped = "The augmentation helped" if not study.supplied else f"{second} gained"
             blocks.append(Paragraph(
-                f"The augmentation helped most against {best} and least (or hurt most) against {worst}. Neither "
+                f"{helped} most against {best} and least (or hurt most) against {worst}. Neither "
                 f"model was trained against attacks, so accuracy near zero at {eps[-1]}/255 is expected; the small "
                 f"budgets show how brittle the decision boundary is."))
         return [Section(self.title, [Section(t, b, key=self.name) for t, b in subs], key=self.name)]

@@ -45,6 +45,7 @@ class Trained:
     checkpoint: Path
     stamp: str | None = None        # a stable identity for caches (published weights: SHA-256s)
     reference: dict | None = None   # published weights: the source run's test numbers
+    supplied: bool = False          # a model the user supplied (Study.from_models): never trained
 
     @property
     def model(self):
@@ -57,8 +58,8 @@ class Trained:
 
 def model_stamp(trained: Trained) -> str:
     """What a cache made from this model is keyed by ("" = no identity, never cached)."""
-    if trained.stamp:
-        return trained.stamp
+    if trained.stamp or trained.supplied:
+        return trained.stamp or ""
     if not trained.checkpoint.exists():
         return ""
     st = trained.checkpoint.stat()
@@ -89,8 +90,21 @@ class ModelTraining(Record):
 
 
 @dataclass
+class SuppliedInfo(Record):
+    """A model the user supplied (Study.from_models; supplied.SuppliedModel.info)."""
+    source: str                  # "pkg.module:factory", or "python object"
+    weights: str | None          # the weights file read, if any
+    sha256: str                  # of the weights file, else of the state_dict
+    cam_layer: str
+    cam_layer_found: bool        # True: found as the deepest spatial layer, not named
+    parameters: int
+    preprocessing: str
+
+
+@dataclass
 class TrainingResult(Record):
     models: dict[str, ModelTraining]
+    supplied: dict[str, SuppliedInfo] = optional()   # models supplied instead of trained (then `models` is empty)
 
 
 def describe(trained: Trained) -> ModelTraining:
@@ -242,17 +256,29 @@ class TrainingStage(Stage):
 
     def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
             cached_only: bool = False) -> TrainingResult:
+        if study.supplied:   # nothing to train: what was supplied, for the report
+            return TrainingResult(models={}, supplied={n: SuppliedInfo.from_dict(study.supplied[n].info())
+                                                       for n in study.models})
         for name in study.models:
             if name not in study.trained or force:
                 self.train_one(study, name, force=force)
         return TrainingResult(models={n: describe(study.trained[n]) for n in study.models})
 
     def summary(self, study: StudyContext, result: TrainingResult) -> str:
+        if result.supplied:
+            return "supplied models: " + "; ".join(
+                f"{n} ({m.source}, {m.parameters:,} parameters, Grad-CAM at {m.cam_layer})"
+                for n, m in result.supplied.items())
         return "; ".join(f"{n}: {m.epochs} epochs, final validation accuracy {100 * m.final_val_accuracy:.2f}%"
                          + (" (reused)" if m.reused_checkpoint else f" ({m.train_seconds:.0f} s)")
                          for n, m in result.models.items())
 
     def finding(self, study: StudyContext, result: TrainingResult) -> str:
+        if result.supplied:
+            return ("Supplied, not trained here: " + "; ".join(
+                f"{n} ({m.source}{', weights ' + Path(m.weights).name if m.weights else ''}, "
+                f"SHA-256 {m.sha256[:12]}..., {m.parameters:,} parameters)" for n, m in result.supplied.items())
+                + ".")
         ms = result.models
         epochs = {n: f"{m.epochs} epoch{'s' if m.epochs != 1 else ''}" for n, m in ms.items()}
         after = next(iter(epochs.values())) if len(set(epochs.values())) == 1 else per_model(epochs)
@@ -260,6 +286,8 @@ class TrainingStage(Stage):
                 f" and validation accuracy {per_model({n: pct(m.final_val_accuracy) for n, m in ms.items()})}.")
 
     def model_metrics(self, study: StudyContext, result: TrainingResult, model: str) -> dict[str, Any]:
+        if result.supplied:
+            return {"supplied": result.supplied[model].to_dict()}
         m = result.models[model]
         return {"train_seconds": m.train_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
                 "best_val_accuracy": m.best_val_accuracy, "best_val_epoch": m.best_val_epoch, "augment": m.augment,
@@ -267,6 +295,13 @@ class TrainingStage(Stage):
                 **({"published_run": m.published_run} if m.published_run else {})}
 
     def sections(self, study: StudyContext, result: TrainingResult) -> list:
+        if result.supplied:
+            return [Section("The models", [Paragraph(
+                f"{n}: supplied as {m.source}" + (f", weights {m.weights}" if m.weights else "")
+                + f" (SHA-256 {m.sha256}); {m.parameters:,} parameters; inputs prepared with {m.preprocessing}; "
+                f"Grad-CAM at {m.cam_layer!r}" + (" (found: the deepest layer with a spatial feature map)"
+                                                   if m.cam_layer_found else "") + ". Not trained here.")
+                for n, m in result.supplied.items()], key="training")]
         cfg = study.model_config(BASELINE)
         shown = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "val_size", "train_subset",
                  "precision", "device", "failure_threshold"]

@@ -35,9 +35,9 @@ from torch import nn
 from ..augment import normalize, to_float
 from ..config import Config
 from ..evaluate import FailureTable, Predictions
-from ..registry import BASELINE, IMPROVED, MODEL_NAMES
 from ..data import sample_positions
 from ..runtime import seed_stream
+from ..supplied import cascade_order
 from .cam import CAM_METHODS, cam_explain_func, describe_cam, get_layer
 from .faithfulness import Deletion, Insertion, random_explain_func, trapezoid_auc
 from .metric import ExplainFunc
@@ -149,12 +149,14 @@ def cam_resolution(model: nn.Module, x: torch.Tensor, layer: str) -> tuple[int, 
     return int(raw.shape[1]), int(raw.shape[2])
 
 
-def faithfulness_methods(config: Config, resolution: tuple[int, int]) -> dict[str, ExplainFunc]:
+def faithfulness_methods(config: Config, resolution: tuple[int, int], layer: str | None = None
+                         ) -> dict[str, ExplainFunc]:
     """The methods the faithfulness check scores, as explain functions: each
-    CAM method's raw map at config.cam_layer upsampled to the image (only the
+    CAM method's raw map at `layer` (default config.cam_layer) upsampled to the image (only the
     order matters), pixel noise ("random") and smooth noise at the CAM's
     `resolution` upsampled like the CAM ("random_smooth")."""
-    methods: dict[str, ExplainFunc] = {m: cam_explain_func(m, config.cam_layer, normalized=False)
+    layer = layer or config.cam_layer
+    methods: dict[str, ExplainFunc] = {m: cam_explain_func(m, layer, normalized=False)
                                        for m in CAM_EXPLAINERS}
     methods["random"] = random_explain_func(seed_stream(config.seed, "random_maps"))
     methods["random_smooth"] = random_explain_func(seed_stream(config.seed, "smooth_random_maps"),
@@ -163,24 +165,25 @@ def faithfulness_methods(config: Config, resolution: tuple[int, int]) -> dict[st
 
 
 def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch.Tensor, config: Config,
-                       device: torch.device) -> dict[str, Any]:
+                       device: torch.device, layer: str | None = None) -> dict[str, Any]:
     """Deletion/insertion (the Deletion and Insertion metrics) of every
     faithfulness method on one group of images (targets: the classes
     explained). Returns per method the mean AUCs, mean curves and per-image
     AUCs; per CAM method also the paired comparison and verdict against each
     random baseline: pixel noise ("vs_random", "verdict") and smooth noise at
     the CAM's resolution ("vs_random_smooth", "verdict_smooth"). Ties in every
-    map are broken at random (seeded)."""
+    map are broken at random (seeded). layer: the CAM layer, default config.cam_layer."""
+    layer = layer or config.cam_layer
     n = int(targets.shape[0])
     if n == 0:
         return {"n": 0}
     x = _inputs(images_u8, device)
-    res = cam_resolution(model, x, config.cam_layer)
+    res = cam_resolution(model, x, layer)
     settings = dict(steps=config.faithfulness_steps, baseline=config.faithfulness_baseline,
                     batch_size=config.eval_batch_size, seed=seed_stream(config.seed, "tie_breaking"))
     metrics = (Deletion(**settings), Insertion(**settings))
     out: dict[str, Any] = {"n": n, "cam_resolution": list(res), "methods": {}}
-    for method, explain in faithfulness_methods(config, res).items():
+    for method, explain in faithfulness_methods(config, res, layer).items():
         maps = explain(model, x, targets).to(device)      # once, for both metrics
         scored: dict[str, Any] = {}
         for metric in metrics:
@@ -203,13 +206,13 @@ def faithfulness_group(model: nn.Module, images_u8: torch.Tensor, targets: torch
 
 
 def faithfulness_report(model: nn.Module, test_images: torch.Tensor, preds: Predictions, failures: FailureTable,
-                        config: Config, device: torch.device) -> dict[str, Any]:
-    """Faithfulness on the top failures and on a fixed stratified sample."""
+                        config: Config, device: torch.device, layer: str | None = None) -> dict[str, Any]:
+    """Faithfulness on the top failures and on a fixed stratified sample (CAM at `layer`, default config's)."""
     k = config.faithfulness_samples
     fail_pos = torch.as_tensor(failures.positions[:k], dtype=torch.long)
     sample_pos = sample_positions(preds.labels, k, seed_stream(config.seed, "faithfulness_sample"))
     groups = {"failures": fail_pos, "sample": sample_pos}
-    return {name: faithfulness_group(model, test_images[pos], preds.preds[pos], config, device)
+    return {name: faithfulness_group(model, test_images[pos], preds.preds[pos], config, device, layer)
             for name, pos in groups.items()}
 
 
@@ -219,15 +222,18 @@ def _row_medians(scores: np.ndarray) -> list[float | None]:
 
 
 def sanity_report(model: nn.Module, test_images: torch.Tensor, preds: Predictions, config: Config,
-                  device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
+                  device: torch.device, layer: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cascading randomisation of a copy of `model` for Grad-CAM and Grad-CAM++
-    on a fixed sample. Returns (JSON-ready summary, {method: SanityResult}) —
-    the second for the figure; the model is never modified."""
+    at `layer` (default config.cam_layer) on a fixed sample, the cascade over
+    the model's own top-level layers (supplied.cascade_order). Returns
+    (JSON-ready summary, {method: SanityResult}) — the second for the figure;
+    the model is never modified."""
     pos = sample_positions(preds.labels, config.sanity_samples, seed_stream(config.seed, "sanity_sample"))
     x = _inputs(test_images[pos], device)
     summary, results = {"n": int(pos.numel()), "dataset_positions": pos.tolist()}, {}
     for method in CAM_EXPLAINERS:
-        res = cascading_randomization(model, x, preds.preds[pos].to(device), method=method, layer=config.cam_layer,
+        res = cascading_randomization(model, x, preds.preds[pos].to(device), method=method,
+                                      layer=layer or config.cam_layer, order=cascade_order(model),
                                       seed=seed_stream(config.seed, "randomisation"))
         results[method] = res
         v = verdict(res, SANITY_THRESHOLD)
@@ -272,38 +278,43 @@ def agreed_suspects(suspects: Mapping[str, dict], preds: Mapping[str, Prediction
     tend to share mistakes. Their agreement is therefore weaker evidence of
     a wrong label than agreement between independently trained models would
     be; it mainly drops the suspects that only one augmentation regime
-    produces."""
-    a, b = (set(suspects[n]["suspect_positions"]) for n in (BASELINE, IMPROVED))
-    pa, pb = preds[BASELINE].preds, preds[IMPROVED].preds
+    produces. `preds`: the two models', the reference first."""
+    first, second = preds
+    a, b = (set(suspects[n]["suspect_positions"]) for n in (first, second))
+    pa, pb = preds[first].preds, preds[second].preds
     both = sorted(p for p in a & b if int(pa[p]) == int(pb[p]))
     return {"positions": both, "count": len(both),
             "failures": {n: [p for p in suspects[n]["suspect_failure_positions"] if p in set(both)]
-                         for n in MODEL_NAMES}}
+                         for n in preds}}
 
 
 def drift_report(models: Mapping[str, nn.Module], test_images: torch.Tensor, preds: Mapping[str, Predictions],
-                 comparison_failures: Mapping[str, Any], config: Config, device: torch.device) -> dict[str, Any]:
-    """Baseline vs improved Grad-CAM on the same images, per failure group
+                 comparison_failures: Mapping[str, Any], config: Config, device: torch.device,
+                 layers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The two models' Grad-CAM (the reference first: baseline vs improved) on the same images, per failure group
     (fixed, persisting, new, newly_confident: see compare.compare_failures),
     each model explaining its own prediction:
     median rank correlation of the maps, and the mean share of map mass in the
-    central quarter for each model."""
-    out: dict[str, Any] = {"layer": config.cam_layer}
+    central quarter for each model. layers: each model's CAM layer (default config.cam_layer)."""
+    first, second = models
+    layers = {n: (layers or {}).get(n) or config.cam_layer for n in models}
+    same = len(set(layers.values())) == 1
+    out: dict[str, Any] = {"layer": layers[first] if same else ", ".join(f"{n} {l}" for n, l in layers.items())}
     for group in DRIFT_GROUPS:
         pos = torch.as_tensor(list(comparison_failures[group])[:config.faithfulness_samples * 4], dtype=torch.long)
         if pos.numel() == 0:
             out[group] = {"n": 0}
             continue
         x = _inputs(test_images[pos], device)
-        gradcam = cam_explain_func("gradcam", config.cam_layer, normalized=False)
-        raw = {name: gradcam(m, x, preds[name].preds[pos]).numpy() for name, m in models.items()}
-        rho = np.array([spearman(a, b) for a, b in zip(raw[BASELINE], raw[IMPROVED])])
+        raw = {name: cam_explain_func("gradcam", layers[name], normalized=False)(m, x, preds[name].preds[pos]).numpy()
+               for name, m in models.items()}
+        rho = np.array([spearman(a, b) for a, b in zip(raw[first], raw[second])])
         centre = {name: np.array([describe_cam(m)["centre_fraction"] for m in raw[name]]) for name in raw}
         finite = np.isfinite(rho)
         out[group] = {"n": int(pos.numel()),
                       "median_spearman": float(np.median(rho[finite])) if finite.any() else None,
                       "undefined": int((~finite).sum()),
                       "centre_fraction": {name: float(c.mean()) for name, c in centre.items()},
-                      "centre_shift": float((centre[IMPROVED] - centre[BASELINE]).mean()),
-                      "moved_onto_centre": int((centre[IMPROVED] > centre[BASELINE]).sum())}
+                      "centre_shift": float((centre[second] - centre[first]).mean()),
+                      "moved_onto_centre": int((centre[second] > centre[first]).sum())}
     return out
