@@ -1,4 +1,4 @@
-"""Command line: python -m cnnstress {train,run,stress,explain} ...
+"""Command line: python -m cnnstress {train,run,stress,explain,analyse} ...
 
 User errors (bad data, config, device, checkpoint) print one line to stderr
 and exit with status 2; nothing already saved is overwritten.
@@ -26,8 +26,11 @@ from .weights import analysis_config
 # (a checkpoint is found by its training fields).
 COMMAND_GROUPS = {"train": ("training", "runtime"), "run": GROUPS,
                   "stress": ("training", "runtime", "failures", "stress"),
-                  "explain": ("training", "runtime", "failures", "explanations")}
-COMMAND_SKIPS = {"train": (), "run": ("augment",), "stress": ("augment", "stress"), "explain": ("augment", "explain")}
+                  "explain": ("training", "runtime", "failures", "explanations"),
+                  "analyse": ("runtime", "failures", "stress", "explanations")}
+COMMAND_SKIPS = {"train": (), "run": ("augment",), "stress": ("augment", "stress"), "explain": ("augment", "explain"),
+                 # analyse: one --cam-layer per --model; nothing is trained or compiled
+                 "analyse": ("cam_layer", "compile", "checkpoint_every", "fused_adam")}
 # Older flag names, kept working as aliases of the field's flag.
 ALIASES = {"augment": ("--aug",), "failure_threshold": ("--threshold",), "cam_layer": ("--layer",),
            "faithfulness_samples": ("--samples",)}
@@ -168,6 +171,28 @@ def build_parser() -> argparse.ArgumentParser:
                                              "triage the failures (label suspects); refresh the report; never trains")
     _weights(explain)
     _common(explain, "explain", force_help="recompute the explanation results even when cached ones match")
+    analyse = sub.add_parser("analyse", help="stress-test classifiers you supply (any CIFAR-10 model): failures, "
+                                             "Grad-CAM, stress tests, explanation checks, label review, report; "
+                                             "with two models also the comparison; never trains")
+    models = analyse.add_argument_group("the models (each flag once per --model, in the same order)")
+    models.add_argument("--model", action="append", required=True, metavar="PKG.MODULE:FACTORY",
+                        help="a function or class that builds the model (imported, then called with no "
+                             "arguments), e.g. cnnstress.model:resnet18; once or twice")
+    models.add_argument("--weights", action="append", metavar="FILE|DIR",
+                        help="its weights: a file holding a state_dict (read with torch.load(weights_only=True); "
+                             "our checkpoint.pt works), or a published-weights folder (e.g. results/full, "
+                             "the model --name)")
+    models.add_argument("--name", action="append", metavar="NAME",
+                        help="its name in files and the report (default: the factory's name)")
+    models.add_argument("--cam-layer", action="append", dest="cam_layers", metavar="LAYER",
+                        help="its Grad-CAM layer, a dotted name as in model.named_modules() (default: the "
+                             "deepest layer with a spatial feature map)")
+    models.add_argument("--mean", action="append", nargs=3, type=float, metavar="X",
+                        help="its own input normalisation: the mean of [0, 1] RGB (with --std; default: the "
+                             "model takes cnnstress's CIFAR normalisation)")
+    models.add_argument("--std", action="append", nargs=3, type=float, metavar="X",
+                        help="its own input normalisation: the std of [0, 1] RGB (with --mean)")
+    _common(analyse, "analyse", force_help="recompute every analysis even when cached results match")
     return parser
 
 
@@ -260,7 +285,66 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return _analysis_command(args, "explain")
 
 
-COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain": cmd_explain}
+def _per_model(flag: str, values: list | None, n: int) -> list:
+    """A per-model flag's values, one per --model (or None for each when not given)."""
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise CnnstressError(f"{flag} is given {len(values)} time(s) for {n} --model(s); give it once per "
+                             "--model, in the same order, or not at all")
+    return values
+
+
+def cmd_analyse(args: argparse.Namespace) -> int:
+    import matplotlib
+    matplotlib.use("Agg")
+    from torch import nn
+
+    from .runlog import StageTimer
+    from .study import Study
+    from .supplied import SuppliedModelError, import_factory, load_state
+
+    n = len(args.model)
+    if n > 2:
+        raise CnnstressError(f"analyse takes one or two --model (the second is compared with the first); got {n}")
+    weights, names, layers = (_per_model(f, v, n) for f, v in (("--weights", args.weights), ("--name", args.name),
+                                                               ("--cam-layer", args.cam_layers)))
+    means, stds = _per_model("--mean", args.mean, n), _per_model("--std", args.std, n)
+    if (args.mean is None) != (args.std is None):
+        raise CnnstressError("--mean and --std go together (the model's own input normalisation); give both")
+    names = [name or spec.rpartition(":")[2].rpartition(".")[2] for name, spec in zip(names, args.model)]
+    if len(set(names)) != n:
+        raise CnnstressError(f"both models are called {names[0]!r}; name them with --name A --name B")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+              if f.name != "profile" and hasattr(args, f.name)}
+    config = (Config.load(args.config) if args.config else
+              analysis_config(pipeline.default_profile(args.profile, fallback="quick"))).replace(**values)
+    models, sources = {}, {}
+    for spec, name, path in zip(args.model, names, weights):
+        factory = import_factory(spec)
+        try:
+            model = factory()
+        except Exception as exc:
+            raise SuppliedModelError(f"--model {spec}: calling {spec.rpartition(':')[2]}() failed: "
+                                     f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}") from None
+        if not isinstance(model, nn.Module):
+            raise SuppliedModelError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+        digest = load_state(model, path, name) if path else None
+        models[name] = model
+        sources[name] = {"source": spec, "weights": path, "sha256": digest}
+    study = Study.from_models(models, cam_layer=dict(zip(names, layers)),
+                              preprocess={nm: (m, s) if m is not None else None
+                                          for nm, m, s in zip(names, means, stds)},
+                              config=config, data_dir=args.data_dir, out_dir=args.out_dir, sources=sources,
+                              force=args.force, progress=False if args.no_progress else None,
+                              timer=StageTimer(log=print))
+    study.run()
+    _print_result(study)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "run": cmd_run, "stress": cmd_stress, "explain": cmd_explain,
+            "analyse": cmd_analyse}
 
 
 def _interrupted(args: argparse.Namespace, argv: list[str], started: float) -> str:

@@ -100,7 +100,8 @@ class Study:
     def from_models(cls, models: Any, *, cam_layer: Any = None, preprocess: Any = None,
                     profile: str | None = None, data_dir: str | Path | None = None,
                     out_dir: str | Path | None = None, log: Callable[[str], None] | None = print,
-                    sources: dict[str, dict] | None = None, **overrides: Any) -> "Study":
+                    sources: dict[str, dict] | None = None, config: Config | None = None, force: bool = False,
+                    progress: bool | None = None, timer: StageTimer | None = None, **overrides: Any) -> "Study":
         """A study of classifiers you supply instead of the two it trains:
         every analysis stage runs on them (failures and Grad-CAM, stress,
         explanations, label review, report; with two models also the
@@ -119,7 +120,9 @@ class Study:
                     whole test set: weights.analysis_config); default quick.
         sources:    {name: {"source": ..., "weights": path, "sha256": ...}},
                     what the command line read (shown in the report).
+        config:     the whole analysis config instead of profile + overrides.
         """
+        import torch
         from torch import nn
 
         from .runtime import resolve_device
@@ -132,8 +135,10 @@ class Study:
             models = {"model": models}
         if not isinstance(models, dict) or not 1 <= len(models) <= 2:
             raise SuppliedModelError("from_models takes one or two models: {name: nn.Module}")
-        config = analysis_config(default_profile(profile, fallback="quick"), **overrides)
-        study = cls(config=config, data_dir=data_dir, out_dir=out_dir, train=False, log=log)
+        if config is None:
+            config = analysis_config(default_profile(profile, fallback="quick"), **overrides)
+        study = cls(config=config, data_dir=data_dir, out_dir=out_dir, train=False, log=log, force=force,
+                    progress=progress, timer=timer)
         device = resolve_device(config.device)
 
         def per_model(value: Any, name: str) -> Any:
@@ -147,6 +152,8 @@ class Study:
             study.say(f"{name}: {sup.source}, {sup.parameters:,} parameters, Grad-CAM at {sup.cam_layer!r}"
                       + (" (the deepest spatial layer; name another with cam_layer=)" if sup.cam_found else "")
                       + (f", preprocessing {sup.preprocessing}" if preprocess is not None else ""))
+            if config.channels_last:   # as our models are evaluated (the same numbers through either path)
+                sup.module.to(memory_format=torch.channels_last)
             study.supplied[name] = sup
             result = FitResult(model=sup.module, history=[], config=config, reused=True)
             study.trained[name] = Trained(name=name, result=result, checkpoint=Path(sup.weights or name),

@@ -37,8 +37,8 @@ from .model import count_parameters
 from .runtime import eval_mode
 
 __all__ = ["NAME_PATTERN", "Preprocessed", "SuppliedModel", "SuppliedModelError", "cascade_order",
-           "check_name", "feature_maps", "find_cam_layer", "import_factory", "load_state", "state_sha256",
-           "supply"]
+           "check_name", "feature_maps", "file_sha256", "find_cam_layer", "finer_layer", "import_factory",
+           "layer_root", "load_state", "state_sha256", "supply"]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")   # a name is a file-name part too
 MAX_KEYS_NAMED = 5   # missing / unexpected weight names listed in an error
@@ -208,12 +208,20 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
     return factory
 
 
-def load_state(model: nn.Module, path: str | Path) -> str:
-    """Load a weights file into `model`: a state_dict (possibly under a
-    "state_dict" or "model" key), read with torch.load(weights_only=True), so
-    nothing in it runs. Keys must match exactly (at most MAX_KEYS_NAMED of the
-    missing and unexpected ones are named). Returns the file's SHA-256."""
+def load_state(model: nn.Module, path: str | Path, name: str | None = None) -> str:
+    """Load weights into `model`: a file holding a state_dict (possibly under
+    a "state_dict" or "model" key, as our checkpoints hold it), read with
+    torch.load(weights_only=True) so nothing in it runs; or a folder of our
+    published weights (cnnstress.weights, hashes verified), model `name` of it.
+    Keys must match exactly (at most MAX_KEYS_NAMED of the missing and
+    unexpected ones are named). Returns the identity caches key on: the
+    file's SHA-256, or the published model's stamp."""
     path = Path(path)
+    if path.is_dir():
+        from .weights import published_state
+        data, digest = published_state(path, name or "")
+        _fit(model, data, path)
+        return digest
     if not path.is_file():
         raise SuppliedModelError(f"weights file {path} not found; pass the file holding the model's state_dict")
     try:
@@ -227,6 +235,12 @@ def load_state(model: nn.Module, path: str | Path) -> str:
             data = data[key]
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise SuppliedModelError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    _fit(model, data, path)
+    return file_sha256(path)
+
+
+def _fit(model: nn.Module, data: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Copy `data` into `model` when its names and shapes are exactly the model's."""
     own = model.state_dict()
     missing = [k for k in own if k not in data]
     unexpected = [k for k in data if k not in own]
@@ -243,7 +257,6 @@ def load_state(model: nn.Module, path: str | Path) -> str:
         raise SuppliedModelError(f"{path} does not fit {type(model).__name__}: {k} has shape "
                                  f"{tuple(data[k].shape)}, the model {tuple(own[k].shape)}")
     model.load_state_dict(data)
-    return file_sha256(path)
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,40 @@ def _malformed_entry(entry: Any, sums: dict[str, str]) -> str | None:
     return None
 
 
+def _published_state(dest: Path, name: str, sums: dict[str, str], entry: dict) -> tuple[dict, str]:
+    """Model `name`'s state_dict from its verified shards, and its stamp
+    ("sha256:" + SHA-256 over its shards' hashes)."""
+    unlisted = [s for s in entry["shards"] if s not in sums]
+    if unlisted:
+        raise CheckpointError(f"shard {dest / unlisted[0]} is not listed in {SUMS_FILE}; export the weights again")
+    state: dict[str, torch.Tensor] = {}
+    for shard in entry["shards"]:
+        try:
+            part = torch.load(dest / shard, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(f"published shard {dest / shard} cannot be read safely "
+                                  f"({type(exc).__name__}); export the weights again") from None
+        if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
+            raise CheckpointError(f"published shard {dest / shard} is not a dict of tensors; export again")
+        state.update(part)
+    problem = malformed_weights(state)
+    if problem:
+        raise CheckpointError(f"published weights {name} in {dest} are unusable ({problem}); "
+                              "export them again from a good run")
+    stamp = hashlib.sha256("".join(sums[s] for s in entry["shards"]).encode()).hexdigest()
+    return state, f"sha256:{stamp}"
+
+
+def published_state(dest: str | Path, name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """Model `name`'s weights from a published folder (hashes verified, any
+    profile), as a state_dict of the stored dtype, and its stamp."""
+    dest = Path(dest)
+    sums, models = check_published(dest, expect_profile=None)
+    if name not in models:
+        raise CheckpointError(f"{dest} publishes no model {name!r}; it has {', '.join(models)} (pass --name)")
+    return _published_state(dest, name, sums, models[name][0])
+
+
 def load_published(dest: str | Path, *, expect_profile: str | None = "full", device: torch.device | str = "cpu",
                    names: tuple[str, ...] = MODEL_NAMES) -> dict[str, PublishedModel]:
     """{"baseline": ..., "improved": ...} (or just `names`) from a published
@@ -307,23 +341,7 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
     loaded = {}
     for name in names:
         entry, config = models[name]
-        unlisted = [s for s in entry["shards"] if s not in sums]
-        if unlisted:
-            raise CheckpointError(f"shard {dest / unlisted[0]} is not listed in {SUMS_FILE}; export the weights again")
-        state: dict[str, torch.Tensor] = {}
-        for shard in entry["shards"]:
-            try:
-                part = torch.load(dest / shard, map_location="cpu", weights_only=True)
-            except Exception as exc:
-                raise CheckpointError(f"published shard {dest / shard} cannot be read safely "
-                                      f"({type(exc).__name__}); export the weights again") from None
-            if not isinstance(part, dict) or not all(isinstance(v, torch.Tensor) for v in part.values()):
-                raise CheckpointError(f"published shard {dest / shard} is not a dict of tensors; export again")
-            state.update(part)
-        problem = malformed_weights(state)
-        if problem:
-            raise CheckpointError(f"published weights {name} in {dest} are unusable ({problem}); "
-                                  "export them again from a good run")
+        state, stamp = _published_state(dest, name, sums, entry)
         model = resnet18(NUM_CLASSES)
         try:
             model.load_state_dict(state)   # strict; copies into fp32 parameters
@@ -333,10 +351,9 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
         model = model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        stamp = hashlib.sha256("".join(sums[s] for s in entry["shards"]).encode()).hexdigest()
         loaded[name] = PublishedModel(name=name, model=model.eval(), config=config,
                                       history=list(entry.get("history") or []), epochs=int(entry["epochs"]),
-                                      stamp=f"sha256:{stamp}", files=[dest / s for s in entry["shards"]],
+                                      stamp=stamp, files=[dest / s for s in entry["shards"]],
                                       reference=entry.get("reference"))
     return loaded
 
