@@ -27,11 +27,12 @@ FAILURE_GROUPS = (("fixed", "fixed", OKABE_ITO["bluish_green"]),
                   ("new", "new (baseline right)", OKABE_ITO["vermillion"]))
 
 
-def _failure_stacks(ax, x: np.ndarray, fails: np.ndarray, groups: Mapping[str, int]) -> None:
-    """The two failure bars stacked by group; checks the groups add up to the bars."""
+def _failure_stacks(ax, x: np.ndarray, fails: np.ndarray, groups: Mapping[str, int], first: str = "baseline") -> None:
+    """The two failure bars stacked by group; checks the groups add up to the bars.
+    `first`: the reference model, named in the "new" group's label."""
     stacks = (("fixed", "wrong_low_confidence", "still_high_confidence"),
               ("still_high_confidence", "newly_confident", "new"))
-    style = {key: (label, color) for key, label, color in FAILURE_GROUPS}
+    style = {key: (label.replace("baseline", first), color) for key, label, color in FAILURE_GROUPS}
     for xi, total, keys in zip(x, fails, stacks):
         if sum(int(groups[k]) for k in keys) != total:
             raise ValueError(f"failure_groups {dict(groups)} do not add up to the failure counts {fails.tolist()}")
@@ -81,7 +82,7 @@ def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] 
                        edgecolor="#333333", linewidth=0.6)
     _bar_labels(ax_fail, bars, [str(f) for f in fails])
     if failure_groups is not None:
-        _failure_stacks(ax_fail, x, fails, failure_groups)
+        _failure_stacks(ax_fail, x, fails, failure_groups, first=names[0])
     ax_fail.set_ylim(0, max(1, int(fails.max(initial=0))) * (1.6 if failure_groups is not None else 1.18))
     ax_fail.yaxis.set_major_locator(MaxNLocator(integer=True))
     style_axes(ax_fail, "High-confidence failures", None, "Test images")

@@ -170,7 +170,8 @@ class ComparisonStage(Stage):
             gains = sorted(((imp[c] or 0) - (base[c] or 0), c) for c in CLASSES)
             blocks.append(Paragraph(f"Largest per-class gain: {gains[-1][1]} ({100 * gains[-1][0]:+.1f} points); "
                                     f"smallest: {gains[0][1]} ({100 * gains[0][0]:+.1f} points)."))
-        return [Section(self.title, blocks, key=self.name)]
+        title = self.title if not study.supplied else f"What changes from {a} to {b}"
+        return [Section(title, blocks, key=self.name)]
 
 
 stage = ComparisonStage()
