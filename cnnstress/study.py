@@ -339,7 +339,8 @@ class Study:
         device = resolve_device(c.device)
         return Setup(version=__version__, profile=c.profile, epochs=c.epochs, seed=c.seed,
                      weights=None if self.weights is None else str(self.weights), device=str(device),
-                     hardware=describe_hardware(device), data_dir=str(self.data_dir), out_dir=str(self.out))
+                     hardware=describe_hardware(device), data_dir=str(self.data_dir), out_dir=str(self.out),
+                     supplied=tuple(self.supplied))
 
     def describe_model(self):
         """The architecture's size and one forward pass's shapes (model.ModelSummary)."""
@@ -362,27 +363,36 @@ class Study:
         return comparison.stage.examples(self, self.result("comparison"), self.result("failures"), k=k)
 
     def train(self, name: str):
-        """Train model `name` (or reuse its finished checkpoint); returns its Trained."""
+        """Train model `name` (or reuse its finished checkpoint); returns its
+        Trained. A supplied model (from_models) is returned as it is."""
         from .stages import training
+        if name in self.supplied:
+            self.say(f"{name}: supplied ({self.supplied[name].source}), not trained here")
+            return self.trained[name]
         with output_lock(self.out, log=self.log):
             return training.stage.train_one(self, name, force=self.force)
 
     def curves(self, show: bool = True):
-        """training_curves.png for the models trained so far; returns the Figure."""
+        """training_curves.png for the models trained so far; returns the Figure
+        (None for supplied models: they have no training history here)."""
         from .stages import training
+        if self.supplied:
+            self.say("supplied models: no training curves")
+            return None
         with output_lock(self.out, log=self.log):
             return training.stage.curves(self, show=show)
 
-    def failures(self, name: str = BASELINE, threshold: float | None = None):
+    def failures(self, name: str | None = None, threshold: float | None = None):
         """Test predictions and high-confidence failures of model `name`
-        (stages.failures.ModelFailures, shown as a table in a notebook)."""
+        (default the first: the baseline), stages.failures.ModelFailures,
+        shown as a table in a notebook."""
         from .stages import failures
         self.set(failure_threshold=threshold)
         with output_lock(self.out, log=self.log):
-            return failures.stage.evaluate_one(self, name)
+            return failures.stage.evaluate_one(self, name or self.models[0])
 
     def gradcam(self, threshold: float | None = None, layer: str | None = None, show: bool = True):
-        """Grad-CAM figures of the baseline's top failures (failure_case_<i>.png)."""
+        """Grad-CAM figures of the first model's (the baseline's) top failures (failure_case_<i>.png)."""
         from .stages import failures
         self.set(failure_threshold=threshold, cam_layer=layer)
         with output_lock(self.out, log=self.log):
@@ -437,17 +447,25 @@ class Setup:
     hardware: str
     data_dir: str
     out_dir: str
+    supplied: tuple[str, ...] = ()   # models supplied by the user (Study.from_models): nothing trained
+
+    def models_words(self) -> str:
+        if self.supplied:
+            return "supplied: " + ", ".join(self.supplied) + " (not trained here)"
+        return f"published weights {self.weights}" if self.weights else "trained here"
 
     def __str__(self) -> str:
         return "\n".join([
-            f"cnnstress {self.version}: profile {self.profile!r}, {self.epochs} epoch(s), seed {self.seed}"
-            + (f", published weights {self.weights}" if self.weights else ""),
+            f"cnnstress {self.version}: profile {self.profile!r}, "
+            + (f"{self.epochs} epoch(s), " if not self.supplied else "") + f"seed {self.seed}"
+            + (f", {self.models_words()}" if self.weights or self.supplied else ""),
             f"device: {self.device} - {self.hardware}",
             f"data: {self.data_dir}   outputs: {self.out_dir}"])
 
     def _repr_markdown_(self) -> str:
-        models = f"published weights `{self.weights}`" if self.weights else "trained here"
-        rows = [("cnnstress", self.version), ("profile", f"`{self.profile}`: {self.epochs} epoch(s), seed {self.seed}"),
+        models = f"published weights `{self.weights}`" if self.weights and not self.supplied else self.models_words()
+        epochs = f"{self.epochs} epoch(s), " if not self.supplied else ""
+        rows = [("cnnstress", self.version), ("profile", f"`{self.profile}`: {epochs}seed {self.seed}"),
                 ("models", models), ("device", f"`{self.device}`: {self.hardware}"),
                 ("data", f"`{self.data_dir}`"), ("outputs", f"`{self.out_dir}`")]
         return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -293,7 +293,10 @@ def test_from_models_in_python_with_its_own_preprocessing(foreign_weights, share
     study = Study.from_models({"vgg": model}, preprocess=(MEAN, STD), profile="smoke", data_dir=shared_cifar_dir,
                               out_dir=tmp_path / "out", log=None, device="cpu")
     assert study.models == ("vgg",) and study.cam_layer("vgg") == "features"
-    fails = study.failures("vgg")
+    # the notebook's first steps: nothing to train, no curves, the setup says so
+    assert study.train("vgg") is study.trained["vgg"] and study.curves() is None
+    assert "seed 42, supplied: vgg (not trained here)" in str(study.describe())
+    fails = study.failures()                                  # the first model by default
     x = normalize(to_float(study.splits.test.images))
     with torch.no_grad():
         by_hand = model((denormalize(x) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1))
