@@ -309,3 +309,22 @@ def test_from_models_in_python_with_its_own_preprocessing(foreign_weights, share
     assert any("(vgg)" in line for line in found[1:])
     with pytest.raises(CnnstressError, match="one or two models"):
         Study.from_models({"a": model, "b": model, "c": model}, data_dir=shared_cifar_dir, out_dir=tmp_path / "x")
+
+
+def test_load_state_reads_a_published_folder_by_name(trained_run, tmp_path):
+    """--weights results/full --name baseline: the published model's weights
+    (hashes verified), the same tensors load_published gives, and its stamp."""
+    from cnnstress.weights import export_weights, load_published
+
+    published = tmp_path / "published"
+    export_weights(trained_run, published)
+    model = resnet18()
+    stamp = load_state(model, published, "baseline")
+    reference = load_published(published, expect_profile=None, names=("baseline",))["baseline"]
+    assert stamp == reference.stamp
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    with pytest.raises(CnnstressError, match="publishes no model 'other'; it has baseline, improved"):
+        load_state(resnet18(), published, "other")
+    with pytest.raises(SuppliedModelError, match="does not fit TinyVGG"):
+        load_state(TinyVGG(), published, "improved")
