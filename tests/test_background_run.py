@@ -133,11 +133,11 @@ def test_start_refuses_a_second_run(bg, fake_run, capsys, monkeypatch):
 
 def test_publish_copies_the_outputs_and_exports_verified_weights(bg, analysed_run, tmp_path, capsys):
     import os
-    import shutil
 
     from cnnstress.weights import SUMS_FILE, verify_published
+    from conftest import copy_run
     home = tmp_path / "home"
-    shutil.copytree(analysed_run, home / "run")     # a copy: the session fixture stays as it is
+    copy_run(analysed_run, home / "run")     # a copy: the session fixture stays as it is
     (home / "run.log").write_text("console\n")
     dest = tmp_path / "results" / "full"
     assert bg.main(["--home", str(home), "publish", str(dest)]) == 0

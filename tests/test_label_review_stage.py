@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from cnnstress.__main__ import main
 from cnnstress.data import CLASSES
 from cnnstress.xai import label_review as lr
 from cnnstress.xai.label_errors import find_label_issues
-from conftest import cli
+from conftest import cli, copy_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MODELS = ("baseline", "improved")
@@ -74,7 +73,7 @@ def crafted(analysed_run, monkeypatch):
 
 def test_triage_against_a_crafted_review(crafted, analysed_run, shared_cifar_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    shutil.copytree(analysed_run, out)        # trained models and predictions: nothing is retrained
+    copy_run(analysed_run, out)        # trained models and predictions: nothing is retrained
     assert main(cli("run", shared_cifar_dir, out, "--threshold", "0", "--no-stress", "--no-explain")) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
@@ -153,8 +152,8 @@ def _without_volatile(metrics: dict) -> dict:
 def test_not_official_order_is_one_line_and_changes_nothing_else(analysed_run, shared_cifar_dir, tmp_path,
                                                                   monkeypatch, capsys):
     without, out = tmp_path / "without", tmp_path / "with"
-    shutil.copytree(analysed_run, without)
-    shutil.copytree(analysed_run, out)
+    copy_run(analysed_run, without)
+    copy_run(analysed_run, out)
     with monkeypatch.context() as mp:         # the same run without the stage
         mp.setattr(stages, "STAGES", [s for s in stages.STAGES if s.name != "label_review"])
         assert main(cli("run", shared_cifar_dir, without)) == 0

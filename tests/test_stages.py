@@ -8,7 +8,6 @@ stages after a "kernel restart" from the caches.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +17,7 @@ from cnnstress.__main__ import main
 from cnnstress.reporting import Paragraph, Section
 from cnnstress.results import Record
 from cnnstress.stages.base import CachedStage, Stage
-from conftest import cli
+from conftest import cli, copy_run
 
 
 @dataclass
@@ -80,7 +79,7 @@ def toy_registered(monkeypatch):
 def test_a_registered_stage_is_run_cached_and_reported(toy_registered, analysed_run, shared_cifar_dir,
                                                        tmp_path, capsys):
     out = tmp_path / "run"
-    shutil.copytree(analysed_run, out)        # trained models and caches: only the toy stage is new
+    copy_run(analysed_run, out)        # trained models and caches: only the toy stage is new
     assert main(cli("run", shared_cifar_dir, out)) == 0
     printed = capsys.readouterr().out
     assert ToyStage.computed == 1 and (out / "toy.json").is_file()
@@ -116,7 +115,7 @@ def test_study_after_a_restart_reads_every_stage_from_the_caches(analysed_run, s
     from cnnstress.study import Study
 
     out = tmp_path / "run"
-    shutil.copytree(analysed_run, out)
+    copy_run(analysed_run, out)
     before = {p.name: p.stat().st_mtime_ns for p in (out / "stress_baseline.json", out / "explanations.json",
                                                      out / "baseline" / "checkpoint.pt")}
     lines = []
