@@ -215,7 +215,8 @@ def test_analyse_a_foreign_model_from_the_command_line(foreign_weights, shared_c
         assert key in metrics["vgg"], key
     assert metrics["explanations"]["sanity"]["vgg"]["gradcam"]["steps"] == ["original", "classifier", "features"]
     for name in ("failure_case_1.png", "robustness.png", "adversarial.png", "faithfulness.png", "sanity_check.png",
-                 "label_suspects.png", "cam_methods.png", "report.html", "predictions_vgg.npz", "stress_vgg.json"):
+                 "label_suspects.png", "cam_methods.png", "report.html", "predictions_vgg.npz", "stress_vgg.json",
+                 "confusion_matrix.png"):   # one model: the failures stage draws its confusion matrix
         assert (out / name).is_file(), name
     assert not (out / "model_comparison.png").exists() and not (out / "vgg").exists()   # nothing trained
     report = " ".join((out / "analysis_report.txt").read_text().split())

@@ -115,6 +115,19 @@ def plot_model_comparison(summaries: Mapping[str, dict], classes: Sequence[str] 
 
 # --------------------------------------------------------------------------- confusion matrix
 
+def plot_confusion_matrices(summaries: Mapping[str, Mapping]) -> Figure:
+    """One confusion-matrix panel per model, side by side ({name: the
+    evaluate.summarize dict of its test results}), titled with its test accuracy."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(summaries), figsize=(7.5 * len(summaries), 6.5), squeeze=False,
+                             constrained_layout=True)
+    for ax, (name, s) in zip(axes[0], summaries.items()):
+        plot_confusion_matrix(np.array(s["confusion_matrix"]), title=f"{name}: confusion matrix "
+                              f"(test accuracy {100 * s['test_accuracy']:.2f}%)", ax=ax)
+    return fig
+
+
 def plot_confusion_matrix(cm, classes: Sequence[str] = CLASSES, title: str = "Confusion matrix",
                           normalize: bool = True, ax=None) -> Figure:
     """Confusion matrix (rows = true, columns = predicted). Colours are

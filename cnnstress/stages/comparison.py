@@ -10,12 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import matplotlib.pyplot as plt
-import numpy as np
 
 from ..compare import compare_models
 from ..data import CLASSES
-from ..plots import plot_confusion_matrix, plot_model_comparison
+from ..plots import plot_confusion_matrices, plot_model_comparison
 from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage, StudyContext, save_figures
@@ -97,12 +95,8 @@ class ComparisonStage(Stage):
         """confusion_matrix.png (a panel per model) and model_comparison.png
         (accuracy, per-class accuracy, failure bars split by the comparison's groups)."""
         models = inputs["failures"].models
-        fig, axes = plt.subplots(1, len(models), figsize=(7.5 * len(models), 6.5), squeeze=False,
-                                 constrained_layout=True)
-        for ax, (name, m) in zip(axes[0], models.items()):
-            plot_confusion_matrix(np.array(m.summary.confusion_matrix), title=f"{name}: confusion matrix "
-                                  f"(test accuracy {100 * m.summary.test_accuracy:.2f}%)", ax=ax)
         summaries = {n: m.summary.to_dict() for n, m in models.items()}
+        fig = plot_confusion_matrices(summaries)
         figures = {"model_comparison.png": plot_model_comparison(summaries,
                                                                  failure_groups=result.failures.counts.to_dict()),
                    "confusion_matrix.png": fig}

@@ -20,14 +20,14 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, evaluate_split, mine_failures, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
-from ..plots import plot_confusion_matrix, plot_failure_case, plot_no_failures, save_figure
+from ..plots import plot_confusion_matrices, plot_confusion_matrix, plot_failure_case, plot_no_failures, save_figure
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary, transient
 from ..runtime import resolve_device, resolve_precision
 from ..weights import describe_reference
 from ..xai import GradCAM, applicable_review, get_layer, label_suspects, review_note
 from ..xai.cam import describe_cam
-from .base import Stage, StudyContext
+from .base import Stage, StudyContext, save_figures
 
 
 SUSPECT_NOTE = "suspected label error (confident learning)"
@@ -323,6 +323,9 @@ class FailuresStage(Stage):
                 if c.improved_pred is None:
                     c.improved_pred = int(improved.preds[c.position])
                     c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
+        if len(study.models) == 1:   # with two, the comparison stage draws both side by side
+            save_figures({"confusion_matrix.png": plot_confusion_matrices(
+                {n: m.summary.to_dict() for n, m in models.items()})}, study.out, show=show)
         predictions = {n: self.predictions(study, n) for n in study.models}
         tables = {n: self.table(study, n) for n in study.models}
         return FailuresResult(models=models, threshold=study.config.failure_threshold,
@@ -362,7 +365,8 @@ class FailuresStage(Stage):
                                        models[names[1]].summary.per_class_accuracy[c])] if len(names) == 2 else [])]
                            for c in CLASSES])
         figures = [Figure("model_comparison.png", "accuracy, failures, per-class accuracy"),
-                   Figure("confusion_matrix.png", "both confusion matrices")] if len(names) == 2 else []
+                   Figure("confusion_matrix.png", "both confusion matrices")] if len(names) == 2 else \
+            [Figure("confusion_matrix.png", "the confusion matrix")]
         test = Section(f"Test results ({n_test} test images{where})", [overview, per_class, *figures], key=self.name)
         pairs = []
         for n, m in models.items():
