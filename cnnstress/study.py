@@ -151,7 +151,7 @@ class Study:
                          sha256=src.get("sha256"), device=device)
             study.say(f"{name}: {sup.source}, {sup.parameters:,} parameters, Grad-CAM at {sup.cam_layer!r}"
                       + (" (the deepest spatial layer; name another with cam_layer=)" if sup.cam_found else "")
-                      + (f", preprocessing {sup.preprocessing}" if preprocess is not None else ""))
+                      + (f", preprocessing {sup.preprocessing}" if sup.module is not model else ""))
             if config.channels_last:   # as our models are evaluated (the same numbers through either path)
                 sup.module.to(memory_format=torch.channels_last)
             study.supplied[name] = sup

@@ -24,6 +24,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def kernel_environment(jupyter: Path, *, profile: str, data_dir: Path, out_dir: Path) -> dict[str, str]:
+    """Write a "python3" kernel spec for this very interpreter under `jupyter`
+    and return the environment a kernel needs to run the notebook: that folder
+    first on JUPYTER_PATH (so no other interpreter's "python3" kernel is
+    picked up), the profile and folders the setup cell reads, this repository
+    importable. tests/test_notebook.py executes the notebook the same way."""
+    from ipykernel.kernelspec import write_kernel_spec
+
+    write_kernel_spec(Path(jupyter) / "kernels" / "python3")
+    return {"JUPYTER_PATH": str(jupyter), "CNNSTRESS_PROFILE": profile,
+            "CNNSTRESS_DATA_DIR": str(Path(data_dir).resolve()), "CNNSTRESS_OUT_DIR": str(Path(out_dir).resolve()),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+
+def execute(nb, *, timeout: int | None = None):
+    """Run every cell of `nb` in the "python3" kernel, from the repository root; returns nb."""
+    from nbclient import NotebookClient
+
+    NotebookClient(nb, kernel_name="python3", timeout=timeout, startup_timeout=120,
+                   resources={"metadata": {"path": str(REPO)}}).execute()
+    return nb
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python scripts/execute_notebook.py", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", type=Path, help="the run folder the notebook reads and writes (its OUT_DIR)")
@@ -39,22 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"{args.dest} must end in .ipynb")
 
     import nbformat
-    from ipykernel.kernelspec import write_kernel_spec
-    from nbclient import NotebookClient
 
     nb = nbformat.read(REPO / "assignment.ipynb", as_version=4)
     if args.weights:
         setup = next(c for c in nb.cells if c.cell_type == "code" and "WEIGHTS = None" in c.source)
         setup.source = setup.source.replace("WEIGHTS = None", f"WEIGHTS = {args.weights!r}", 1)
     with tempfile.TemporaryDirectory() as jupyter:
-        # A kernel for this interpreter, found before any other "python3" kernel.
-        write_kernel_spec(Path(jupyter) / "kernels" / "python3")
-        os.environ.update(JUPYTER_PATH=jupyter, CNNSTRESS_PROFILE=args.profile,
-                          CNNSTRESS_DATA_DIR=str(args.data_dir.resolve()),
-                          CNNSTRESS_OUT_DIR=str(args.run_dir.resolve()),
-                          PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
-        NotebookClient(nb, kernel_name="python3", timeout=None, startup_timeout=120,
-                       resources={"metadata": {"path": str(REPO)}}).execute()
+        os.environ.update(kernel_environment(Path(jupyter), profile=args.profile, data_dir=args.data_dir,
+                                             out_dir=args.run_dir))
+        execute(nb)
     if args.note:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"> **About this copy.** {args.note}"))
     args.dest.parent.mkdir(parents=True, exist_ok=True)

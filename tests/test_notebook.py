@@ -8,19 +8,29 @@ installed, and never picks up some other interpreter's "python3" kernel.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 import re
 from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
 from cnnstress.config import Config
 from conftest import copy_run
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_runner():
+    """scripts/execute_notebook.py: the one place the notebook's kernel is set up and run."""
+    spec = importlib.util.spec_from_file_location("execute_notebook", REPO / "scripts" / "execute_notebook.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+RUNNER = _load_runner()
 NOTEBOOK = REPO / "assignment.ipynb"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("training_curves.png", "failure_case_1.png", "confusion_matrix.png", "model_comparison.png",
@@ -126,19 +136,10 @@ def test_committed_notebook_has_no_outputs_and_sixteen_sections():
 def notebook_env(shared_cifar_dir, tmp_path_factory):
     """Environment for the kernel: smoke profile, fixture data, a fresh output
     folder, no GPU, and a python3 kernel spec for this very interpreter."""
-    from ipykernel.kernelspec import write_kernel_spec
-
-    jupyter = tmp_path_factory.mktemp("jupyter")
-    write_kernel_spec(jupyter / "kernels" / "python3")
     out = tmp_path_factory.mktemp("notebook_out")
-    env = {
-        "JUPYTER_PATH": str(jupyter),          # searched before the user's and the system's kernels
-        "CNNSTRESS_PROFILE": "smoke",
-        "CNNSTRESS_DATA_DIR": str(shared_cifar_dir),
-        "CNNSTRESS_OUT_DIR": str(out),
-        "CUDA_VISIBLE_DEVICES": "",            # device auto -> cpu
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
-    }
+    env = {**RUNNER.kernel_environment(tmp_path_factory.mktemp("jupyter"), profile="smoke",
+                                       data_dir=shared_cifar_dir, out_dir=out),
+           "CUDA_VISIBLE_DEVICES": ""}         # device auto -> cpu
     with pytest.MonkeyPatch.context() as mp:   # the kernel inherits this process's environment
         for key, value in env.items():
             mp.setenv(key, value)
@@ -146,10 +147,7 @@ def notebook_env(shared_cifar_dir, tmp_path_factory):
 
 
 def _execute(nb):
-    client = NotebookClient(nb, kernel_name="python3", timeout=600, startup_timeout=120,
-                            resources={"metadata": {"path": str(REPO)}})
-    client.execute()
-    return nb
+    return RUNNER.execute(nb, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -270,19 +268,15 @@ def test_weights_variable_loads_published_models_without_training(notebook_env, 
 def test_missing_data_folder_is_one_line_in_the_notebook(tmp_path, shared_cifar_dir):
     """Stage 3 with no CIFAR-10 (and no way to download it) shows the same
     one-line error as the command line, not a traceback."""
-    from ipykernel.kernelspec import write_kernel_spec
     from nbclient.exceptions import CellExecutionError
 
-    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
     blocker = tmp_path / "a-file"
     blocker.write_text("the data folder cannot be created under a file, so the download fails at once")
     nb = _read_notebook()
     stage3 = _stage_cell(nb, 3)
     nb.cells = nb.cells[:nb.cells.index(stage3) + 1]
-    env = {"JUPYTER_PATH": str(tmp_path / "jupyter"), "CNNSTRESS_PROFILE": "smoke",
-           "CNNSTRESS_DATA_DIR": str(blocker / "data"), "CNNSTRESS_OUT_DIR": str(tmp_path / "out"),
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
-               p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+    env = {**RUNNER.kernel_environment(tmp_path / "jupyter", profile="smoke", data_dir=blocker / "data",
+                                       out_dir=tmp_path / "out"), "CUDA_VISIBLE_DEVICES": ""}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
