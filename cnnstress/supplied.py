@@ -34,10 +34,11 @@ from .augment import denormalize
 from .data import NUM_CLASSES
 from .errors import CnnstressError
 from .model import count_parameters
+from .weights import published_state, sha256_file
 from .runtime import eval_mode
 
 __all__ = ["NAME_PATTERN", "Preprocessed", "SuppliedModel", "SuppliedModelError", "cascade_order",
-           "check_name", "feature_maps", "file_sha256", "find_cam_layer", "finer_layer", "import_factory",
+           "check_name", "feature_maps", "find_cam_layer", "finer_layer", "import_factory",
            "layer_root", "load_state", "state_sha256", "supply"]
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,39}")   # a name is a file-name part too
@@ -180,14 +181,6 @@ def state_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def import_factory(spec: str) -> Callable[[], nn.Module]:
     """"pkg.module:function" -> that function (code the user names, imported as such)."""
     module_name, sep, attr = str(spec).partition(":")
@@ -218,7 +211,6 @@ def load_state(model: nn.Module, path: str | Path, name: str | None = None) -> s
     file's SHA-256, or the published model's stamp."""
     path = Path(path)
     if path.is_dir():
-        from .weights import published_state
         data, digest = published_state(path, name or "")
         _fit(model, data, path)
         return digest
@@ -236,7 +228,7 @@ def load_state(model: nn.Module, path: str | Path, name: str | None = None) -> s
     if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise SuppliedModelError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     _fit(model, data, path)
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def _fit(model: nn.Module, data: Mapping[str, torch.Tensor], path: Path) -> None:
