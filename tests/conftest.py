@@ -2,11 +2,18 @@
 
 The tests never need the real dataset: each class gets its own colour and
 stripe position plus noise, so a ResNet can learn something in one epoch.
+
+The suite runs on every core with pytest-xdist (`-n auto` in pyproject.toml;
+`-n 0` for one process). The session's folders (the tiny CIFAR-10, the trained
+and the analysed smoke runs) are built once by whichever worker needs them
+first and read by the others (`shared_folder`).
 """
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -55,10 +62,46 @@ def cifar_dir(tmp_path: Path) -> Path:
     return write_cifar(tmp_path / "data")
 
 
+def pytest_configure(config) -> None:
+    # Each xdist worker gets its share of the cores: two workers with two
+    # torch threads each would oversubscribe a 2-core machine, and OpenMP
+    # threads that wait on a descheduled peer slow down badly.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cpus // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)      # the notebook kernel and CLI subprocesses
+
+
+def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A session folder built once for all xdist workers: the first worker to
+    ask builds it under a file lock, the others wait and read it. `build`
+    fills the folder it is given; a marker file says it finished."""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent          # shared by the workers of this run
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            if folder.exists():                           # a worker failed half-way: start again
+                import shutil
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shared_cifar_dir(tmp_path_factory) -> Path:
     """A tiny CIFAR-10 folder shared by tests that only read it."""
-    return write_cifar(tmp_path_factory.mktemp("cifar") / "data")
+    return shared_folder(tmp_path_factory, "cifar", lambda folder: write_cifar(folder / "data")) / "data"
 
 
 def tiny_training_config(**kw):
@@ -81,20 +124,32 @@ def tiny_splits(shared_cifar_dir):
 def two_epoch_runs(tiny_splits, tmp_path_factory):
     """For each preset, the tiny 2-epoch run trained whole and the same run
     stopped after epoch 1, checkpoints kept: the references the resume tests
-    share. Read only: a test copies the checkpoint it resumes or edits."""
+    share (trained once for all workers; each reads the models back from the
+    checkpoints). Read only: a test copies the checkpoint it resumes or edits."""
     from types import SimpleNamespace
 
+    from cnnstress.checkpoint import read_checkpoint
+    from cnnstress.model import resnet18
     from cnnstress.train import fit
 
-    root = tmp_path_factory.mktemp("two_epoch_runs")
-    runs = {}
-    for augment in ("baseline", "enhanced"):
-        cfg = tiny_training_config(epochs=2, augment=augment)
-        whole = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-whole.pt", log=None)
-        part = fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-part.pt", log=None, stop_after_epoch=1)
-        runs[augment] = SimpleNamespace(cfg=cfg, whole=whole, part=part, whole_path=root / f"{augment}-whole.pt",
-                                        part_path=root / f"{augment}-part.pt")
-    return runs
+    def build(root: Path) -> None:
+        for augment in ("baseline", "enhanced"):
+            cfg = tiny_training_config(epochs=2, augment=augment)
+            fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-whole.pt", log=None)
+            fit(cfg, tiny_splits, checkpoint_path=root / f"{augment}-part.pt", log=None, stop_after_epoch=1)
+
+    def trained(path: Path) -> SimpleNamespace:
+        ckpt = read_checkpoint(path)
+        model = resnet18()
+        model.load_state_dict(ckpt["model"])
+        return SimpleNamespace(model=model, history=ckpt["history"])
+
+    root = shared_folder(tmp_path_factory, "two_epoch_runs", build)
+    return {augment: SimpleNamespace(cfg=tiny_training_config(epochs=2, augment=augment),
+                                     whole=trained(root / f"{augment}-whole.pt"),
+                                     part=trained(root / f"{augment}-part.pt"),
+                                     whole_path=root / f"{augment}-whole.pt", part_path=root / f"{augment}-part.pt")
+            for augment in ("baseline", "enhanced")}
 
 
 def weights_equal(a, b) -> bool:
@@ -130,9 +185,9 @@ def trained_run(shared_cifar_dir, tmp_path_factory) -> Path:
     report and figures. Read only: a test that writes takes `trained_copy`."""
     from cnnstress.__main__ import main
 
-    out = tmp_path_factory.mktemp("trained_run")
-    assert main(cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain")) == 0
-    return out
+    def build(out: Path) -> None:
+        assert main(cli("run", shared_cifar_dir, out, "--no-stress", "--no-explain")) == 0
+    return shared_folder(tmp_path_factory, "trained_run", build)
 
 
 @pytest.fixture
@@ -148,9 +203,10 @@ def analysed_run(trained_run, shared_cifar_dir, tmp_path_factory) -> Path:
     only: a test that writes takes `analysed_copy`."""
     from cnnstress.__main__ import main
 
-    out = copy_run(trained_run, tmp_path_factory.mktemp("analysed_run") / "run")
-    assert main(cli("run", shared_cifar_dir, out)) == 0
-    return out
+    def build(folder: Path) -> None:
+        out = copy_run(trained_run, folder / "run")
+        assert main(cli("run", shared_cifar_dir, out)) == 0
+    return shared_folder(tmp_path_factory, "analysed_run", build) / "run"
 
 
 @pytest.fixture
