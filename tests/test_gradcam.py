@@ -428,6 +428,17 @@ def test_describe_cam_all_zero_map_is_reported_not_divided():
     assert d["peak_region"].startswith("nowhere") and d["centre_fraction"] == 0.0
 
 
+def test_failure_case_wording_of_an_all_zero_map():
+    """The log line and the report say 'is all zero', never 'at the nowhere'."""
+    from cnnstress.stages.failures import CamRegion
+    from cnnstress.xai.cam import describe_cam
+    zero = CamRegion.from_dict(describe_cam(np.zeros((4, 4))))
+    assert zero.short() == "is all zero" and zero.words().startswith("is all zero")
+    cam = np.zeros((9, 9))
+    cam[4, 4] = 1.0
+    assert CamRegion.from_dict(describe_cam(cam)).short() == "peaks at the centre"
+
+
 # --- Grad-CAM++ ----------------------------------------------------------------
 
 def test_compute_cam_plus_plus_hand_worked():

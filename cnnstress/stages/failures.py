@@ -44,6 +44,10 @@ class CamRegion(Record):
     peak: list[int]
     centre_fraction: float
 
+    def short(self) -> str:
+        """'peaks at the centre', or 'is all zero' for a map with no positive evidence (the log line)."""
+        return "is all zero" if self.peak_region.startswith("nowhere") else f"peaks at the {self.peak_region}"
+
     def words(self) -> str:
         if self.peak_region.startswith("nowhere"):
             return "is all zero (no positive evidence for the class at this layer)"
@@ -295,8 +299,7 @@ class FailuresStage(Stage):
             cases.append(case)
         for c in cases:
             study.say(f"case {c.rank}: {CLASSES[c.true]} taken for {CLASSES[c.pred]} ({c.confidence:.0%}); "
-                      f"predicted-class map peaks at the {c.where_pred.peak_region}, true-class map at the "
-                      f"{c.where_true.peak_region}" + ("; suspected label error" if c.label_suspect else "")
+                      f"predicted-class map {c.where_pred.short()}, true-class map {c.where_true.short()}" + ("; suspected label error" if c.label_suspect else "")
                       + (f"; {c.review}" if c.review else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
         return study.keep("cases", self.cases_key(study, name), cases)
