@@ -160,6 +160,16 @@ def test_failure_case_true_class_outside_top3(gradcam_overlay):
     assert "not in top 3" in fig.axes[3].get_xlabel()
 
 
+def test_failure_case_says_when_a_map_is_all_zero(gradcam_overlay):
+    """A true-class map with no positive evidence is labelled, not left as a flat panel."""
+    image, cam_pred, _ = _failure_inputs()
+    fig = plots.plot_failure_case(image, cam_pred, np.zeros((32, 32)), true_name="bird", pred_name="cat",
+                                  confidence=1.0, top3=[("cat", 1.0), ("dog", 0.0), ("frog", 0.0)])
+    texts = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in fig.axes}
+    assert texts["Grad-CAM for true (bird)"] == ["all zero:\nno positive evidence\nfor bird at this layer"]
+    assert texts["Grad-CAM for predicted (cat)"] == []
+
+
 def test_failure_case_into_given_axes(gradcam_overlay):
     image, cam_pred, cam_true = _failure_inputs()
     fig, axes = plt.subplots(2, 3, figsize=(9, 6))

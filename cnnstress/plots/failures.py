@@ -45,6 +45,10 @@ def plot_failure_case(image, cam_pred, cam_true, *, true_name: str, pred_name: s
                                               (ax_tcam, ax_tover, cam_true, "true", true_name)):
         cam_image = show_image(ax_cam, cam, cmap=cmap, vmin=0.0, vmax=1.0)
         ax_cam.set_title(f"Grad-CAM for {which} ({name})", fontsize=TITLE_SIZE)
+        if not np.any(cam > 0):
+            # Grad-CAM keeps only positive evidence: a flat panel would look like a drawing fault.
+            ax_cam.text(0.5, 0.5, f"all zero:\nno positive evidence\nfor {name} at this layer", ha="center",
+                        va="center", fontsize=LABEL_SIZE, color="white", transform=ax_cam.transAxes)
         show_overlay(ax_over, img, cam, cmap=cmap)
         ax_over.set_title(f"Overlay: {which} ({name})", fontsize=TITLE_SIZE)
     cbar = fig.colorbar(cam_image, ax=[ax_pcam, ax_pover, ax_tcam, ax_tover], shrink=0.8, aspect=30)
