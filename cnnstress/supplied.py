@@ -34,8 +34,8 @@ from .augment import denormalize
 from .data import NUM_CLASSES
 from .errors import CnnstressError
 from .model import count_parameters
-from .weights import published_state, sha256_file
 from .runtime import eval_mode
+from .weights import published_state, sha256_file
 
 __all__ = ["NAME_PATTERN", "Preprocessed", "SuppliedModel", "SuppliedModelError", "cascade_order",
            "check_name", "feature_maps", "find_cam_layer", "finer_layer", "import_factory",

@@ -44,12 +44,17 @@ class CamRegion(Record):
     peak: list[int]
     centre_fraction: float
 
+    @property
+    def all_zero(self) -> bool:
+        """No positive evidence for the class at this layer (xai.cam.describe_cam's 'nowhere')."""
+        return self.peak_region.startswith("nowhere")
+
     def short(self) -> str:
-        """'peaks at the centre', or 'is all zero' for a map with no positive evidence (the log line)."""
-        return "is all zero" if self.peak_region.startswith("nowhere") else f"peaks at the {self.peak_region}"
+        """'peaks at the centre', or 'is all zero' (the log line)."""
+        return "is all zero" if self.all_zero else f"peaks at the {self.peak_region}"
 
     def words(self) -> str:
-        if self.peak_region.startswith("nowhere"):
+        if self.all_zero:
             return "is all zero (no positive evidence for the class at this layer)"
         return (f"peaks at the {self.peak_region} (peak at row {self.peak[0]}, col {self.peak[1]}; centroid row "
                 f"{self.centroid[0]:.0f}, col {self.centroid[1]:.0f}; {100 * self.centre_fraction:.0f}% of the "
@@ -299,7 +304,8 @@ class FailuresStage(Stage):
             cases.append(case)
         for c in cases:
             study.say(f"case {c.rank}: {CLASSES[c.true]} taken for {CLASSES[c.pred]} ({c.confidence:.0%}); "
-                      f"predicted-class map {c.where_pred.short()}, true-class map {c.where_true.short()}" + ("; suspected label error" if c.label_suspect else "")
+                      f"predicted-class map {c.where_pred.short()}, true-class map {c.where_true.short()}"
+                      + ("; suspected label error" if c.label_suspect else "")
                       + (f"; {c.review}" if c.review else ""))
         study.timer.lap("failures gradcam", what="Grad-CAM figures of the top failures")
         return study.keep("cases", self.cases_key(study, name), cases)
