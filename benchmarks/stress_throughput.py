@@ -40,7 +40,7 @@ from cnnstress.robustness.adversarial import fgsm, pgd  # noqa: E402
 from cnnstress.augment import to_float  # noqa: E402
 from cnnstress.robustness.corruptions import CORRUPTIONS, SEVERITIES, corrupt, corrupt_cells  # noqa: E402
 from cnnstress.model import resnet18  # noqa: E402
-from cnnstress.runtime import describe_hardware  # noqa: E402
+from cnnstress.runtime import describe_hardware, usable_cpus  # noqa: E402
 from benchmarks.timing import open_test_set, warm_rates  # noqa: E402
 
 EPS = 8 / 255
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     n = int(sample.shape[0]) * len(SEVERITIES)
     corruptions = {name: _rates(lambda name=name: [corrupt(sample, name, s, seed=0) for s in SEVERITIES],
                                 n, torch.device("cpu"), args.repeats) for name in CORRUPTIONS}
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cpus()
     workers = args.workers or cpus
     all_cells = _all_cells(sample, sorted({1, workers}), args.repeats)
     torch.manual_seed(0)

@@ -50,6 +50,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity where the OS has one:
+    a container or `taskset` can allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 @lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX-512 BF16 or AMX)."""

@@ -33,6 +33,7 @@ import torch
 from cnnstress.robustness import corruptions as C
 from cnnstress.robustness import frost as F
 from cnnstress.errors import ConfigError, DataError
+from cnnstress.runtime import usable_cpus
 
 # Corruptions whose output does not depend on the seed.
 DETERMINISTIC = {"defocus_blur", "zoom_blur", "brightness", "contrast", "pixelate", "jpeg_compression"}
@@ -743,8 +744,7 @@ def test_resolve_workers():
     assert C.resolve_workers(3, 10, 70) == 3                      # explicit: as given, even for tiny jobs
     assert C.resolve_workers(None, 10, 70) == 1                   # tiny job: no pool
     big = C.resolve_workers(None, 10_000, 70)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert big == min(cpus, 70)
+    assert big == min(usable_cpus(), 70)
     assert C.resolve_workers(None, 10_000, 2) <= 2                # never more processes than cells
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match=r"workers must be an integer >= 1 or None \(auto\), got "):

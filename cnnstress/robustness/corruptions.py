@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -66,6 +65,7 @@ import torch
 from PIL import Image
 
 from ..errors import CnnstressError, ConfigError
+from ..runtime import usable_cpus
 from .frost import frost_overlays
 
 __all__ = ["CORRUPTIONS", "FAMILIES", "SEVERITIES", "corrupt", "corrupt_cells", "resolve_workers",
@@ -171,8 +171,7 @@ def resolve_workers(workers: int | None, n_images: int, n_cells: int) -> int:
         return int(workers)
     if n_images * n_cells < _MIN_PARALLEL_WORK:
         return 1
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cpus, n_cells))
+    return max(1, min(usable_cpus(), n_cells))
 
 
 def corrupt_cells(images: torch.Tensor, cells: Sequence[tuple[str, int]], seed: int = 0, *,
