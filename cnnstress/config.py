@@ -65,6 +65,8 @@ class Config:
     val_size: int = _learned(5000, "images held out of the official train set, stratified")
     train_subset: int | None = _learned(None, "cap on training images (stratified); none = all")
     precision: str = _learned("auto", "autocast dtype: auto = bf16 where the hardware has it", choices=PRECISIONS)
+    width: int = _learned(64, "channels of the ResNet-18's first stage, doubled at each later stage: 64 is the "
+                              "published network; the smoke profile's 16 does 1/16 of the convolution work")
     # --- runtime: does not change what a checkpoint means ----------------
     device: str = _runtime("auto", "auto | cpu | cuda | cuda:N")
     channels_last: bool = _runtime(True, "NHWC memory layout for conv speed")
@@ -121,6 +123,8 @@ class Config:
             problems.append(f"epochs must be >= 1 (got {self.epochs})")
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1 (got {self.batch_size})")
+        if self.width < 1:
+            problems.append(f"width must be >= 1 (got {self.width})")
         if self.checkpoint_every < 1:
             problems.append(f"checkpoint_every must be >= 1 (got {self.checkpoint_every})")
         if self.eval_batch_size < 1:
@@ -337,7 +341,7 @@ def _type_name(hint: Any) -> str:
 # The stress stage is sized the same way: `quick` adds about 5 minutes on such a
 # CPU; `full` corrupts the whole test set and attacks 1,000 images.
 PROFILES: dict[str, dict[str, Any]] = {
-    "smoke": dict(epochs=1, train_subset=512, val_size=256, test_subset=1000, batch_size=64,
+    "smoke": dict(epochs=1, width=16, train_subset=512, val_size=256, test_subset=1000, batch_size=64,
                   corruption_subset=10, adv_subset=16, adv_eps=(2, 8), pgd_steps=2,
                   faithfulness_samples=8, faithfulness_steps=4, sanity_samples=4),
     "quick": dict(epochs=4, train_subset=4000, val_size=1000, corruption_subset=64, adv_subset=64,

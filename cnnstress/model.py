@@ -2,7 +2,9 @@
 
 The CIFAR stem is one 3x3 convolution with stride 1 and no max-pool, so a
 32x32 input reaches `layer4` as a 4x4 map with 512 channels. 11,173,962
-parameters with 10 classes.
+parameters with 10 classes. `width` scales every stage's channels (64 is the
+published network; the smoke profile's 16 has 1/16 of the convolution work,
+so the tests and CI exercise every path in a fraction of the time).
 """
 from __future__ import annotations
 
@@ -40,14 +42,15 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, num_blocks: tuple[int, int, int, int] = (2, 2, 2, 2), num_classes: int = 10) -> None:
+    def __init__(self, num_blocks: tuple[int, int, int, int] = (2, 2, 2, 2), num_classes: int = 10,
+                 width: int = 64) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        in_planes = 64
+        self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        in_planes = width
         stages = []
-        for planes, blocks, stride in zip((64, 128, 256, 512), num_blocks, (1, 2, 2, 2)):
+        for planes, blocks, stride in zip((width, 2 * width, 4 * width, 8 * width), num_blocks, (1, 2, 2, 2)):
             layers = []
             for s in [stride] + [1] * (blocks - 1):
                 layers.append(BasicBlock(in_planes, planes, s))
@@ -55,24 +58,25 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N,3,H,W) normalised images -> (N,512,H/8,W/8) layer4 feature map."""
+        """(N,3,H,W) normalised images -> (N,8*width,H/8,W/8) layer4 feature map."""
         out = F.relu(self.bn1(self.conv1(x)))
         return self.layer4(self.layer3(self.layer2(self.layer1(out))))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """(N,512,h,w) feature map -> (N,num_classes) logits."""
+        """(N,8*width,h,w) feature map -> (N,num_classes) logits."""
         return self.linear(torch.flatten(self.pool(features), 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
 
-def resnet18(num_classes: int = 10) -> ResNet:
-    """CIFAR ResNet-18, randomly initialised (PyTorch defaults; seed before calling)."""
-    return ResNet((2, 2, 2, 2), num_classes=num_classes)
+def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
+    """CIFAR ResNet-18, randomly initialised (PyTorch defaults; seed before
+    calling); `width` channels in the first stage (Config.width)."""
+    return ResNet((2, 2, 2, 2), num_classes=num_classes, width=width)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -65,9 +65,9 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def build_model(config: Config, device: torch.device) -> nn.Module:
-    """A freshly initialised ResNet-18, the init fixed by config.seed."""
+    """A freshly initialised ResNet-18 of config.width, the init fixed by config.seed."""
     seed_everything(config.seed)
-    model = resnet18(NUM_CLASSES).to(device)
+    model = resnet18(NUM_CLASSES, width=config.width).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -153,8 +153,8 @@ def load_model(path: str | Path, config: Config | None = None,
     ckpt = read_checkpoint(path)
     if config is not None:
         check_config_matches(ckpt, config, path)
-    saved = Config.from_dict(ckpt["config"])
-    model = resnet18(NUM_CLASSES)
+    saved = Config.from_dict(ckpt["config"])   # a config saved before `width` existed reads as 64
+    model = resnet18(NUM_CLASSES, width=saved.width)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

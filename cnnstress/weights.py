@@ -342,7 +342,7 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
     for name in names:
         entry, config = models[name]
         state, stamp = _published_state(dest, name, sums, entry)
-        model = resnet18(NUM_CLASSES)
+        model = resnet18(NUM_CLASSES, width=config.width)
         try:
             model.load_state_dict(state)   # strict; copies into fp32 parameters
         except RuntimeError as exc:

@@ -141,7 +141,7 @@ def two_epoch_runs(tiny_splits, tmp_path_factory):
 
     def trained(path: Path) -> SimpleNamespace:
         ckpt = read_checkpoint(path)
-        model = resnet18()
+        model = resnet18(width=tiny_training_config().width)
         model.load_state_dict(ckpt["model"])
         return SimpleNamespace(model=model, history=ckpt["history"])
 

@@ -134,7 +134,7 @@ def test_start_refuses_a_second_run(bg, fake_run, capsys, monkeypatch):
 def test_publish_copies_the_outputs_and_exports_verified_weights(bg, analysed_run, tmp_path, capsys):
     import os
 
-    from cnnstress.weights import SUMS_FILE, verify_published
+    from cnnstress.weights import METADATA_FILE, SUMS_FILE, verify_published
     from conftest import copy_run
     home = tmp_path / "home"
     copy_run(analysed_run, home / "run")     # a copy: the session fixture stays as it is
@@ -149,7 +149,8 @@ def test_publish_copies_the_outputs_and_exports_verified_weights(bg, analysed_ru
                  "improved/history.json", "training_console.log", SUMS_FILE):
         assert (dest / name).is_file(), name
     assert (dest / "metrics.json").read_bytes() == (analysed_run / "metrics.json").read_bytes()
-    assert len(verify_published(dest)) >= 4   # two models' shards and weights.json, all hashes match
+    # both models' shards and weights.json, every hash matching
+    assert set(verify_published(dest)) == {p.name for p in dest.glob("*-of-*.pt")} | {METADATA_FILE}
     # a checkpoint newer than the report: the run is not finished, nothing is published
     ckpt = home / "run" / "baseline" / "checkpoint.pt"
     later = (home / "run" / "analysis_report.txt").stat().st_mtime + 60

@@ -21,6 +21,33 @@ def test_resnet18_matches_the_cifar_reference():
     torch.testing.assert_close(model(x), model.forward_head(feats))
 
 
+def _hand_count(w: int, classes: int = 10) -> int:
+    """ResNet-18's parameters at width w, counted layer by layer: 3x3 convs
+    without bias, BatchNorm weight and bias, 1x1 shortcut convs where the
+    shape changes, the linear head."""
+    total = 3 * 9 * w + 2 * w                                             # stem conv + bn
+    for i, planes in enumerate((w, 2 * w, 4 * w, 8 * w)):
+        c_in = planes // 2 if i else w
+        total += c_in * planes * 9 + 2 * planes + planes * planes * 9 + 2 * planes   # first block
+        total += c_in * planes + 2 * planes if i else 0                             # its shortcut
+        total += 2 * (planes * planes * 9 + 2 * planes)                             # second block
+    return total + 8 * w * classes + classes
+
+
+@pytest.mark.parametrize("width", [64, 16, 8])
+def test_width_scales_every_stage(width):
+    """Config.width: the stem and the four stages have w, 2w, 4w, 8w channels;
+    64 is the published network, 16 the smoke profile's (701,466 parameters)."""
+    model = resnet18(width=width)
+    assert count_parameters(model) == _hand_count(width)
+    assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels,
+            model.layer3[0].conv1.out_channels, model.layer4[0].conv1.out_channels] == \
+        [width, 2 * width, 4 * width, 8 * width]
+    assert model.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 8 * width, 4, 4)
+    assert _hand_count(64) == 11_173_962 and _hand_count(16) == 701_466
+    assert get_config("smoke").width == 16 and get_config("quick").width == get_config("full").width == 64
+
+
 def test_seeded_init_is_reproducible():
     torch.manual_seed(42)
     a = resnet18().state_dict()
@@ -68,7 +95,7 @@ def test_training_key_ignores_runtime_fields_and_diff_names_changes():
 
 # The fields a checkpoint depends on, as they were before the metadata carried groups.
 LEARNED = ["seed", "epochs", "batch_size", "lr", "weight_decay", "schedule", "augment", "val_size",
-           "train_subset", "precision"]
+           "train_subset", "precision", "width"]
 
 
 def test_every_field_has_a_group_and_help():

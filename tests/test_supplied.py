@@ -19,6 +19,7 @@ from torch import nn
 
 from cnnstress.__main__ import main
 from cnnstress.augment import denormalize, normalize, to_float
+from cnnstress.config import get_config
 from cnnstress.errors import CnnstressError
 from cnnstress.model import resnet18
 from cnnstress.study import Study
@@ -253,15 +254,22 @@ def test_analyse_bad_input_is_one_line_and_writes_nothing(extra, match, trained_
     assert not out.exists()
 
 
-def test_our_models_through_the_generic_path_give_the_built_in_numbers(analysed_run, shared_cifar_dir, tmp_path):
-    """`analyse --model cnnstress.model:resnet18 --weights <checkpoint>` for
+def test_our_models_through_the_generic_path_give_the_built_in_numbers(analysed_run, shared_cifar_dir, tmp_path,
+                                                                      monkeypatch):
+    """`analyse --model <factory of our ResNet-18> --weights <checkpoint>` for
     both trained models: every analysis number in metrics.json equals the
-    built-in run's (only how the models came about and the times differ)."""
+    built-in run's (only how the models came about and the times differ).
+    The factory is a module of the user's: the smoke run's network is the
+    ResNet-18 at the smoke profile's width."""
+    (tmp_path / "smoke_resnet.py").write_text(
+        "from functools import partial\n\nfrom cnnstress.config import get_config\n"
+        "from cnnstress.model import resnet18\n\nmodel = partial(resnet18, width=get_config('smoke').width)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "generic"
     config = json.loads((analysed_run / "config.json").read_text())
     args = cli("analyse", shared_cifar_dir, out, "--test-subset", str(config["test_subset"]))
     for name in ("baseline", "improved"):
-        args += ["--model", "cnnstress.model:resnet18", "--weights", str(analysed_run / name / "checkpoint.pt"),
+        args += ["--model", "smoke_resnet:model", "--weights", str(analysed_run / name / "checkpoint.pt"),
                  "--name", name]
     assert main(args) == 0
     built_in = json.loads((analysed_run / "metrics.json").read_text())
@@ -319,13 +327,13 @@ def test_load_state_reads_a_published_folder_by_name(trained_run, tmp_path):
 
     published = tmp_path / "published"
     export_weights(trained_run, published)
-    model = resnet18()
+    model = resnet18(width=get_config("smoke").width)
     stamp = load_state(model, published, "baseline")
     reference = load_published(published, expect_profile=None, names=("baseline",))["baseline"]
     assert stamp == reference.stamp
     for key, value in reference.model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     with pytest.raises(CnnstressError, match="publishes no model 'other'; it has baseline, improved"):
-        load_state(resnet18(), published, "other")
+        load_state(resnet18(width=get_config("smoke").width), published, "other")
     with pytest.raises(SuppliedModelError, match="does not fit TinyVGG"):
         load_state(TinyVGG(), published, "improved")

@@ -106,6 +106,26 @@ def test_checkpoint_is_weights_only_and_format_1_still_resumes_identically(split
     assert resumed.resumed_from_epoch == 1 and weights_equal(whole.model, resumed.model)
 
 
+def test_checkpoint_saved_before_width_existed_is_a_width_64_network(two_epoch_runs, tmp_path):
+    """The full study's checkpoints were written before Config.width: their
+    config has no such field, so it reads as 64, the network they hold. A
+    config of another width is refused, naming the field."""
+    from cnnstress.model import resnet18
+    from cnnstress.train import load_model
+    ref = two_epoch_runs["baseline"]
+    ckpt = torch.load(ref.part_path, weights_only=True)
+    assert ckpt["config"]["width"] == 16                   # the smoke profile's
+    torch.manual_seed(0)
+    wide = resnet18(width=64)
+    del ckpt["config"]["width"]
+    ckpt["model"] = wide.state_dict()
+    torch.save(ckpt, tmp_path / "old.pt")
+    model, _ = load_model(tmp_path / "old.pt", config=ref.cfg.replace(width=64))
+    assert weights_equal(model, wide)
+    with pytest.raises(CheckpointError, match=r"different config \(width: checkpoint 64 vs now 16\)"):
+        load_model(tmp_path / "old.pt", config=ref.cfg)
+
+
 def test_checkpoint_that_would_run_code_is_refused_and_runs_nothing(splits, tmp_path):
     import os
 
