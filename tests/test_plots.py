@@ -170,6 +170,23 @@ def test_failure_case_says_when_a_map_is_all_zero(gradcam_overlay):
     assert texts["Grad-CAM for predicted (cat)"] == []
 
 
+def test_sanity_check_grid_says_which_maps_are_all_zero():
+    """In the map grid under the curves, a map the randomised model gives no
+    positive evidence is labelled "all zero"; the others are not."""
+    steps = ["original", "linear", "layer4"]
+    summary = {"gradcam": {"steps": steps, "median_ssim": [1.0, 0.2, 0.1],
+                           "verdict": {"passed": True, "threshold": 0.5,
+                                       "median_per_step": {"original": 1.0, "linear": 0.3, "layer4": 0.2}}}}
+    maps = np.random.default_rng(0).random((3, 2, 8, 8)).astype(np.float32)
+    maps[2, 1] = 0.0                                    # image 2 after layer4 is re-initialised
+    fig = plots.plot_sanity_check({"baseline": summary}, maps, steps)
+    grid = [ax for ax in fig.axes if ax.images]
+    assert len(grid) == 6
+    labelled = [(ax.get_title(), [t.get_text() for t in ax.texts]) for ax in grid if ax.texts]
+    assert labelled == [("", ["all zero"])]
+    assert grid[5].texts and np.all(grid[5].images[0].get_array() == 0)   # row 2, column 3
+
+
 def test_failure_case_into_given_axes(gradcam_overlay):
     image, cam_pred, cam_true = _failure_inputs()
     fig, axes = plt.subplots(2, 3, figsize=(9, 6))

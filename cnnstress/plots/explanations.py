@@ -119,6 +119,9 @@ def plot_sanity_check(summaries: Mapping[str, Mapping[str, Any]], maps: np.ndarr
                 ax.imshow(maps[j, i], cmap=CAM_COLORMAP, vmin=0, vmax=1, interpolation="bilinear")
                 ax.set_xticks([])
                 ax.set_yticks([])
+                if not np.any(maps[j, i] > 0):   # no positive evidence left: say so, not a flat panel
+                    ax.text(0.5, 0.5, "all zero", ha="center", va="center", fontsize=TICK_SIZE, color="white",
+                            transform=ax.transAxes)
                 if i == 0 and steps is not None:
                     ax.set_title("original" if steps[j] == "original" else f"+{steps[j]}", fontsize=TICK_SIZE)
         if map_title:
