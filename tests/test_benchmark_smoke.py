@@ -77,6 +77,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_benchmark_json_smoke(tmp_path, capsys, one_thread):
     _write_fixture(tmp_path)
     bench = _load_script()

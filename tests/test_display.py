@@ -96,6 +96,7 @@ def test_report_result_shows_the_report_it_wrote():
     assert str(ReportResult.from_dict(r.to_dict())) == "report: o/analysis_report.txt"
 
 
+@pytest.mark.slow
 def test_the_study_steps_return_these_results(analysed_run, shared_cifar_dir, tmp_path):
     """On a finished run: every step that used to print returns its result,
     and the report step shows the analysis_report.txt it wrote."""

@@ -208,6 +208,7 @@ def test_run_writes_explanations(analysed_run):
         assert text in report, text
 
 
+@pytest.mark.slow
 def test_explain_command_reuses_the_cache_and_layer3_recomputes(analysed_copy, shared_cifar_dir, capsys):
     analysed_run = analysed_copy   # this test writes: a private copy
     args = cli("explain", shared_cifar_dir, analysed_run)

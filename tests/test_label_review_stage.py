@@ -149,6 +149,7 @@ def _without_volatile(metrics: dict) -> dict:
     return _without_seconds(out)
 
 
+@pytest.mark.slow
 def test_not_official_order_is_one_line_and_changes_nothing_else(analysed_run, shared_cifar_dir, tmp_path,
                                                                   monkeypatch, capsys):
     without, out = tmp_path / "without", tmp_path / "with"

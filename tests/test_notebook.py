@@ -156,6 +156,7 @@ def first_run(notebook_env):
     return notebook_env, nb
 
 
+@pytest.mark.slow
 def test_notebook_runs_and_writes_every_output(first_run):
     out, nb = first_run
     for name in OUTPUTS:
@@ -202,6 +203,7 @@ def test_notebook_runs_and_writes_every_output(first_run):
     assert all("".join(line[2:].split()) in "".join(report.split()) for line in found.splitlines())
 
 
+@pytest.mark.slow
 def test_rerun_reuses_checkpoints_and_predictions(first_run, tmp_path, monkeypatch):
     """Run the whole notebook again in a new kernel (as after a restart), with
     stage 8's THRESHOLD set to 0: nothing is retrained or re-predicted (the
@@ -236,6 +238,7 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run, tmp_path, monkeypat
     assert not any(line.startswith(("case 1:", "baseline: test accuracy")) for line in logged), stage15[:2000]
 
 
+@pytest.mark.slow
 def test_weights_variable_loads_published_models_without_training(notebook_env, analysed_run, tmp_path,
                                                                   monkeypatch):
     """WEIGHTS = <published folder> in the setup cell: the training stages load

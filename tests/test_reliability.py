@@ -200,6 +200,7 @@ def test_malformed_json_cache_is_a_miss(analysed_run, tmp_path, cache, field, co
         assert f"results.{field} is missing" in logged[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache, field, content", [(*CACHES[0], CONTENTS[3]), (*CACHES[1], CONTENTS[0])])
 def test_malformed_json_cache_is_recomputed(analysed_copy, shared_cifar_dir, capsys, cache, field, content):
     path = analysed_copy / cache
@@ -669,6 +670,7 @@ def test_a_predictions_cache_with_impossible_values_is_a_miss(analysed_run, tmp_
     assert logged == [f"predictions: {path} holds a malformed {needle} array; recomputing"]
 
 
+@pytest.mark.slow
 def test_a_class_99_prediction_is_recomputed_by_the_cli(analysed_copy, shared_cifar_dir, capsys):
     path = analysed_copy / "predictions_improved.npz"
     arrays = _predictions(analysed_copy, "improved")

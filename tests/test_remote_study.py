@@ -242,6 +242,7 @@ def test_a_failing_preflight_exits_3_with_its_trace(shared_cifar_dir, tmp_path, 
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bench_writes_the_benchmark_json(shared_cifar_dir, tmp_path, capsys):
     bench = remote_study.bench
     dest = tmp_path / "bench.json"

@@ -198,6 +198,7 @@ def test_run_writes_stress_outputs_and_metrics(stressed):
         assert (stressed / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_stress_command_reuses_cache_and_force_recomputes(analysed_copy, shared_cifar_dir, capsys):
     import os
     stressed = analysed_copy
@@ -220,6 +221,7 @@ def test_stress_command_reuses_cache_and_force_recomputes(analysed_copy, shared_
     assert metrics["stress"]["settings"]["corruption_subset"] == 10
 
 
+@pytest.mark.slow
 def test_stress_cache_from_before_frost_is_not_reused(stressed, shared_cifar_dir, tmp_path, capsys):
     """A stress cache written before frost and ImageMagick's 8-bit conversion
     (settings version 1, 14 types) is recomputed, never reused: the key holds

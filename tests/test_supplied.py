@@ -197,6 +197,7 @@ def foreign_weights(tiny_splits, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_analyse_a_foreign_model_from_the_command_line(foreign_weights, shared_cifar_dir, tmp_path, capsys):
     out = tmp_path / "out"
     args = cli("analyse", shared_cifar_dir, out, "--model", "foreign_models:tiny_vgg", "--weights",
@@ -254,6 +255,7 @@ def test_analyse_bad_input_is_one_line_and_writes_nothing(extra, match, trained_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_our_models_through_the_generic_path_give_the_built_in_numbers(analysed_run, shared_cifar_dir, tmp_path,
                                                                       monkeypatch):
     """`analyse --model <factory of our ResNet-18> --weights <checkpoint>` for
