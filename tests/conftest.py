@@ -76,17 +76,6 @@ def pytest_configure(config) -> None:
         os.environ["OMP_NUM_THREADS"] = str(threads)      # the notebook kernel and CLI subprocesses
 
 
-@pytest.hookimpl(trylast=True)       # after pytest-randomly has shuffled
-def pytest_collection_modifyitems(items) -> None:
-    """The files with end-to-end tests (marked slow) first, each part in the
-    random order pytest-randomly chose: xdist hands whole files to the
-    workers in this order, so the long files start early and the short
-    ones fill in at the end, instead of one worker running a 60 s file
-    alone at the end while the other core idles."""
-    heavy = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in heavy)    # a stable sort
-
-
 def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
     """A session folder built once for all xdist workers: the first worker to
     ask builds it under a file lock, the others wait and read it. `build`
