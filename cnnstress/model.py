@@ -79,6 +79,12 @@ def resnet18(num_classes: int = 10, width: int = 64) -> ResNet:
     return ResNet((2, 2, 2, 2), num_classes=num_classes, width=width)
 
 
+def resnet18_for(config, num_classes: int = 10) -> ResNet:
+    """The network a cnnstress.Config describes (its `width`): what training
+    builds and what a checkpoint or published weights load into."""
+    return resnet18(num_classes, width=config.width)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -344,8 +344,8 @@ class Study:
 
     def describe_model(self):
         """The architecture's size and one forward pass's shapes (model.ModelSummary)."""
-        from .model import resnet18, summarise
-        return summarise(resnet18(num_classes=10, width=self.config.width))
+        from .model import resnet18_for, summarise
+        return summarise(resnet18_for(self.config))
 
     def show_data(self, n: int = 16):
         """Images per split and class (data.SplitCounts), with a grid of `n`

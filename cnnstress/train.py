@@ -33,7 +33,7 @@ from .data import NUM_CLASSES, CifarSplits
 from .errors import CheckpointError, TrainingDiverged
 from .evaluate import predict
 from .io import save_json
-from .model import resnet18
+from .model import resnet18_for
 from .runtime import (autocast, in_notebook, progress_bar, progress_enabled, resolve_device,  # noqa: F401 (in_notebook: re-exported)
                       resolve_precision, seed_everything, tune_backend)
 
@@ -67,7 +67,7 @@ def epoch_seed(seed: int, epoch: int, stream: int) -> int:
 def build_model(config: Config, device: torch.device) -> nn.Module:
     """A freshly initialised ResNet-18 of config.width, the init fixed by config.seed."""
     seed_everything(config.seed)
-    model = resnet18(NUM_CLASSES, width=config.width).to(device)
+    model = resnet18_for(config, NUM_CLASSES).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -154,7 +154,7 @@ def load_model(path: str | Path, config: Config | None = None,
     if config is not None:
         check_config_matches(ckpt, config, path)
     saved = Config.from_dict(ckpt["config"])   # a config saved before `width` existed reads as 64
-    model = resnet18(NUM_CLASSES, width=saved.width)
+    model = resnet18_for(saved, NUM_CLASSES)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

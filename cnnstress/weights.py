@@ -31,7 +31,7 @@ from .config import Config, get_config
 from .data import NUM_CLASSES
 from .errors import CheckpointError
 from .io import atomic_write, save_json
-from .model import ARCH, resnet18
+from .model import ARCH, resnet18_for
 from .registry import MODEL_NAMES, checkpoint_path
 
 FORMAT_VERSION = 1
@@ -342,7 +342,7 @@ def load_published(dest: str | Path, *, expect_profile: str | None = "full", dev
     for name in names:
         entry, config = models[name]
         state, stamp = _published_state(dest, name, sums, entry)
-        model = resnet18(NUM_CLASSES, width=config.width)
+        model = resnet18_for(config, NUM_CLASSES)
         try:
             model.load_state_dict(state)   # strict; copies into fp32 parameters
         except RuntimeError as exc:

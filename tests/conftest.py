@@ -130,7 +130,7 @@ def two_epoch_runs(tiny_splits, tmp_path_factory):
     from types import SimpleNamespace
 
     from cnnstress.checkpoint import read_checkpoint
-    from cnnstress.model import resnet18
+    from cnnstress.model import resnet18_for
     from cnnstress.train import fit
 
     def build(root: Path) -> None:
@@ -141,7 +141,7 @@ def two_epoch_runs(tiny_splits, tmp_path_factory):
 
     def trained(path: Path) -> SimpleNamespace:
         ckpt = read_checkpoint(path)
-        model = resnet18(width=tiny_training_config().width)
+        model = resnet18_for(tiny_training_config())
         model.load_state_dict(ckpt["model"])
         return SimpleNamespace(model=model, history=ckpt["history"])
 

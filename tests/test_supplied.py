@@ -21,7 +21,7 @@ from cnnstress.__main__ import main
 from cnnstress.augment import denormalize, normalize, to_float
 from cnnstress.config import get_config
 from cnnstress.errors import CnnstressError
-from cnnstress.model import resnet18
+from cnnstress.model import resnet18, resnet18_for
 from cnnstress.study import Study
 from cnnstress.supplied import (Preprocessed, SuppliedModelError, cascade_order, feature_maps, find_cam_layer,
                                 finer_layer, import_factory, load_state, state_sha256, supply)
@@ -329,13 +329,13 @@ def test_load_state_reads_a_published_folder_by_name(trained_run, tmp_path):
 
     published = tmp_path / "published"
     export_weights(trained_run, published)
-    model = resnet18(width=get_config("smoke").width)
+    model = resnet18_for(get_config("smoke"))
     stamp = load_state(model, published, "baseline")
     reference = load_published(published, expect_profile=None, names=("baseline",))["baseline"]
     assert stamp == reference.stamp
     for key, value in reference.model.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     with pytest.raises(CnnstressError, match="publishes no model 'other'; it has baseline, improved"):
-        load_state(resnet18(width=get_config("smoke").width), published, "other")
+        load_state(resnet18_for(get_config("smoke")), published, "other")
     with pytest.raises(SuppliedModelError, match="does not fit TinyVGG"):
         load_state(TinyVGG(), published, "improved")

@@ -183,9 +183,9 @@ def test_run_with_weights_reproduces_the_source_run(published, analysed_run, sha
         # independent: the source checkpoint's weights rounded to bf16, evaluated in fp32
         from cnnstress.data import load_splits
         from cnnstress.evaluate import predict
-        from cnnstress.model import resnet18
+        from cnnstress.model import resnet18_for
         ckpt = read_checkpoint(analysed_run / name / "checkpoint.pt")
-        model = resnet18(width=analysis_config("smoke").width)
+        model = resnet18_for(analysis_config("smoke"))
         model.load_state_dict({k: v.to(torch.bfloat16).to(v.dtype) if v.is_floating_point() else v
                                for k, v in ckpt["model"].items()})
         test = load_splits(shared_cifar_dir, analysis_config("smoke"), download=False).test
