@@ -8,9 +8,10 @@ from cnnstress.checkpoint import read_checkpoint
 from cnnstress.data import load_splits
 from cnnstress.errors import CheckpointError, TrainingDiverged
 from cnnstress.evaluate import predict
+from cnnstress.model import resnet18
 from cnnstress.config import get_config
 from cnnstress.runtime import cpu_has_bf16
-from cnnstress.train import fit
+from cnnstress.train import fit, load_model
 
 from conftest import strip_time, tiny_training_config as _config, weights_equal
 
@@ -110,8 +111,6 @@ def test_checkpoint_saved_before_width_existed_is_a_width_64_network(two_epoch_r
     """The full study's checkpoints were written before Config.width: their
     config has no such field, so it reads as 64, the network they hold. A
     config of another width is refused, naming the field."""
-    from cnnstress.model import resnet18
-    from cnnstress.train import load_model
     ref = two_epoch_runs["baseline"]
     ckpt = torch.load(ref.part_path, weights_only=True)
     assert ckpt["config"]["width"] == 16                   # the smoke profile's
