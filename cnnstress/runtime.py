@@ -120,7 +120,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 def in_notebook() -> bool:
     shell = sys.modules.get("IPython")
     ip = shell.get_ipython() if shell is not None and hasattr(shell, "get_ipython") else None
-    return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
+    # Jupyter's kernel shell, or a subclass of it (Colab's)
+    return ip is not None and any(c.__name__ == "ZMQInteractiveShell" for c in type(ip).__mro__)
 
 
 def progress_enabled(progress: bool | None) -> bool:

@@ -47,6 +47,10 @@ ALSO_WRITTEN = ("report.html", "run_log.json", "config.json", ".cnnstress.lock",
                 "label_precision_at_k.png")
 CACHED = ("baseline/checkpoint.pt", "improved/checkpoint.pt", "baseline/history.json", "improved/history.json",
           "predictions_baseline.npz", "predictions_improved.npz", "stress_baseline.json", "stress_improved.json")
+# Figures whose inputs the rerun below leaves as they were (the threshold changes the failures and
+# the explanations' samples, not the training or the stress tests): not redrawn (cnnstress.plots.files)
+KEPT_FIGURES = ("training_curves.png", "robustness.png", "corruption_examples.png", "reliability_diagram.png",
+                "adversarial.png")
 THRESHOLD_LINE = "THRESHOLD = study.config.failure_threshold"
 MAX_CELL_LINES = 3   # a stage is one or two calls on the Study; the logic lives in the package
 
@@ -208,17 +212,20 @@ def test_rerun_reuses_checkpoints_and_predictions(first_run, tmp_path, monkeypat
     """Run the whole notebook again in a new kernel (as after a restart), with
     stage 8's THRESHOLD set to 0: nothing is retrained or re-predicted (the
     checkpoint and prediction files keep their bytes and mtimes), and every
-    wrong prediction becomes a failure, so three Grad-CAM cases are drawn."""
+    wrong prediction becomes a failure, so three Grad-CAM cases are drawn;
+    the figures made from unchanged results are not drawn again."""
     first, _ = first_run
     out = copy_run(first, tmp_path / "rerun")          # the first run's folder stays as it was
     monkeypatch.setenv("CNNSTRESS_OUT_DIR", str(out))
-    before = {name: _stamp(out / name) for name in CACHED}
+    before = {name: _stamp(out / name) for name in CACHED + KEPT_FIGURES}
+    no_failures = (out / "failure_case_1.png").read_bytes()
     nb = _read_notebook()
     stage8 = _stage_cell(nb, 8)
     stage8.source = stage8.source.replace(THRESHOLD_LINE, "THRESHOLD = 0.0  #", 1)
     nb = _execute(nb)
-    for name in CACHED:
+    for name in CACHED + KEPT_FIGURES:
         assert _stamp(out / name) == before[name], f"{name} was rewritten on the rerun"
+    assert (out / "failure_case_1.png").read_bytes() != no_failures
     for stage in (5, 9):
         text = _text(_stage_cell(nb, stage))
         assert "reusing finished checkpoint" in text and "train loss" not in text

@@ -100,6 +100,7 @@ def test_rerun_reuses_models_and_explains_failures(trained_copy, shared_cifar_di
     run_out = trained_copy
     ckpt = run_out / "baseline" / "checkpoint.pt"
     before = ckpt.read_bytes()
+    no_failures = (run_out / "failure_case_1.png").read_bytes()   # the 80% threshold leaves none
     # threshold 0 turns every wrong prediction into a failure, so the Grad-CAM cases exist (the failure
     # stage draws them; stress and explanations are not needed here and are tested on their own)
     code = main(["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--threshold", "0.0",
@@ -113,3 +114,17 @@ def test_rerun_reuses_models_and_explains_failures(trained_copy, shared_cifar_di
         _valid_png(run_out / f"failure_case_{i}.png")
     report = " ".join((run_out / "analysis_report.txt").read_text().split())  # undo line wrapping
     assert "Case 1 (failure_case_1.png)" in report and "Grad-CAM for the predicted class" in report
+    assert (run_out / "failure_case_1.png").read_bytes() != no_failures
+    # The same run again redraws no figure (each is redrawn only when what it is drawn from changed:
+    # plots.files); asking for one case removes the files of cases 2 and 3 and keeps the others.
+    def figures():
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_out.glob("*.png")}
+
+    again = ["run", "--profile", "smoke", "--device", "cpu", "--no-progress", "--threshold", "0.0", "--no-stress",
+             "--no-explain", "--data-dir", str(shared_cifar_dir), "--out-dir", str(run_out)]
+    drawn = figures()
+    assert {"failure_case_3.png", "training_curves.png", "confusion_matrix.png", "model_comparison.png"} <= set(drawn)
+    assert main(again) == 0 and figures() == drawn
+    assert main([*again, "--top-failures", "1"]) == 0
+    assert {n: v for n, v in figures().items() if n != "failure_case_1.png"} == {
+        n: v for n, v in drawn.items() if n not in ("failure_case_1.png", "failure_case_2.png", "failure_case_3.png")}

@@ -1,5 +1,5 @@
 """The look shared by every figure: palette, model colours, font sizes,
-colormaps, axes helpers, the CAM overlay, and saving.
+colormaps, axes helpers and the CAM overlay (saving: cnnstress.plots.files).
 
 Every plotting function draws into the caller's `ax` / `axes` when given
 (and then returns the caller's figure), or makes its own figure with
@@ -11,7 +11,6 @@ keeps one colour across all figures: baseline blue, improved vermillion.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib.pyplot as plt
@@ -135,16 +134,6 @@ def show_overlay(ax, img: np.ndarray, cam: Any, cmap: str = CAM_COLORMAP):
     from ..xai.cam import overlay   # deferred: xai imports torch
 
     return show_image(ax, np.clip(overlay(img, np.asarray(cam, dtype=np.float32), colormap=cmap), 0.0, 1.0))
-
-
-def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
-    """Write `fig` as PNG to `path` atomically (temp file, then rename) and return the path."""
-    from ..io import atomic_write
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, facecolor="white"))
-    return path
 
 
 def close(fig: Figure) -> None:

@@ -8,7 +8,8 @@ in metrics.json and its section of the reports:
     requires                        -> names of the stages whose results it reads
     run(study, inputs, force=, show=, cached_only=) -> typed result (a results.Record)
     compute(study, inputs)          -> the result (Stage.run: compute, then figures)
-    figures(study, result, inputs=, show=) -> the files drawn from the result
+    figures(study, result, inputs=, show=) -> the files drawn from the result (each
+                                       figure a plots.FigureSpec: redrawn only when changed)
     summary(study, result)          -> the one line logged and printed by the CLI
     model_metrics(study, result, m) -> flat numbers merged into metrics.json[m]
     metrics(study, result)          -> metrics.json[stage.name] (None: nothing)
@@ -29,12 +30,11 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
-import matplotlib.pyplot as plt
 import numpy as np
 
 from ..errors import ResultFormatError
 from ..io import ensure_writable_dir, read_json_cache, save_json
-from ..plots import save_figure
+from ..plots import write_figure
 from ..results import Record
 
 if TYPE_CHECKING:
@@ -184,17 +184,11 @@ def json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def save_figures(figures: dict, out: "Path", *, save: bool = True, show: bool = False) -> list:
-    """Save {file name: Figure} under `out` (when save) and close each figure
-    unless it is to be shown (a notebook displays it)."""
-
-    paths = []
-    for filename, fig in figures.items():
-        if save:
-            paths.append(save_figure(fig, out / filename))
-        if not show:
-            plt.close(fig)
-    return paths
+def save_figures(figures: dict, out: "Path", *, show: bool = False) -> list:
+    """Write {file name: plots.FigureSpec} under `out`, each drawn only when
+    its file was drawn from something else (plots.write_figure); show:
+    display each file in a notebook. Returns the paths."""
+    return [write_figure(spec, out / filename, show=show) for filename, spec in figures.items()]
 
 
 class CachedStage(Stage):

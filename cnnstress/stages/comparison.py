@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..compare import compare_models
 from ..data import CLASSES
-from ..plots import plot_confusion_matrices, plot_model_comparison
+from ..plots import FigureSpec, plot_confusion_matrices, plot_model_comparison
 from ..reporting import Paragraph, Section
 from ..results import Comparison
 from .base import Stage, StudyContext, save_figures
@@ -96,10 +96,9 @@ class ComparisonStage(Stage):
         (accuracy, per-class accuracy, failure bars split by the comparison's groups)."""
         models = inputs["failures"].models
         summaries = {n: m.summary.to_dict() for n, m in models.items()}
-        fig = plot_confusion_matrices(summaries)
-        figures = {"model_comparison.png": plot_model_comparison(summaries,
-                                                                 failure_groups=result.failures.counts.to_dict()),
-                   "confusion_matrix.png": fig}
+        figures = {"model_comparison.png": FigureSpec(plot_model_comparison, summaries,
+                                                      failure_groups=result.failures.counts.to_dict()),
+                   "confusion_matrix.png": FigureSpec(plot_confusion_matrices, summaries)}
         return save_figures(figures, study.out, show=show)
 
     def examples(self, study: StudyContext, result: Comparison, failures: Any, k: int = 3) -> "FailureExamples":

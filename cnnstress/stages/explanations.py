@@ -18,7 +18,7 @@ import numpy as np
 from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..io import EXPLANATIONS_FILE
-from ..plots import plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
+from ..plots import FigureSpec, plot_cam_methods, plot_faithfulness, plot_label_suspects, plot_sanity_check
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Explanations
 from ..runtime import resolve_device
@@ -189,9 +189,9 @@ class ExplanationsStage(CachedStage):
         test = study.splits.test
         sm = result.sanity_maps
         figures = {
-            "faithfulness.png": plot_faithfulness({n: f.to_dict() for n, f in result.faithfulness.items()}),
-            "sanity_check.png": plot_sanity_check(
-                {n: s.to_dict() for n, s in result.sanity.items()},
+            "faithfulness.png": FigureSpec(plot_faithfulness, {n: f.to_dict() for n, f in result.faithfulness.items()}),
+            "sanity_check.png": FigureSpec(
+                plot_sanity_check, {n: s.to_dict() for n, s in result.sanity.items()},
                 np.asarray(sm.maps, dtype=np.float32) if sm else None, sm.steps if sm else None,
                 map_title=f"{sm.model if sm else ''}: Grad-CAM ({study.cam_layer(sm.model) if sm else config.cam_layer}) "
                           f"of {SANITY_FIGURE_IMAGES} test "
@@ -222,8 +222,8 @@ class ExplanationsStage(CachedStage):
         if not ls.reliable:
             title += (f"\nUNRELIABLE: {ls.flagged_fraction:.0%} of all test images flagged; the model is too weak "
                       "to tell wrong labels from its own mistakes")
-        figures["label_suspects.png"] = plot_label_suspects(
-            entries, title=title, totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
+        figures["label_suspects.png"] = FigureSpec(
+            plot_label_suspects, entries, title=title, totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
         rows = inputs["failures"].tables[name].rows
         pos = rows[0].position if rows else 0
         model = study.model(name).model
@@ -235,8 +235,8 @@ class ExplanationsStage(CachedStage):
                 for layer in layers for method, label in (("gradcam", "Grad-CAM"), ("gradcam++", "Grad-CAM++"))}
         resolution = ", ".join(f"{layer}: {sizes[layer][0]}x{sizes[layer][1]}" + (" map" if i == 0 else "")
                                for i, layer in enumerate(layers))
-        figures["cam_methods.png"] = plot_cam_methods(
-            test.images[pos].permute(1, 2, 0).numpy(), maps,
+        figures["cam_methods.png"] = FigureSpec(
+            plot_cam_methods, test.images[pos].permute(1, 2, 0).numpy(), maps,
             title=f"{name}, test image {int(test.indices[pos])}: predicted {CLASSES[int(target[0])]}, "
                   f"label {CLASSES[int(p.labels[pos])]} ({resolution})")
         return save_figures(figures, study.out, show=show)

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -20,7 +19,8 @@ from ..augment import normalize, to_float
 from ..data import CLASSES
 from ..evaluate import FailureTable, Predictions, evaluate_split, mine_failures, summarize
 from ..io import atomic_write, ensure_writable_dir, predictions_path, remove_file
-from ..plots import plot_confusion_matrices, plot_confusion_matrix, plot_failure_case, plot_no_failures, save_figure
+from ..plots import (FigureSpec, plot_confusion_matrices, plot_confusion_matrix, plot_failure_case, plot_no_failures,
+                     write_figure)
 from ..reporting import Figure, Paragraph, Section, Table, pct, per_model
 from ..results import Record, TestSummary, transient
 from ..runtime import resolve_device, resolve_precision
@@ -257,13 +257,13 @@ class FailuresStage(Stage):
         config = study.config
         out = study.out
         rows = table.rows[:config.top_failures]
-        for stale in out.glob("failure_case_*.png"):
-            remove_file(stale)
+        drawn = {f"failure_case_{i + 1}.png" for i in range(max(1, len(rows)))}
+        for stale in out.glob("failure_case_*.png"):   # cases of an earlier run beyond this one's
+            if stale.name not in drawn:
+                remove_file(stale)
         if not rows:
-            fig = plot_no_failures(config.failure_threshold, name)
-            save_figure(fig, out / "failure_case_1.png")
-            if not show:
-                plt.close(fig)
+            write_figure(FigureSpec(plot_no_failures, config.failure_threshold, name), out / "failure_case_1.png",
+                         show=show)
             return study.keep("cases", self.cases_key(study, name), [])
         suspects = label_suspects(preds, table)
         flagged = set(suspects["suspect_failure_positions"])
@@ -284,14 +284,12 @@ class FailuresStage(Stage):
             suspect = f.position in flagged
             reviewed = review_note(review[f.dataset_index], CLASSES) if f.dataset_index in review else None
             notes = [(SUSPECT_NOTE if suspects["reliable"] else SUSPECT_NOTE_WEAK) if suspect else None, reviewed]
-            fig = plot_failure_case(
-                images[i].permute(1, 2, 0).numpy(), pred_maps[i], true_maps[i], true_name=CLASSES[f.true],
-                pred_name=CLASSES[f.pred], confidence=f.confidence, top3=[(CLASSES[c], p) for c, p in f.top3],
-                title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
+            spec = FigureSpec(
+                plot_failure_case, images[i].permute(1, 2, 0).numpy(), pred_maps[i], true_maps[i],
+                true_name=CLASSES[f.true], pred_name=CLASSES[f.pred], confidence=f.confidence,
+                top3=[(CLASSES[c], p) for c, p in f.top3], title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
                 note="\n".join(n for n in notes if n) or None)
-            path = save_figure(fig, out / f"failure_case_{i + 1}.png")
-            if not show:
-                plt.close(fig)
+            path = write_figure(spec, out / f"failure_case_{i + 1}.png", show=show)
             case = FailureCase(
                 rank=i + 1, position=f.position, dataset_index=f.dataset_index, true=f.true, pred=f.pred,
                 confidence=f.confidence, top3=[[c, p] for c, p in f.top3],
@@ -333,8 +331,8 @@ class FailuresStage(Stage):
                     c.improved_pred = int(improved.preds[c.position])
                     c.improved_confidence = float(improved.probs[c.position, c.improved_pred])
         if len(study.models) == 1:   # with two, the comparison stage draws both side by side
-            save_figures({"confusion_matrix.png": plot_confusion_matrices(
-                {n: m.summary.to_dict() for n, m in models.items()})}, study.out, show=show)
+            save_figures({"confusion_matrix.png": FigureSpec(
+                plot_confusion_matrices, {n: m.summary.to_dict() for n, m in models.items()})}, study.out, show=show)
         predictions = {n: self.predictions(study, n) for n in study.models}
         tables = {n: self.table(study, n) for n in study.models}
         return FailuresResult(models=models, threshold=study.config.failure_threshold,

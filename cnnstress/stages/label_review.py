@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data import CLASSES
 from ..io import remove_file
-from ..plots import plot_confirmed_label_errors, plot_precision_at_k
+from ..plots import FigureSpec, plot_confirmed_label_errors, plot_precision_at_k
 from ..reporting import Figure, Paragraph, Section, Table, per_model
 from ..results import Record, optional
 from ..xai.checks import agreed_suspects, label_suspects
@@ -214,12 +214,12 @@ class LabelReviewStage(Stage):
         title = (f"Confirmed label errors (human review) that are high-confidence failures (>{t:.0%})\n"
                  f"of either model: {len(entries)} of the {result.confirmed} in the loaded test set")
         figures = {
-            CONFIRMED_FIGURE: plot_confirmed_label_errors(
-                entries, title=title if entries else "",
+            CONFIRMED_FIGURE: FigureSpec(
+                plot_confirmed_label_errors, entries, title=title if entries else "",
                 empty_text=f"none of the {result.confirmed} confirmed label errors is a high-confidence failure "
                            f"(>{t:.0%}) of either model"),
-            PRECISION_FIGURE: plot_precision_at_k(
-                {n: [(a.k, a.precision) for a in (m.triage.precision_at_k or [])] for n, m in models.items()},
+            PRECISION_FIGURE: FigureSpec(
+                plot_precision_at_k, {n: [(a.k, a.precision) for a in (m.triage.precision_at_k or [])] for n, m in models.items()},
                 flagged={n: m.kinds.confirmed_flagged + m.kinds.flagged_unconfirmed for n, m in models.items()},
                 title=f"High-confidence failures (>{t:.0%}) ranked by the confident-learning score:\n"
                       f"share of the first k that are confirmed label errors"),

@@ -18,7 +18,7 @@ from ..compare import better
 from ..data import sample_positions
 from ..evaluate import evaluate_split
 from ..io import stress_path
-from ..plots import plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
+from ..plots import FigureSpec, plot_adversarial, plot_corruption_examples, plot_reliability_diagram, plot_robustness
 from ..reporting import Figure, Paragraph, Section, Table, pct
 from ..results import Record, StressResult, transient, with_failure_counts
 from ..robustness import (CORRUPTIONS, FAMILIES, SEVERITIES, adversarial_accuracy, apply_temperature, calibration_bins,
@@ -193,10 +193,11 @@ class StressStage(CachedStage):
                                                            config.calibration_bins)
         index, grid = sample_grid_images(study.splits.test, config)
         figures = {
-            "robustness.png": plot_robustness({n: r.corruptions.to_dict() for n, r in models.items()}),
-            "corruption_examples.png": plot_corruption_examples(grid, title=f"Test image {index} under each corruption"),
-            "reliability_diagram.png": plot_reliability_diagram(bins, ncols=2),
-            "adversarial.png": plot_adversarial({n: r.adversarial.to_dict() for n, r in models.items()}),
+            "robustness.png": FigureSpec(plot_robustness, {n: r.corruptions.to_dict() for n, r in models.items()}),
+            "corruption_examples.png": FigureSpec(plot_corruption_examples, grid,
+                                                  title=f"Test image {index} under each corruption"),
+            "reliability_diagram.png": FigureSpec(plot_reliability_diagram, bins, ncols=2),
+            "adversarial.png": FigureSpec(plot_adversarial, {n: r.adversarial.to_dict() for n, r in models.items()}),
         }
         return paths + save_figures(figures, study.out, show=show)
 

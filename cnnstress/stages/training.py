@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import matplotlib.pyplot as plt
 
 from ..augment import PRESETS
 from ..budget import TimeBudget, TimeBudgetReached
@@ -23,7 +22,7 @@ from ..checkpoint import check_config_matches, read_checkpoint
 from ..config import PROFILES, Config
 from ..errors import CheckpointError, ConfigError
 from ..io import ensure_writable_dir
-from ..plots import plot_training_curves, save_figure
+from ..plots import FigureSpec, close, plot_training_curves, write_figure
 from ..registry import BASELINE, IMPROVED, augment_preset, checkpoint_path, model_of
 from ..reporting import Figure, Paragraph, Section, pct, per_model
 from ..results import Record, optional
@@ -240,18 +239,24 @@ class TrainingStage(Stage):
         study.trained[name] = trained   # a new object: what was made from the old one no longer matches
         study.timer.lap(f"train {name}", images, what)
         if set(study.models) <= set(study.trained) and study.weights is None:
-            self.curves(study, show=False)  # only complete curves: a failed run leaves no one-model figure
+            self.write_curves(study)  # only complete curves: a failed run leaves no one-model figure
         return trained
 
-    def curves(self, study: StudyContext, show: bool = False):
-        """training_curves.png of every model trained so far (written once
-        both are); returns the Figure."""
+    def curves_spec(self, study: StudyContext) -> FigureSpec:
+        return FigureSpec(plot_training_curves, {n: t.result.history for n, t in study.trained.items()})
 
-        fig = plot_training_curves({n: t.result.history for n, t in study.trained.items()})
+    def write_curves(self, study: StudyContext) -> None:
+        """training_curves.png of both models (redrawn only when a history changed)."""
+        write_figure(self.curves_spec(study), study.out / CURVES_FILE)
+
+    def curves(self, study: StudyContext, show: bool = False):
+        """The training curves of every model trained so far, as a Figure
+        (closed unless shown); training_curves.png once both are trained."""
         if set(study.models) <= set(study.trained):
-            save_figure(fig, study.out / CURVES_FILE)
+            self.write_curves(study)
+        fig = self.curves_spec(study).draw()
         if not show:
-            plt.close(fig)
+            close(fig)
         return fig
 
     def run(self, study: StudyContext, inputs: Mapping[str, Any], *, force: bool = False, show: bool = False,
