@@ -68,6 +68,9 @@ def library_versions() -> dict[str, str | None]:
     for label, name in (("torchvision", "torchvision"), ("numpy", "numpy"), ("scipy", "scipy"),
                         ("opencv", "cv2"), ("pillow", "PIL"), ("matplotlib", "matplotlib")):
         module = sys.modules.get(name)
+        if module is None and name == "torchvision":   # importing it takes 1-2 s (its models import dynamo)
+            versions[label] = unimported_version(name)
+            continue
         if module is None:
             try:
                 module = __import__(name)
@@ -76,6 +79,34 @@ def library_versions() -> dict[str, str | None]:
                 continue
         versions[label] = getattr(module, "__version__", None)
     return versions
+
+
+def unimported_version(package: str) -> str | None:
+    """`package.__version__` without importing the package: the literal in its
+    version.py (torchvision's, with the build's local tag such as +cpu), else
+    the installed distribution's version; None when it is not installed."""
+    import importlib.metadata
+    import importlib.util
+    import re
+
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        return None
+    for folder in spec.submodule_search_locations or ():
+        try:
+            text = (Path(folder) / "version.py").read_text(encoding="utf-8")
+        except OSError:
+            continue
+        found = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.MULTILINE)
+        if found:
+            return found.group(1)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -188,16 +188,22 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     tune_backend(device)
     ckpt_path = Path(checkpoint_path) if checkpoint_path is not None else None
     model = build_model(config, device)
-    optimizer, scheduler = build_optimizer(model, config)
-    history: list[dict[str, float]] = []
-    start = 0
+    ckpt = None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path, map_location=device)
         check_config_matches(ckpt, config, ckpt_path)
+    # A finished run is only read back: it needs no optimizer (building Adam imports torch._dynamo,
+    # about a second of a cached rerun).
+    finished = ckpt is not None and int(ckpt["epoch"]) >= config.epochs
+    optimizer, scheduler = (None, None) if finished else build_optimizer(model, config)
+    history: list[dict[str, float]] = []
+    start = 0
+    if ckpt is not None:
         try:   # states that fit their types but not this model/optimizer: one line, nothing trained
             model.load_state_dict(ckpt["model"])
-            load_optimizer_state(optimizer, ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            if not finished:
+                load_optimizer_state(optimizer, ckpt["optimizer"])
+                scheduler.load_state_dict(ckpt["scheduler"])
             _restore_rng(ckpt["rng"])
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"checkpoint {ckpt_path} cannot be resumed ({type(exc).__name__}: "

@@ -49,3 +49,18 @@ def test_batch_slices_cover_the_range_once_in_order():
     for bad in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="batch_size"):
             batch_slices(5, bad)
+
+
+def test_library_versions_read_torchvision_without_importing_it():
+    """run_log.json's versions: torchvision's (with its build tag) read from its
+    version.py, not imported (its models import torch._dynamo: 1-2 s per run)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from cnnstress.runlog import library_versions, unimported_version; "
+            "v = library_versions(); assert 'torchvision' not in sys.modules, 'imported'; "
+            "import torchvision, pytest; assert v['torchvision'] == torchvision.__version__, v; "
+            "assert unimported_version('pytest') == pytest.__version__; "
+            "assert unimported_version('no_such_package_here') is None; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -52,6 +52,27 @@ def test_resume_equals_uninterrupted_run(splits, two_epoch_runs, tmp_path):
     assert again.reused and weights_equal(ref.whole.model, again.model)
 
 
+def test_a_finished_checkpoint_is_read_back_without_its_optimizer(splits, two_epoch_runs, tmp_path):
+    """Reusing a finished run loads the model and the saved random state and
+    nothing else: no optimizer is built, so an optimizer or scheduler state
+    that could not be resumed does not matter; an unfinished checkpoint with
+    the same states is refused."""
+    ref = two_epoch_runs["enhanced"]
+    ckpt = read_checkpoint(ref.whole_path)
+    ckpt["optimizer"]["param_groups"] = ckpt["optimizer"]["param_groups"] * 2
+    ckpt["scheduler"] = {"nonsense": 1}
+    path = tmp_path / "finished.pt"
+    torch.save(ckpt, path)
+    torch.manual_seed(123)
+    again = fit(ref.cfg, splits, checkpoint_path=path, resume=True, log=None)
+    assert again.reused and weights_equal(ref.whole.model, again.model)
+    assert torch.equal(torch.get_rng_state(), ckpt["rng"]["torch"])     # the saved state, as before
+    ckpt.update(epoch=1, finished=False, history=ckpt["history"][:1])
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        fit(ref.cfg, splits, checkpoint_path=path, resume=True, log=None)
+
+
 def test_training_lowers_the_loss_and_learns(shared_cifar_dir):
     cfg = _config(epochs=3, lr=2e-3, train_subset=250)
     splits = load_splits(shared_cifar_dir, cfg, download=False)
