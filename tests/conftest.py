@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -74,6 +75,17 @@ def pytest_configure(config) -> None:
         threads = max(1, usable_cpus() // workers)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)      # the notebook kernel and CLI subprocesses
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    # xdist hands out whole files (--dist loadfile) in this order: the files
+    # with the most end-to-end (`slow`) tests go first, so the longest ones
+    # (the notebook's, 50 s) start early instead of ending the run on one
+    # worker while the other waits. A stable sort: pytest-randomly has
+    # shuffled the files already (its hook runs before this one), and the
+    # order within each group stays its order.
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
