@@ -380,3 +380,52 @@ def test_show_overlay_draws_the_clipped_gradcam_overlay(gradcam_overlay):
     expected = np.clip(cnnstress.xai.cam.overlay(image, cam, colormap="viridis"), 0.0, 1.0)
     assert np.array_equal(im.get_array(), expected)
     assert ax.get_xticks().size == 0 and im.get_interpolation() == "nearest"
+
+
+# --------------------------------------------------------------------------- label suspects
+
+def _suspect_entries(n_suspect, n_model, reviewed=()):
+    rng = np.random.default_rng(3)
+    entries = []
+    for i in range(n_suspect + n_model):
+        e = {"image": rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), "given": "automobile",
+             "predicted": "airplane", "confidence": 0.99, "suspect": i < n_suspect, "dataset_index": 9000 + i}
+        if i in reviewed:
+            e.update(review="1 of 5 reviewers: automobile", label_error=i % 2 == 0)
+        entries.append(e)
+    return entries
+
+
+@pytest.mark.parametrize("n_suspect, n_model, reviewed, title", [
+    (12, 12, (0, 5, 10, 15, 21, 23), "one\ntwo\nthree"),     # review lines on every row, the last one too
+    (7, 0, (6,), "a title"),                                    # an empty group keeps its heading
+    (0, 3, (), ""),
+    (0, 0, (), "nothing to show"),
+])
+def test_label_suspects_text_never_overlaps_and_stays_inside(n_suspect, n_model, reviewed, title):
+    """Every piece of text (the title, the group headings, each tile's three
+    lines and its review line) lies inside the figure and overlaps no other
+    text or another tile's image; the review line sits under its own tile."""
+    entries = _suspect_entries(n_suspect, n_model, reviewed)
+    fig = plots.plot_label_suspects(entries, title=title, totals={True: n_suspect + 40, False: n_model})
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    boxes = [t.get_window_extent(r) for t in texts]
+    inside = fig.bbox.padded(0.5)
+    for t, b in zip(texts, boxes):
+        assert inside.x0 <= b.x0 and b.x1 <= inside.x1 and inside.y0 <= b.y0 and b.y1 <= inside.y1, t.get_text()
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
+    images = {ax: ax.get_window_extent(r) for ax in fig.axes}
+    assert len(images) == n_suspect + n_model
+    for t, b in zip(texts, boxes):
+        for ax, img in images.items():
+            if t in (ax.title, ax.xaxis.label):
+                assert (b.y0 >= img.y1) if t is ax.title else (b.y1 <= img.y0), t.get_text()
+            else:
+                assert not b.overlaps(img), (t.get_text(), ax.get_title())
+    shown = [t.get_text() for t in texts]
+    assert shown.count("1 of 5 reviewers: automobile") == len(reviewed)
+    assert f"Suspected label errors: {n_suspect + 40}" + (f" ({n_suspect} shown)" if n_suspect + 40 > n_suspect else "") in shown

@@ -140,22 +140,33 @@ def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", n
     group sizes when `entries` shows only some of each."""
     groups = [("Suspected label errors", [e for e in entries if e["suspect"]], OKABE_ITO["orange"], True),
               ("Model errors (label looks right)", [e for e in entries if not e["suspect"]], OKABE_ITO["blue"], False)]
+    # Laid out by hand, in inches from the top: a layout engine gives fixed-aspect tiles no room
+    # for a line under some of them, which then ran into the next row's titles.
+    tile, gap, margin = 1.7, 0.2, 0.1
+    line = (TICK_SIZE - 1) / 72 * 1.25                              # one line of tile text
+    title_block = 3 * line + 0.06                                   # number, label, prediction
+    review_block = line + 0.08 if any(e.get("review") for e in entries) else 0.0
+    heading, row_pitch = TITLE_SIZE / 72 * 1.6, title_block + tile + review_block + gap
+    top = margin + ((len(title.splitlines()) * TITLE_SIZE / 72 * 1.35 + 0.1) if title else 0.0)
     rows = [-(-len(g[1]) // ncols) for g in groups]
-    heights = [r if r else 0.35 for r in rows]       # an empty group keeps only its heading
-    fig = plt.figure(figsize=(1.9 * ncols, 2.35 * sum(heights) + 0.9), layout="constrained")
-    subs = fig.subfigures(2, 1, height_ratios=heights)
-    for sub, (heading, items, color, flag), nrows in zip(subs, groups, rows):
+    width = 2 * margin + ncols * tile + (ncols - 1) * gap
+    height = top + sum(heading + r * row_pitch for r in rows) + margin
+    fig = plt.figure(figsize=(width, height))
+    if title:
+        fig.suptitle(title, fontsize=TITLE_SIZE + 1, y=1 - margin / height, va="top")
+    y = top                                                          # inches from the top
+    for (name, items, color, flag), nrows in zip(groups, rows):
         total = len(items) if totals is None else totals[flag]
         shown = f" ({len(items)} shown)" if total > len(items) else ""
-        sub.suptitle(f"{heading}: {total}{shown}", fontsize=TITLE_SIZE, color=color)
-        if not nrows:
-            continue
-        axs = np.ravel(sub.subplots(nrows, ncols, squeeze=False))
-        for ax in axs:
-            ax.axis("off")
-        for ax, e in zip(axs, items):
-            ax.axis("on")
-            ax.imshow(np.asarray(e["image"]), interpolation="nearest")
+        fig.text(0.5, 1 - (y + heading / 2) / height, f"{name}: {total}{shown}", ha="center", va="center",
+                 fontsize=TITLE_SIZE, color=color)
+        y += heading
+        for i, e in enumerate(items):
+            row, col = divmod(i, ncols)
+            tile_top = y + row * row_pitch + title_block
+            ax = fig.add_axes([(margin + col * (tile + gap)) / width, 1 - (tile_top + tile) / height,
+                               tile / width, tile / height])
+            ax.imshow(np.asarray(e["image"]), interpolation="nearest", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():
@@ -164,10 +175,9 @@ def plot_label_suspects(entries: Sequence[Mapping[str, Any]], title: str = "", n
             ax.set_title(f"#{e['dataset_index']}\nlabel: {e['given']}\npred: {e['predicted']} {pct(e['confidence'], 0)}",
                          fontsize=TICK_SIZE - 1)
             if e.get("review"):
-                ax.set_xlabel(e["review"], fontsize=TICK_SIZE - 1, fontweight="bold",
+                ax.set_xlabel(e["review"], fontsize=TICK_SIZE - 1, fontweight="bold", labelpad=3,
                               color=OKABE_ITO["reddish_purple"] if e.get("label_error") else "#333333")
-    if title:
-        fig.suptitle(title, fontsize=TITLE_SIZE + 1)
+        y += nrows * row_pitch
     return fig
 
 
