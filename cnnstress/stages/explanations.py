@@ -223,7 +223,8 @@ class ExplanationsStage(CachedStage):
             title += (f"\nUNRELIABLE: {ls.flagged_fraction:.0%} of all test images flagged; the model is too weak "
                       "to tell wrong labels from its own mistakes")
         figures["label_suspects.png"] = FigureSpec(
-            plot_label_suspects, entries, title=title, totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
+            plot_label_suspects, entries, title=title,
+            totals={True: ls.suspect_failures, False: ls.failures - ls.suspect_failures})
         rows = inputs["failures"].tables[name].rows
         pos = rows[0].position if rows else 0
         model = study.model(name).model

@@ -287,7 +287,8 @@ class FailuresStage(Stage):
             spec = FigureSpec(
                 plot_failure_case, images[i].permute(1, 2, 0).numpy(), pred_maps[i], true_maps[i],
                 true_name=CLASSES[f.true], pred_name=CLASSES[f.pred], confidence=f.confidence,
-                top3=[(CLASSES[c], p) for c, p in f.top3], title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
+                top3=[(CLASSES[c], p) for c, p in f.top3],
+                title=f"{name} failure #{i + 1}: test image {f.dataset_index}",
                 note="\n".join(n for n in notes if n) or None)
             path = write_figure(spec, out / f"failure_case_{i + 1}.png", show=show)
             case = FailureCase(

@@ -219,7 +219,8 @@ class LabelReviewStage(Stage):
                 empty_text=f"none of the {result.confirmed} confirmed label errors is a high-confidence failure "
                            f"(>{t:.0%}) of either model"),
             PRECISION_FIGURE: FigureSpec(
-                plot_precision_at_k, {n: [(a.k, a.precision) for a in (m.triage.precision_at_k or [])] for n, m in models.items()},
+                plot_precision_at_k,
+                {n: [(a.k, a.precision) for a in (m.triage.precision_at_k or [])] for n, m in models.items()},
                 flagged={n: m.kinds.confirmed_flagged + m.kinds.flagged_unconfirmed for n, m in models.items()},
                 title=f"High-confidence failures (>{t:.0%}) ranked by the confident-learning score:\n"
                       f"share of the first k that are confirmed label errors"),
