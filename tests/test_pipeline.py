@@ -33,6 +33,8 @@ def test_run_writes_every_output(run_out):
         assert 0.0 <= m["test_accuracy"] <= 1.0
         assert isinstance(m["high_confidence_failures"], int)
         assert m["train_seconds"] > 0 and m["epochs"] == 1
+        (epoch,) = json.loads((run_out / model / "history.json").read_text())["history"]
+        assert m["median_epoch_seconds"] == epoch["seconds"]          # one epoch: its own time
         with np.load(run_out / f"predictions_{model}.npz") as npz:
             probs, labels, preds = npz["probs"], npz["labels"], npz["preds"]
             assert probs.shape == (100, 10) and probs.dtype == np.float32

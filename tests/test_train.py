@@ -224,3 +224,28 @@ def test_train_resume_from_the_command_line_equals_an_uninterrupted_run(shared_c
     assert a["epoch"] == b["epoch"] == 2
     assert a["model"].keys() == b["model"].keys() and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert strip_time(a["history"]) == strip_time(b["history"])
+
+
+def test_median_epoch_seconds_is_robust_to_a_slowed_epoch_and_says_so_in_the_report():
+    """A history whose epochs shared the machine: the median is the quiet
+    epochs' time, the mean is not; the report's training section gives both."""
+    from types import SimpleNamespace
+
+    from cnnstress.stages.training import TrainingResult, describe, median_seconds, stage
+
+    def epoch(i, seconds):
+        return {"epoch": i, "train_loss": 1.0, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 1e-3,
+                **({"seconds": seconds} if seconds is not None else {})}
+
+    assert median_seconds([epoch(1, 440.0), epoch(2, 4356.0), epoch(3, 450.0)]) == 450.0
+    assert median_seconds([epoch(1, 1.0), epoch(2, 2.0), epoch(3, 3.0), epoch(4, 100.0)]) == 2.5
+    assert median_seconds([epoch(1, None)]) is None and median_seconds([]) is None
+    history = [epoch(1, 440.0), epoch(2, 4356.0), epoch(3, 450.0)]
+    trained = SimpleNamespace(name="baseline", config=_config(), checkpoint="c.pt", reference=None,
+                              result=SimpleNamespace(history=history, train_seconds=5246.0, reused=False))
+    m = describe(trained)
+    assert m.median_epoch_seconds == 450.0
+    study = SimpleNamespace(config=_config(), model_config=lambda name: _config())
+    text = " ".join(p.text for s in stage.sections(study, TrainingResult(models={"baseline": m}))
+                    for p in s.blocks if hasattr(p, "text"))
+    assert "3 epochs in 5246 s (1748.7 s/epoch on average, median 450.0 s)" in text

@@ -11,6 +11,7 @@ config is reused, an unfinished one resumed (see cnnstress.train.fit).
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,6 +82,9 @@ class ModelTraining(Record):
     checkpoint: str
     reused_checkpoint: bool            # True: loaded, not trained in this run
     published_run: dict[str, Any] | None = optional()
+    # The median epoch's wall time: robust to epochs slowed by other work on the machine, which the
+    # mean (train_seconds / epochs) is not. None for histories without times.
+    median_epoch_seconds: float | None = optional()
 
     @property
     def gap_points(self) -> float:
@@ -115,7 +119,14 @@ def describe(trained: Trained) -> ModelTraining:
         train_seconds=trained.result.train_seconds, final_train_loss=last["train_loss"],
         final_train_accuracy=last["train_acc"], final_val_loss=last["val_loss"], final_val_accuracy=last["val_acc"],
         best_val_accuracy=best["val_acc"], best_val_epoch=best["epoch"], checkpoint=str(trained.checkpoint),
-        reused_checkpoint=bool(trained.result.reused), published_run=trained.reference)
+        reused_checkpoint=bool(trained.result.reused), published_run=trained.reference,
+        median_epoch_seconds=median_seconds(history))
+
+
+def median_seconds(history: list[dict[str, float]]) -> float | None:
+    """The median of the epochs' recorded wall times (None when none is recorded)."""
+    seconds = [float(h["seconds"]) for h in history if isinstance(h.get("seconds"), (int, float))]
+    return statistics.median(seconds) if seconds else None
 
 
 def trained_images(result: FitResult, train_size: int) -> tuple[int | None, str]:
@@ -294,7 +305,7 @@ class TrainingStage(Stage):
         if result.supplied:
             return {"supplied": result.supplied[model].to_dict()}
         m = result.models[model]
-        return {"train_seconds": m.train_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
+        return {"train_seconds": m.train_seconds, "median_epoch_seconds": m.median_epoch_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
                 "best_val_accuracy": m.best_val_accuracy, "best_val_epoch": m.best_val_epoch, "augment": m.augment,
                 "checkpoint": m.checkpoint, "reused_checkpoint": m.reused_checkpoint,
                 **({"published_run": m.published_run} if m.published_run else {})}
@@ -327,7 +338,8 @@ class TrainingStage(Stage):
         for name, m in result.models.items():
             blocks.append(Paragraph(
                 f"{name}: {m.epochs} epochs in {m.train_seconds:.0f} s ({m.train_seconds / max(m.epochs, 1):.1f} "
-                f"s/epoch); final train loss {m.final_train_loss:.3f} / accuracy {100 * m.final_train_accuracy:.2f}%, "
+                f"s/epoch on average" + (f", median {m.median_epoch_seconds:.1f} s" if m.median_epoch_seconds else "")
+                + f"); final train loss {m.final_train_loss:.3f} / accuracy {100 * m.final_train_accuracy:.2f}%, "
                 f"validation loss {m.final_val_loss:.3f} / accuracy {100 * m.final_val_accuracy:.2f}% (best "
                 f"{100 * m.best_val_accuracy:.2f}% at epoch {m.best_val_epoch}). Gap train-validation accuracy: "
                 f"{m.gap_points:+.1f} points."))
