@@ -273,7 +273,7 @@ def test_weights_variable_loads_published_models_without_training(notebook_env, 
     source = json.loads((analysed_run / "metrics.json").read_text())
     for name, stage in (("baseline", 7), ("improved", 10)):
         text = " ".join(_text(_stage_cell(nb, stage)).split())
-        assert f"published run (" in text and f"test accuracy {100 * source[name]['test_accuracy']:.2f}%" in text
+        assert "published run (" in text and f"test accuracy {100 * source[name]['test_accuracy']:.2f}%" in text
 
 
 def test_missing_data_folder_is_one_line_in_the_notebook(tmp_path, shared_cifar_dir):
