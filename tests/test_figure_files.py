@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from cnnstress.plots import files  # noqa: E402
-from cnnstress.plots.files import FigureSpec, drawn_from, png_text, save_figure, write_figure  # noqa: E402
+from cnnstress.plots.files import FigureSpec, drawn_from, save_figure, write_figure  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -143,7 +143,7 @@ def test_a_foreign_damaged_or_missing_png_is_drawn_again(tmp_path):
     good = path.read_bytes()
     path.write_bytes(good[:-20])                   # cut short: the digest chunk is still there
     assert FigureSpec(line_plot, [1, 2]).digest(30) in good.decode("latin-1")
-    assert png_text(path) is None and _write(path, [1, 2])
+    assert drawn_from(path) is None and _write(path, [1, 2])
     path.write_bytes(b"not a png")
     assert _write(path, [1, 2])
     path.unlink()
@@ -151,20 +151,20 @@ def test_a_foreign_damaged_or_missing_png_is_drawn_again(tmp_path):
     assert path.read_bytes() == good               # the same figure, byte for byte
 
 
-def test_png_text_reads_what_pillow_reads(tmp_path):
-    """The chunk reader against Pillow's, on a file with text and compressed text."""
+def test_the_digest_is_read_among_other_text_chunks(tmp_path):
+    """A PNG another program wrote, with plain and compressed text chunks
+    besides ours: the digest is found; a JPEG under a .png name has none."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("cnnstress-figure", "abc123")
     info.add_text("Comment", "x" * 2000, zip=True)
+    info.add_text("cnnstress-figure", "abc123")
     info.add_text("Title", "caf\xe9")
     path = tmp_path / "p.png"
     Image.new("RGB", (4, 3)).save(path, pnginfo=info)
-    assert png_text(path) == Image.open(path).text
     assert drawn_from(path) == "abc123"
-    _write(tmp_path / "ours.png", [1, 2])
-    assert png_text(tmp_path / "ours.png") == Image.open(tmp_path / "ours.png").text
+    Image.new("RGB", (4, 3)).save(path, format="JPEG")
+    assert drawn_from(path) is None
 
 
 def test_a_written_figure_is_shown_from_its_file_in_a_notebook(tmp_path, monkeypatch):

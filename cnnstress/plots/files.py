@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import struct
-import zlib
+import io
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -25,11 +24,11 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from PIL import Image
 
 DPI = 150
 DIGEST_KEY = "cnnstress-figure"   # the PNG text chunk holding the digest
 DIGEST_VERSION = 1                # bump when the digest's recipe changes
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # rc settings that say where figures go, not how they look (the notebook's inline backend differs from Agg)
 RC_IGNORED = ("backend", "backend_fallback", "interactive", "savefig.directory")
 
@@ -116,34 +115,17 @@ def _feed(h, value: Any) -> None:
         raise Undigestable(type(value).__name__)
 
 
-def png_text(path: str | Path) -> dict[str, str] | None:
-    """The text chunks of the PNG at `path`; None when it is missing or not a
-    complete PNG (a truncated or foreign file is drawn again)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError:
-        return None
-    if not data.startswith(PNG_SIGNATURE) or not data.endswith(b"IEND\xaeB`\x82"):
-        return None
-    text, pos = {}, len(PNG_SIGNATURE)
-    while pos + 8 <= len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body = data[pos + 8:pos + 8 + length]
-        if len(body) != length or kind == b"IEND":
-            break
-        if kind == b"tEXt" and b"\0" in body:
-            key, value = body.split(b"\0", 1)
-            text[key.decode("latin-1")] = value.decode("latin-1")
-        elif kind == b"zTXt" and b"\0" in body:
-            key, rest = body.split(b"\0", 1)
-            text[key.decode("latin-1")] = zlib.decompress(rest[1:]).decode("latin-1")
-        pos += 12 + length
-    return text
-
-
 def drawn_from(path: str | Path) -> str | None:
-    """The digest the figure at `path` was drawn from (None: not ours, or not a figure)."""
-    return (png_text(path) or {}).get(DIGEST_KEY)
+    """The digest the figure at `path` was drawn from; None when it is
+    missing, not ours, or not a whole PNG (Pillow reads the text chunks and
+    checks every chunk through IEND, so a file cut short is drawn again)."""
+    try:
+        with Image.open(path) as im:
+            digest = im.info.get(DIGEST_KEY)
+            im.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return digest if isinstance(digest, str) else None
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = DPI, digest: str | None = None) -> Path:
@@ -185,8 +167,9 @@ def show_png(path: str | Path, dpi: int = DPI) -> None:
 
     if not in_notebook():
         return
-    from IPython.display import Image, display
+    from IPython.display import Image as NotebookImage, display
 
     data = Path(path).read_bytes()
-    width = struct.unpack(">I", data[16:20])[0]          # IHDR: the width in pixels
-    display(Image(data=data, format="png", width=round(width * matplotlib.rcParams["figure.dpi"] / dpi)))
+    with Image.open(io.BytesIO(data)) as im:
+        width = im.size[0]
+    display(NotebookImage(data=data, format="png", width=round(width * matplotlib.rcParams["figure.dpi"] / dpi)))
