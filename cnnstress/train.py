@@ -192,12 +192,12 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
     if resume and ckpt_path is not None and ckpt_path.exists():
         ckpt = read_checkpoint(ckpt_path, map_location=device)
         check_config_matches(ckpt, config, ckpt_path)
+    start = int(ckpt["epoch"]) if ckpt is not None else 0
     # A finished run is only read back: it needs no optimizer (building Adam imports torch._dynamo,
     # about a second of a cached rerun).
-    finished = ckpt is not None and int(ckpt["epoch"]) >= config.epochs
+    finished = start >= config.epochs
     optimizer, scheduler = (None, None) if finished else build_optimizer(model, config)
     history: list[dict[str, float]] = []
-    start = 0
     if ckpt is not None:
         try:   # states that fit their types but not this model/optimizer: one line, nothing trained
             model.load_state_dict(ckpt["model"])
@@ -210,12 +210,10 @@ def fit(config: Config, splits: CifarSplits, *, checkpoint_path: str | Path | No
                                   f"{(str(exc).splitlines() or [''])[0][:200]}); it is damaged: "
                                   "retrain with --force") from None
         history = list(ckpt["history"])
-        start = int(ckpt["epoch"])
         repair_history_file(ckpt_path.with_name("history.json"), ckpt["config"], history, log)
-        if log and start < config.epochs:
+        if log and not finished:
             log(f"resuming from {ckpt_path} after epoch {start}/{config.epochs}")
-    result = FitResult(model=model, history=history, config=config, resumed_from_epoch=start,
-                       reused=start >= config.epochs)
+    result = FitResult(model=model, history=history, config=config, resumed_from_epoch=start, reused=finished)
     if result.reused:
         return _finish(result)
 

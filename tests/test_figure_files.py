@@ -194,3 +194,17 @@ def test_a_drawn_figure_is_always_saved_and_left_to_its_caller(tmp_path):
     write_figure(fig, path, dpi=30)
     assert Image.open(path).size == (60, 45) and drawn_from(path) is None
     assert plt.fignum_exists(fig.number)
+
+
+def test_a_figure_its_caller_drew_is_saved_for_its_spec_and_left_open(tmp_path):
+    """write_figure(spec, drawn=fig): a caller that keeps the Figure (Study.curves)
+    has it saved under the spec's digest when the file is stale, not drawn twice."""
+    path = tmp_path / "fig.png"
+    spec = FigureSpec(line_plot, [1, 2])
+    fig = spec.draw()
+    before = len(DRAWN)
+    write_figure(spec, path, dpi=30, drawn=fig)
+    assert len(DRAWN) == before and drawn_from(path) == spec.digest(30) and plt.fignum_exists(fig.number)
+    stamp = _stamp(path)
+    write_figure(spec, path, dpi=30, drawn=fig)                  # up to date: left alone
+    assert _stamp(path) == stamp and plt.fignum_exists(fig.number)

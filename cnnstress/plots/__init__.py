@@ -21,8 +21,8 @@ from .files import FigureSpec, save_figure, write_figure
 from .training import plot_samples, plot_training_curves
 
 __all__ = [
-    "BASELINE_COLOR", "CAM_COLORMAP", "FigureSpec", "CONFUSION_COLORMAP", "DIFFERENCE_COLORMAP", "EXTRA_MODEL_COLORS",
-    "FAILURE_GROUPS", "IMPROVED_COLOR", "LABEL_SIZE", "METHOD_COLORS", "METHOD_LABELS", "METHOD_STYLES",
+    "BASELINE_COLOR", "CAM_COLORMAP", "CONFUSION_COLORMAP", "DIFFERENCE_COLORMAP", "EXTRA_MODEL_COLORS",
+    "FAILURE_GROUPS", "FigureSpec", "IMPROVED_COLOR", "LABEL_SIZE", "METHOD_COLORS", "METHOD_LABELS", "METHOD_STYLES",
     "MODEL_COLORS", "OKABE_ITO", "OTHER_CLASS_COLOR", "ROBUSTNESS_COLORMAP", "TEXT_SIZE", "TICK_SIZE",
     "TITLE_SIZE", "TRUE_CLASS_COLOR", "close", "model_color", "plot_adversarial", "plot_cam_methods",
     "plot_confirmed_label_errors", "plot_confusion_matrices", "plot_confusion_matrix", "plot_corruption_examples", "plot_failure_case",

@@ -140,19 +140,23 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = DPI, digest: str | Non
     return path
 
 
-def write_figure(figure: FigureSpec | Figure, path: str | Path, *, show: bool = False, dpi: int = DPI) -> Path:
+def write_figure(figure: FigureSpec | Figure, path: str | Path, *, show: bool = False, dpi: int = DPI,
+                 drawn: Figure | None = None) -> Path:
     """Write a figure to `path`: a FigureSpec is drawn only when the file was
     not drawn from the same digest, then closed; a Figure is always saved and
-    left open (its caller owns it). show: display the file in a notebook."""
+    left open (its caller owns it). drawn: the spec's figure, already drawn by
+    a caller that keeps it (saved when the file is stale, never closed).
+    show: display the file in a notebook."""
     path = Path(path)
     if isinstance(figure, FigureSpec):
         digest = figure.digest(dpi)
         if digest is None or drawn_from(path) != digest:
-            fig = figure.draw()
+            fig = figure.draw() if drawn is None else drawn
             try:
                 save_figure(fig, path, dpi=dpi, digest=digest)
             finally:
-                plt.close(fig)
+                if drawn is None:
+                    plt.close(fig)
     else:
         save_figure(figure, path, dpi=dpi)
     if show:

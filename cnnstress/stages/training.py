@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-
 from ..augment import PRESETS
 from ..budget import TimeBudget, TimeBudgetReached
 from ..checkpoint import check_config_matches, read_checkpoint
@@ -256,16 +255,17 @@ class TrainingStage(Stage):
     def curves_spec(self, study: StudyContext) -> FigureSpec:
         return FigureSpec(plot_training_curves, {n: t.result.history for n, t in study.trained.items()})
 
-    def write_curves(self, study: StudyContext) -> None:
-        """training_curves.png of both models (redrawn only when a history changed)."""
-        write_figure(self.curves_spec(study), study.out / CURVES_FILE)
+    def write_curves(self, study: StudyContext, drawn=None) -> None:
+        """training_curves.png of both models (redrawn only when a history
+        changed; `drawn`: the figure of curves_spec, when a caller has it)."""
+        write_figure(self.curves_spec(study), study.out / CURVES_FILE, drawn=drawn)
 
     def curves(self, study: StudyContext, show: bool = False):
         """The training curves of every model trained so far, as a Figure
         (closed unless shown); training_curves.png once both are trained."""
-        if set(study.models) <= set(study.trained):
-            self.write_curves(study)
         fig = self.curves_spec(study).draw()
+        if set(study.models) <= set(study.trained):
+            self.write_curves(study, drawn=fig)
         if not show:
             close(fig)
         return fig
@@ -305,7 +305,8 @@ class TrainingStage(Stage):
         if result.supplied:
             return {"supplied": result.supplied[model].to_dict()}
         m = result.models[model]
-        return {"train_seconds": m.train_seconds, "median_epoch_seconds": m.median_epoch_seconds, "epochs": m.epochs, "final_val_accuracy": m.final_val_accuracy,
+        return {"train_seconds": m.train_seconds, "median_epoch_seconds": m.median_epoch_seconds, "epochs": m.epochs,
+                "final_val_accuracy": m.final_val_accuracy,
                 "best_val_accuracy": m.best_val_accuracy, "best_val_epoch": m.best_val_epoch, "augment": m.augment,
                 "checkpoint": m.checkpoint, "reused_checkpoint": m.reused_checkpoint,
                 **({"published_run": m.published_run} if m.published_run else {})}
